@@ -1,0 +1,251 @@
+"""Typed configs, the preset ladder (smoke -> toy -> small -> paper) and the smoke switch.
+
+One code path serves every scale: a preset only changes numbers. Presets are plain data (dicts of
+field overrides on top of the dataclass defaults), never code that rewrites globals. Command-line
+overrides look like `--train.lr=3e-4` (or `--lr=3e-4` when the key is unambiguous) and are
+type-checked against the dataclass field.
+
+The smoke switch: `MINIDALLE_SMOKE=1` (set by the repo-root `conftest.py` for tests and notebook
+kernels) caps the *compute* knobs of every preset -- steps, batch size, eval batches, dataset sizes
+-- so any notebook runs in seconds on a CPU. Architecture numbers are left alone, so `paper` still
+means the paper's shapes (instantiated on the meta device) under smoke.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+SMOKE_ENV = "MINIDALLE_SMOKE"
+
+
+def smoke_mode() -> bool:
+    """True when `MINIDALLE_SMOKE` is set to a true value ("1", "true", "yes").
+
+    Example: MINIDALLE_SMOKE=1 -> True; unset -> False
+    """
+    return os.environ.get(SMOKE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "shapes"  # which dataset: shapes | emoji | folder | tar
+    image_size: int = 32  # side of the square RGB images fed to the tokenizer
+    path: str = ""  # root folder (folder) or shard glob/folder (tar); unused for shapes/emoji
+    seed: int = 0  # seed of the ShapesWorld stream and of caption picking
+    n_train: int = 50_000  # training samples per epoch for finite views (ShapesWorld streams forever)
+    n_val: int = 1_000  # validation samples (same combinations as train, new draws)
+    n_heldout: int = 1_000  # zero-shot samples (combinations never seen in training)
+    max_skip_rate: float = 0.05  # abort a real-data run when more than this fraction of files is bad
+    num_workers: int = 0  # DataLoader worker processes (0 = load in the main process)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 2_000  # optimizer updates
+    batch_size: int = 64  # samples per update (per process under torchrun)
+    lr: float = 3e-4  # peak learning rate, reached after warm-up
+    min_lr: float = 3e-5  # floor of the cosine decay
+    warmup_steps: int = 100  # linear warm-up length in updates
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.999  # AdamW second-moment decay
+    grad_clip: float = 1.0  # clip the global grad norm to this (0 = off)
+    eval_every: int = 250  # run evaluation every this many updates (0 = never)
+    eval_batches: int = 8  # batches per evaluation
+    ckpt_every: int = 500  # write a checkpoint every this many updates (0 = only at the end)
+    keep_last: int = 2  # checkpoints kept on disk (at least 2, so a crash mid-write loses nothing)
+    log_every: int = 10  # write a metrics line every this many updates
+    seed: int = 1337  # seed of torch, numpy and python RNGs
+    device: str = "auto"  # auto (cuda -> mps -> cpu) or an explicit torch device string
+    out_dir: str = "runs/default"  # where metrics.jsonl and checkpoints go
+
+
+@dataclass
+class Config:
+    """Everything one run needs. Later stages add their own sections next to these."""
+
+    preset: str = "toy"  # name of the preset these numbers came from
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        """Rebuild a config written by `to_dict` (unknown keys are an error, not ignored)."""
+        cfg = cls()
+        for key, value in d.items():
+            if key == "preset":
+                cfg.preset = str(value)
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"config section {key!r} should be a mapping, got {value!r}")
+            for sub, v in value.items():
+                _set(cfg, f"{key}.{sub}", v)
+        return cfg
+
+
+# --- the ladder --------------------------------------------------------------------------------
+# Each preset is a dict of "section.field" -> value on top of the dataclass defaults.
+PRESETS: dict[str, dict[str, object]] = {
+    "smoke": {  # CI and every notebook: seconds on a CPU, exercises every code path
+        "data.image_size": 16,
+        "data.n_train": 512,
+        "data.n_val": 64,
+        "data.n_heldout": 64,
+        "train.max_steps": 20,
+        "train.batch_size": 8,
+        "train.warmup_steps": 2,
+        "train.eval_every": 10,
+        "train.eval_batches": 2,
+        "train.ckpt_every": 10,
+        "train.log_every": 1,
+        "train.out_dir": "runs/smoke",
+    },
+    "toy": {  # ShapesWorld 32x32: minutes on a laptop CPU
+        "data.image_size": 32,
+        "train.out_dir": "runs/toy",
+    },
+    "small": {  # real captions (emoji or a folder) at 64x64: one GPU, under an hour
+        "data.dataset": "emoji",
+        "data.image_size": 64,
+        "train.max_steps": 20_000,
+        "train.batch_size": 128,
+        "train.out_dir": "runs/small",
+    },
+    "paper": {  # the paper's 256x256 images from user shards; many GPUs
+        "data.dataset": "tar",
+        "data.image_size": 256,
+        "train.max_steps": 430_000,
+        "train.batch_size": 1024,
+        "train.out_dir": "runs/paper",
+    },
+}
+
+# Compute knobs capped under MINIDALLE_SMOKE=1 (architecture numbers are never touched).
+SMOKE_CAPS: dict[str, int] = {
+    "data.n_train": 512,
+    "data.n_val": 64,
+    "data.n_heldout": 64,
+    "train.max_steps": 20,
+    "train.batch_size": 8,
+    "train.warmup_steps": 2,
+    "train.eval_every": 10,
+    "train.eval_batches": 2,
+    "train.ckpt_every": 10,
+}
+
+
+def get_config(preset: str = "toy", overrides: dict[str, object] | None = None,
+               smoke: bool | None = None) -> Config:
+    """Build the config for `preset`, apply the smoke caps (if on) and then `overrides`.
+
+    Example: get_config("toy", {"train.lr": 1e-3}).train.lr -> 0.001
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = Config(preset=preset)
+    for key, value in PRESETS[preset].items():
+        _set(cfg, key, value)
+    if smoke_mode() if smoke is None else smoke:
+        for key, cap in SMOKE_CAPS.items():
+            current = _get(cfg, key)
+            if current > cap:
+                _set(cfg, key, cap)
+    for key, value in (overrides or {}).items():
+        _set(cfg, resolve_key(key), value)
+    return cfg
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """Turn `["--train.lr=3e-4", "--batch_size=8"]` into `{"train.lr": "3e-4", "batch_size": "8"}`.
+
+    Values stay strings here; `get_config` converts and type-checks them per field.
+    Example: ["--train.lr=3e-4"] -> {"train.lr": "3e-4"}
+    """
+    out: dict[str, str] = {}
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"override {arg!r} should look like --key=value (e.g. --train.lr=3e-4)")
+        key, value = arg[2:].split("=", 1)
+        out[key] = value
+    return out
+
+
+def resolve_key(key: str) -> str:
+    """Map a bare field name to its "section.field" form when exactly one section has it.
+
+    Example: "lr" -> "train.lr"; "data.seed" -> "data.seed"
+    """
+    sections = {f.name: f for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory)}  # type: ignore[arg-type]
+    if "." in key:
+        sec, name = key.split(".", 1)
+        if sec not in sections:
+            raise ConfigError(f"unknown config section {sec!r} in {key!r}; sections: {', '.join(sections)}")
+        names = [f.name for f in dataclasses.fields(sections[sec].default_factory)]  # type: ignore[arg-type]
+        if name not in names:
+            raise ConfigError(f"unknown config key {key!r}; {sec} has: {', '.join(names)}")
+        return key
+    hits = [f"{sec}.{key}" for sec, f in sections.items()
+            if key in {g.name for g in dataclasses.fields(f.default_factory)}]  # type: ignore[arg-type]
+    if not hits:
+        raise ConfigError(f"unknown config key {key!r}; write it as section.key, e.g. train.lr")
+    if len(hits) > 1:
+        raise ConfigError(f"config key {key!r} is ambiguous ({', '.join(hits)}); write the section too")
+    return hits[0]
+
+
+def _get(cfg: Config, key: str):
+    sec, name = key.split(".", 1)
+    return getattr(getattr(cfg, sec), name)
+
+
+def _set(cfg: Config, key: str, value) -> None:
+    key = resolve_key(key)
+    sec, name = key.split(".", 1)
+    section = getattr(cfg, sec)
+    hints = typing.get_type_hints(type(section))
+    setattr(section, name, _coerce(key, value, hints[name]))
+
+
+def _coerce(key: str, value, typ):
+    """Convert `value` (often a CLI string) to the field type `typ`, or raise a ConfigError."""
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+                return value.lower() in {"1", "true", "yes", "on"}
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            if isinstance(value, str):
+                f = float(value.replace("_", ""))
+                if not f.is_integer():
+                    raise ValueError
+                return int(f)
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {key!r} expects {typ.__name__}, got {value!r}") from None
+    raise ConfigError(f"config key {key!r} has unsupported type {typ!r}")

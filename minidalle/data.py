@@ -1,0 +1,361 @@
+"""ShapesWorld: the toy text-to-image dataset, with held-out combinations for zero-shot tests.
+
+DALL·E's headline result is compositional generalisation ("an armchair in the shape of an
+avocado"). ShapesWorld is that experiment in miniature: coloured shapes on a black background,
+captioned in varied English, with a documented set of colour-shape pairs and two-object
+arrangements that never occur in `train`, so a model can be asked for them zero-shot.
+
+Everything is a pure function of (seed, split, index): sample i of a split is always the same
+image and caption, so the stream is unbounded, random-access, and needs no files on disk.
+
+    ShapesWorld("train", image_size=32, seed=0)[7] -> (uint8 tensor (32, 32, 3), "a big red circle on the left")
+
+Scenes are described by a `Scene` (the structured truth); `render()` draws one and `caption()`
+describes one. `minidalle.judge` does the inverse of both. Layout and recipe: datasets/shapes/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+# --- the world's vocabulary ---------------------------------------------------------------------
+SHAPES = ("circle", "square", "triangle", "diamond")
+# Fixed RGB values, chosen far apart in hue so they stay separable after blur and noise.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 30, 30),
+    "orange": (245, 140, 0),
+    "yellow": (240, 230, 40),
+    "green": (30, 190, 50),
+    "cyan": (0, 220, 230),
+    "blue": (40, 70, 240),
+    "purple": (160, 50, 220),
+    "white": (245, 245, 245),
+}
+SIZES = {"small": 0.25, "big": 0.42}  # side of the shape's bounding box, as a fraction of the image
+POSITIONS = {  # where a lone object sits: centre of its box, as fractions of (x, y)
+    "left": (0.25, 0.5),
+    "right": (0.75, 0.5),
+    "top": (0.5, 0.25),
+    "bottom": (0.5, 0.75),
+    "centre": (0.5, 0.5),
+}
+RELATIONS = ("left of", "right of", "above", "below")
+INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+# --- held-out combinations (never in train or val; they make up the `heldout` split) -------------
+# Each colour and each shape still occurs in training with other partners, so a model that
+# composes attributes can draw these; one that memorises pairs cannot.
+HELDOUT_PAIRS = frozenset({
+    ("red", "triangle"),
+    ("blue", "circle"),
+    ("green", "diamond"),
+    ("yellow", "square"),
+    ("purple", "circle"),
+})
+# Two-object arrangements, written canonically as (shape A, relation, shape B) with the relation
+# "above" or "left of"; "B below A" is the same arrangement.
+HELDOUT_ARRANGEMENTS = frozenset({
+    ("triangle", "above", "circle"),
+    ("square", "left of", "diamond"),
+    ("circle", "above", "square"),
+    ("diamond", "left of", "triangle"),
+})
+SPLITS = ("train", "val", "heldout")
+_SPLIT_IDS = {"train": 0, "val": 1, "heldout": 2}
+
+JITTER = 0.06  # random shift of a lone object's centre, as a fraction of the image side
+PAIR_AXIS = (0.25, 0.75)  # centres of two objects along the relation's axis
+PAIR_JITTER = 0.02  # small, so two big objects never touch
+PAIR_CROSS_JITTER = 0.1  # free movement across the relation's axis
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str  # one of SHAPES
+    color: str  # one of COLORS
+    size: str  # "small" | "big"
+    x: float  # centre, fraction of width (0 = left edge)
+    y: float  # centre, fraction of height (0 = top edge)
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[Obj, ...]  # 1 or 2 objects, in caption order
+    position: str | None = None  # for one object: a key of POSITIONS
+    relation: str | None = None  # for two objects: objects[0] <relation> objects[1]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "Scene":
+        return Scene(tuple(Obj(**o) for o in d["objects"]), d.get("position"), d.get("relation"))
+
+
+def canonical_arrangement(a: str, relation: str, b: str) -> tuple[str, str, str]:
+    """Write a two-object arrangement with relation "above" or "left of".
+
+    Example: ("circle", "below", "triangle") -> ("triangle", "above", "circle")
+    """
+    if relation in ("below", "right of"):
+        return (b, INVERSE[relation], a)
+    return (a, relation, b)
+
+
+def is_heldout(scene: Scene) -> bool:
+    """True when the scene contains a held-out colour-shape pair or two-object arrangement."""
+    if any((o.color, o.shape) in HELDOUT_PAIRS for o in scene.objects):
+        return True
+    if scene.relation is not None:
+        a, b = scene.objects
+        return canonical_arrangement(a.shape, scene.relation, b.shape) in HELDOUT_ARRANGEMENTS
+    return False
+
+
+# --- sampling scenes ----------------------------------------------------------------------------
+def _pick(rng: np.random.Generator, options):
+    return options[int(rng.integers(len(options)))]
+
+
+def _one_object(rng, shape: str, color: str) -> Scene:
+    position = _pick(rng, list(POSITIONS))
+    cx, cy = POSITIONS[position]
+    dx, dy = rng.uniform(-JITTER, JITTER, size=2)
+    return Scene((Obj(shape, color, _pick(rng, list(SIZES)), cx + dx, cy + dy),), position=position)
+
+
+def _two_objects(rng, shape_a: str, color_a: str, shape_b: str, color_b: str, relation: str) -> Scene:
+    # Object A sits at the low end of the axis for "left of"/"above", the high end otherwise.
+    first, second = PAIR_AXIS if relation in ("left of", "above") else PAIR_AXIS[::-1]
+    along = (first + rng.uniform(-PAIR_JITTER, PAIR_JITTER), second + rng.uniform(-PAIR_JITTER, PAIR_JITTER))
+    across = 0.5 + rng.uniform(-PAIR_CROSS_JITTER, PAIR_CROSS_JITTER, size=2)
+    horizontal = relation in ("left of", "right of")
+    xy = [(along[i], across[i]) if horizontal else (across[i], along[i]) for i in range(2)]
+    objs = (Obj(shape_a, color_a, _pick(rng, list(SIZES)), *xy[0]),
+            Obj(shape_b, color_b, _pick(rng, list(SIZES)), *xy[1]))
+    return Scene(objs, relation=relation)
+
+
+def _free_pair(rng) -> tuple[str, str]:
+    """A (shape, colour) pair seen in training."""
+    while True:
+        shape, color = _pick(rng, SHAPES), _pick(rng, list(COLORS))
+        if (color, shape) not in HELDOUT_PAIRS:
+            return shape, color
+
+
+def sample_scene(rng: np.random.Generator, split: str = "train", p_two: float = 0.5) -> Scene:
+    """Draw one scene of `split`: `train`/`val` avoid every held-out combination; `heldout` is
+    half lone objects with a held-out colour-shape pair, half held-out two-object arrangements
+    (whose objects use only training pairs, so the arrangement is the only new thing)."""
+    if split not in _SPLIT_IDS:
+        raise DataError(f"unknown ShapesWorld split {split!r}; choose one of {', '.join(SPLITS)}")
+    if split == "heldout":
+        if rng.random() < 0.5:
+            color, shape = _pick(rng, sorted(HELDOUT_PAIRS))
+            return _one_object(rng, shape, color)
+        a, rel, b = _pick(rng, sorted(HELDOUT_ARRANGEMENTS))
+        if rng.random() < 0.5:  # say it either way round: "A above B" or "B below A"
+            a, rel, b = b, INVERSE[rel], a
+        (_, ca), (_, cb) = _free_color(rng, a), _free_color(rng, b)
+        return _two_objects(rng, a, ca, b, cb, rel)
+    while True:  # rejection sampling: cheap, since held-out combinations are a small minority
+        if rng.random() < p_two:
+            (sa, ca), (sb, cb) = _free_pair(rng), _free_pair(rng)
+            scene = _two_objects(rng, sa, ca, sb, cb, _pick(rng, RELATIONS))
+        else:
+            shape, color = _free_pair(rng)
+            scene = _one_object(rng, shape, color)
+        if not is_heldout(scene):
+            return scene
+
+
+def _free_color(rng, shape: str) -> tuple[str, str]:
+    while True:
+        color = _pick(rng, list(COLORS))
+        if (color, shape) not in HELDOUT_PAIRS:
+            return shape, color
+
+
+# --- rendering ----------------------------------------------------------------------------------
+SUPERSAMPLE = 4  # render at 4x and average down: anti-aliased edges, like a real photo's
+
+
+def shape_mask(shape: str, cx: float, cy: float, side: float, size: int, supersample: int = SUPERSAMPLE) -> np.ndarray:
+    """Coverage (0..1) of one shape on a `size`x`size` pixel grid; geometry in pixels.
+
+    The shape fills a `side`x`side` box centred at (cx, cy): circle inscribed, square filling it,
+    triangle pointing up with its base on the box's bottom edge, diamond touching the edge midpoints.
+    Example: shape_mask("square", 8, 8, 4, 16).sum() -> 16.0
+    """
+    n = size * supersample
+    coords = (np.arange(n) + 0.5) / supersample  # sub-pixel centres, in pixel units
+    x, y = coords[None, :] - cx, coords[:, None] - cy  # (1, n), (n, 1): offsets from the centre
+    h = side / 2
+    if shape == "circle":
+        inside = x**2 + y**2 <= h**2
+    elif shape == "square":
+        inside = (np.abs(x) <= h) & (np.abs(y) <= h)
+    elif shape == "triangle":
+        # apex at (0, -h), base from (-h, h) to (h, h): |x| grows linearly from apex to base
+        inside = (y <= h) & (np.abs(x) <= (y + h) / 2)
+    elif shape == "diamond":
+        inside = np.abs(x) + np.abs(y) <= h
+    else:
+        raise DataError(f"unknown shape {shape!r}; ShapesWorld draws {', '.join(SHAPES)}")
+    inside = np.broadcast_to(inside, (n, n)).astype(np.float32)
+    return inside.reshape(size, supersample, size, supersample).mean(axis=(1, 3))  # (size, size)
+
+
+def render(scene: Scene, image_size: int = 32) -> np.ndarray:
+    """Draw a scene on black: uint8 array (image_size, image_size, 3)."""
+    canvas = np.zeros((image_size, image_size, 3), dtype=np.float32)
+    for obj in scene.objects:
+        alpha = shape_mask(obj.shape, obj.x * image_size, obj.y * image_size,
+                           SIZES[obj.size] * image_size, image_size)[..., None]  # (H, W, 1)
+        canvas = canvas * (1 - alpha) + np.asarray(COLORS[obj.color], np.float32) * alpha
+    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+
+
+# --- captions -----------------------------------------------------------------------------------
+# Synonyms give the text tokenizer real work and test that the model learns meaning, not strings.
+SHAPE_WORDS = {"circle": ["circle", "disc", "disk"], "square": ["square", "box", "block"],
+               "triangle": ["triangle"], "diamond": ["diamond", "rhombus"]}
+COLOR_WORDS = {"red": ["red"], "orange": ["orange"], "yellow": ["yellow"], "green": ["green"],
+               "cyan": ["cyan", "turquoise"], "blue": ["blue"], "purple": ["purple", "violet"],
+               "white": ["white"]}
+SIZE_WORDS = {"small": ["small", "little", "tiny"], "big": ["big", "large", "huge"]}
+POSITION_WORDS = {
+    "left": ["on the left", "at the left", "on the left side"],
+    "right": ["on the right", "at the right", "on the right side"],
+    "top": ["at the top", "near the top", "at the top of the picture"],
+    "bottom": ["at the bottom", "near the bottom", "at the bottom of the picture"],
+    "centre": ["in the centre", "in the center", "in the middle"],
+}
+RELATION_WORDS = {
+    "left of": ["to the left of", "left of", "on the left of"],
+    "right of": ["to the right of", "right of", "on the right of"],
+    "above": ["above", "over", "on top of"],
+    "below": ["below", "under", "beneath", "underneath"],
+}
+ONE_TEMPLATES = ["a {obj} {pos}", "there is a {obj} {pos}", "{pos}, a {obj}", "{obj} {pos}",
+                 "a picture of a {obj} {pos}", "one {obj} {pos}"]
+TWO_TEMPLATES = ["a {a} {rel} a {b}", "there is a {a} {rel} a {b}", "{a} {rel} {b}",
+                 "a {a} placed {rel} a {b}", "two shapes: a {a} {rel} a {b}"]
+
+
+def _noun_phrase(rng, obj: Obj, say_size: bool) -> str:
+    words = [_pick(rng, SIZE_WORDS[obj.size])] if say_size else []
+    words += [_pick(rng, COLOR_WORDS[obj.color]), _pick(rng, SHAPE_WORDS[obj.shape])]
+    return " ".join(words)
+
+
+def caption(scene: Scene, rng: np.random.Generator) -> str:
+    """Describe a scene in one of several templates; colour and shape are always named, size
+    usually (70%). Example: -> "a small red circle above a blue square" """
+    if scene.relation is None:
+        (obj,) = scene.objects
+        text = _pick(rng, ONE_TEMPLATES).format(obj=_noun_phrase(rng, obj, rng.random() < 0.7),
+                                                pos=_pick(rng, POSITION_WORDS[scene.position]))
+    else:
+        a, b = scene.objects
+        text = _pick(rng, TWO_TEMPLATES).format(a=_noun_phrase(rng, a, rng.random() < 0.7),
+                                                b=_noun_phrase(rng, b, rng.random() < 0.7),
+                                                rel=_pick(rng, RELATION_WORDS[scene.relation]))
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)  # "a orange circle" -> "an orange circle"
+
+
+# --- the dataset ----------------------------------------------------------------------------------
+class ShapesWorld(torch.utils.data.Dataset):
+    """Random-access ShapesWorld split: item i is a pure function of (seed, split, i).
+
+    `len()` is `n` (a finite view for epochs and DataLoaders); `stream()` goes on forever.
+    Items are `(image uint8 (H, W, 3), caption str)`; `scene(i)` gives the structured truth.
+    """
+
+    def __init__(self, split: str = "train", image_size: int = 32, seed: int = 0, n: int = 50_000):
+        if split not in _SPLIT_IDS:
+            raise DataError(f"unknown ShapesWorld split {split!r}; choose one of {', '.join(SPLITS)}")
+        if image_size < 8:
+            raise DataError(f"image_size={image_size} is too small to draw shapes; use 8 or more")
+        self.split, self.image_size, self.seed, self.n = split, image_size, seed, n
+
+    def _rng(self, i: int) -> np.random.Generator:
+        # One generator per item, keyed by (seed, split, i): random access without replaying a stream.
+        return np.random.default_rng([self.seed, _SPLIT_IDS[self.split], i])
+
+    def scene(self, i: int) -> Scene:
+        return sample_scene(self._rng(i), self.split)
+
+    def example(self, i: int) -> tuple[Scene, str]:
+        rng = self._rng(i)
+        scene = sample_scene(rng, self.split)
+        return scene, caption(scene, rng)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        scene, text = self.example(int(i))
+        return torch.from_numpy(render(scene, self.image_size)), text
+
+    def stream(self, start: int = 0):
+        """Yield items start, start+1, ... forever."""
+        i = start
+        while True:
+            yield self[i]
+            i += 1
+
+    def batch(self, start: int, batch_size: int) -> tuple[torch.Tensor, list[str]]:
+        """Items start..start+batch_size-1 stacked: (uint8 (B, H, W, 3), captions)."""
+        items = [self[i] for i in range(start, start + batch_size)]
+        return torch.stack([im for im, _ in items]), [c for _, c in items]
+
+
+def write_split(out_dir: str | Path, split: str = "train", n: int = 100, image_size: int = 32,
+                seed: int = 0, progress: bool = True) -> Path:
+    """Write n samples to `out_dir` for inspection: `00000.png` + `00000.txt` per sample (the
+    folder-dataset layout, so the folder loader reads it back) and `captions.jsonl` with each
+    file's caption and true scene (what the judge needs). Returns the folder."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = ShapesWorld(split, image_size, seed, n)
+    tmp = out / "captions.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i in tqdm(range(n), desc=f"writing {split}", disable=not progress):
+            scene, text = ds.example(i)
+            name = f"{i:05d}.png"
+            Image.fromarray(render(scene, image_size)).save(out / name)
+            (out / f"{i:05d}.txt").write_text(text + "\n", encoding="utf-8")
+            f.write(json.dumps({"file": name, "caption": text, "scene": scene.to_dict()}) + "\n")
+    tmp.replace(out / "captions.jsonl")  # the index appears only once every image is on disk
+    return out
+
+
+def read_split(folder: str | Path) -> list[dict]:
+    """Read `captions.jsonl` written by `write_split` (or by hand: lines of {"file", "caption"})."""
+    path = Path(folder) / "captions.jsonl"
+    if not path.is_file():
+        raise DataError(f"{path} not found; write a split with `python -m minidalle data --out {folder}`")
+    rows = []
+    for k, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            row["file"], row["caption"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f"{path}, line {k}: expected a JSON object with 'file' and 'caption'") from None
+        rows.append(row)
+    return rows

@@ -1,0 +1,145 @@
+"""ShapesWorld: determinism, held-out combinations, rendering geometry, captions, files on disk."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from minidalle import data
+from minidalle.data import (COLORS, HELDOUT_ARRANGEMENTS, HELDOUT_PAIRS, Obj, Scene, ShapesWorld,
+                            canonical_arrangement, is_heldout, read_split, render, sample_scene,
+                            shape_mask, write_split)
+from minidalle.errors import DataError
+
+
+def test_items_are_pure_functions_of_seed_split_index():
+    a, b = ShapesWorld("train", 16, seed=3), ShapesWorld("train", 16, seed=3)
+    for i in (0, 5, 999):
+        (ia, ca), (ib, cb) = a[i], b[i]
+        assert torch.equal(ia, ib) and ca == cb
+    assert a[0][1] != ShapesWorld("train", 16, seed=4)[0][1] or not torch.equal(a[0][0], ShapesWorld("train", 16, seed=4)[0][0])
+    im, cap = a[1]
+    assert im.dtype == torch.uint8 and im.shape == (16, 16, 3) and isinstance(cap, str) and cap
+
+
+def test_stream_matches_random_access_and_batches_stack():
+    ds = ShapesWorld("val", 16, seed=0)
+    it = ds.stream(start=10)
+    for i in range(10, 14):
+        im, cap = next(it)
+        assert torch.equal(im, ds[i][0]) and cap == ds[i][1]
+    images, caps = ds.batch(4, 3)
+    assert images.shape == (3, 16, 16, 3) and caps == [ds[i][1] for i in range(4, 7)]
+
+
+def test_no_heldout_combination_in_100k_training_samples():
+    rng = np.random.default_rng(0)
+    seen_pairs, seen_arrangements = set(), set()
+    for _ in range(100_000):
+        scene = sample_scene(rng, "train")
+        seen_pairs.update((o.color, o.shape) for o in scene.objects)
+        if scene.relation:
+            a, b = scene.objects
+            seen_arrangements.add(canonical_arrangement(a.shape, scene.relation, b.shape))
+    assert not seen_pairs & HELDOUT_PAIRS
+    assert not seen_arrangements & HELDOUT_ARRANGEMENTS
+    # ...while every colour and every shape is still seen, so held-out items are composable.
+    assert {c for c, _ in seen_pairs} == set(COLORS) and {s for _, s in seen_pairs} == set(data.SHAPES)
+    assert len(seen_pairs) == len(COLORS) * len(data.SHAPES) - len(HELDOUT_PAIRS)
+
+
+def test_heldout_split_is_all_heldout_and_covers_every_combination():
+    ds = ShapesWorld("heldout", 32, seed=0)
+    scenes = [ds.scene(i) for i in range(400)]
+    assert all(is_heldout(s) for s in scenes)
+    pairs = {(o.color, o.shape) for s in scenes if s.relation is None for o in s.objects}
+    arrangements = {canonical_arrangement(s.objects[0].shape, s.relation, s.objects[1].shape)
+                    for s in scenes if s.relation}
+    assert pairs == HELDOUT_PAIRS and arrangements == HELDOUT_ARRANGEMENTS
+    # the objects of held-out arrangements use training colour-shape pairs only
+    assert not {(o.color, o.shape) for s in scenes if s.relation for o in s.objects} & HELDOUT_PAIRS
+
+
+def test_val_differs_from_train_but_follows_its_rules():
+    tr, va = ShapesWorld("train", 16), ShapesWorld("val", 16)
+    assert [tr[i][1] for i in range(20)] != [va[i][1] for i in range(20)]
+    assert not any(is_heldout(va.scene(i)) for i in range(500))
+
+
+def test_canonical_arrangement():
+    assert canonical_arrangement("circle", "below", "triangle") == ("triangle", "above", "circle")
+    assert canonical_arrangement("a", "right of", "b") == ("b", "left of", "a")
+    assert canonical_arrangement("a", "above", "b") == ("a", "above", "b")
+
+
+@pytest.mark.parametrize("shape, area_fraction", [("square", 1.0), ("circle", np.pi / 4),
+                                                   ("triangle", 0.5), ("diamond", 0.5)])
+def test_shape_areas_match_geometry(shape, area_fraction):
+    side = 20.0
+    area = shape_mask(shape, 32, 32, side, 64).sum()
+    assert area == pytest.approx(area_fraction * side**2, rel=0.03)
+
+
+def test_triangle_points_up():
+    m = shape_mask("triangle", 16, 16, 16, 32)
+    rows = m.sum(axis=1)
+    top, bottom = rows[8:12].sum(), rows[20:24].sum()
+    assert bottom > 2 * top
+
+
+def test_render_places_colour_where_the_scene_says():
+    scene = Scene((Obj("square", "red", "big", 0.25, 0.5),), position="left")
+    im = render(scene, 32)
+    assert tuple(im[16, 8]) == COLORS["red"]
+    assert im[:, 20:].max() == 0  # right half is background
+    ys, xs = np.nonzero(im.max(axis=2))
+    assert abs(xs.mean() - 8) < 0.6 and abs(ys.mean() - 16) < 0.6
+
+
+def test_relations_put_objects_on_the_right_sides():
+    ds = ShapesWorld("train", 32, seed=1)
+    for i in range(300):
+        s = ds.scene(i)
+        if s.relation is None:
+            continue
+        a, b = s.objects
+        dx, dy = b.x - a.x, b.y - a.y
+        want = {"left of": dx > 0.3, "right of": dx < -0.3, "above": dy > 0.3, "below": dy < -0.3}
+        assert want[s.relation], (s, dx, dy)
+
+
+def test_captions_vary_and_name_colour_and_shape():
+    ds = ShapesWorld("train", 16)
+    caps = [ds.example(i) for i in range(300)]
+    assert len({c for _, c in caps}) > 250
+    for scene, cap in caps:
+        for obj in scene.objects:
+            assert any(w in cap for w in data.COLOR_WORDS[obj.color]), cap
+            assert any(w in cap for w in data.SHAPE_WORDS[obj.shape]), cap
+    assert all(" a o" not in c and not c.startswith("a o") for _, c in caps)  # "an orange ..."
+
+
+def test_write_split_round_trips(tmp_path):
+    from PIL import Image
+    out = write_split(tmp_path / "d", "heldout", n=6, image_size=16, seed=2, progress=False)
+    rows = read_split(out)
+    ds = ShapesWorld("heldout", 16, seed=2)
+    assert [r["caption"] for r in rows] == [ds[i][1] for i in range(6)]
+    for i, r in enumerate(rows):
+        assert np.array_equal(np.asarray(Image.open(out / r["file"])), ds[i][0].numpy())
+        assert (out / r["file"]).with_suffix(".txt").read_text().strip() == r["caption"]
+        assert Scene.from_dict(r["scene"]) == ds.scene(i)
+    assert not list(out.glob("*.tmp"))
+
+
+def test_bad_inputs_raise_data_errors(tmp_path):
+    with pytest.raises(DataError, match="unknown ShapesWorld split 'test'"):
+        ShapesWorld("test")
+    with pytest.raises(DataError, match="too small"):
+        ShapesWorld("train", image_size=4)
+    with pytest.raises(DataError, match="captions.jsonl not found"):
+        read_split(tmp_path)
+    (tmp_path / "captions.jsonl").write_text('{"file": "a.png"}\n')
+    with pytest.raises(DataError, match="line 1"):
+        read_split(tmp_path)
