@@ -45,22 +45,23 @@ def cmd_judge(args, cfg: cfglib.Config) -> dict:
 
 
 def _print_accuracy(title: str, result: dict) -> None:
+    """Print one `judge.evaluate()` result: accuracy per attribute, over captions that state it."""
+    from .judge import CHECKS
+
     print(title)
-    for attr, acc in result["per_attribute"].items():
-        n = result["counts"].get(attr, 0)
-        print(f"  {attr:<9} {acc * 100:6.2f}%  (n={n})" if acc is not None else f"  {attr:<9}   n/a")
+    for attr in CHECKS:
+        acc, n = result[attr], result["stated"][attr]
+        print(f"  {attr:<9} {acc * 100:6.2f}%  (n={n})" if acc is not None else f"  {attr:<9}    n/a  (not stated)")
     print(f"  {'overall':<9} {result['overall'] * 100:6.2f}%  (n={result['n']})")
 
 
 def cmd_bench(args, cfg: cfglib.Config) -> dict:
     if args.what == "judge":
-        from .judge import benchmark
+        from .judge import benchmark, format_benchmark
 
-            size = args.image_size or cfg.data.image_size
+        size = args.image_size or cfg.data.image_size
         res = benchmark(n=args.n, image_size=size, seed=cfg.data.seed)
-        for name, r in res["results"].items():
-            _print_accuracy(f"{name} ({size}x{size})", r)
-        print(f"wall time {res['seconds']:.1f} s")
+        print(format_benchmark(res))
         return res
     raise MinidalleError(f"unknown benchmark {args.what!r}")
 

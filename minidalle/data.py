@@ -39,7 +39,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (160, 50, 220),
     "white": (245, 245, 245),
 }
-SIZES = {"small": 0.25, "big": 0.42}  # side of the shape's bounding box, as a fraction of the image
+SIZES = {"small": 0.25, "big": 0.40}  # side of the shape's bounding box, as a fraction of the image
 POSITIONS = {  # where a lone object sits: centre of its box, as fractions of (x, y)
     "left": (0.25, 0.5),
     "right": (0.75, 0.5),
@@ -71,9 +71,9 @@ HELDOUT_ARRANGEMENTS = frozenset({
 SPLITS = ("train", "val", "heldout")
 _SPLIT_IDS = {"train": 0, "val": 1, "heldout": 2}
 
-JITTER = 0.06  # random shift of a lone object's centre, as a fraction of the image side
+JITTER = 0.05  # random shift of a lone object's centre (fraction of the side): big shapes never leave the canvas
 PAIR_AXIS = (0.25, 0.75)  # centres of two objects along the relation's axis
-PAIR_JITTER = 0.02  # small, so two big objects never touch
+PAIR_JITTER = 0.02  # small, so two big objects keep a gap of >= 6% of the side (2 px at 32)
 PAIR_CROSS_JITTER = 0.1  # free movement across the relation's axis
 
 

@@ -1,0 +1,383 @@
+"""Checkpoints you can trust: one atomic, checksummed folder per step, loadable without pickle.
+
+Layout, one folder per saved step under `{out_dir}/checkpoints/`:
+
+    step_0000500/
+        model.safetensors   the weights (safetensors: raw tensors, no code; tied weights stored once)
+        config.json         the run config, so the folder alone says how to rebuild the model
+        state.pt            step, optimizer moments, RNG states -- plain tensors/numbers/lists only,
+                            so it loads with torch.load(weights_only=True)
+        manifest.json       sha256 + size of the three files above; written LAST
+
+Why each rule (the DESIGN.md checkpoint convention):
+- Atomic. Everything is written into `.tmp-step_0000500-<pid>/` beside the final folder, fsynced,
+  then renamed. A rename inside one directory is atomic on POSIX, so a folder called `step_*` is
+  either complete or absent. A crash leaves only a `.tmp-*` folder, removed on the next start.
+- Manifest last. A folder copied half-way or written by an older tool has no manifest and is
+  refused; the checksums catch truncation, bit rot and hand edits.
+- Never unpickle. `torch.save` is pickle, and unpickling can run arbitrary code. We check the
+  checksums first and then load with `weights_only=True`, which rebuilds only tensors and plain
+  containers. That is why the numpy RNG state is stored as a tensor, not as an ndarray.
+- Keep at least two. The previous checkpoint is deleted only after the new one is complete, so
+  a crash at any instant leaves one good checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+from .errors import CheckpointError, ConfigError
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+STATE_FILE = "state.pt"
+MANIFEST_FILE = "manifest.json"
+PAYLOAD = (MODEL_FILE, CONFIG_FILE, STATE_FILE)  # what the manifest must vouch for
+FORMAT = 1  # bump when the layout changes, so old readers refuse new folders clearly
+
+_STEP_DIR = re.compile(r"^step_(\d{7,})$")
+TMP_PREFIX = ".tmp-"
+
+# TESTING SEAM -- never set this in a real run. With MINIDALLE_TEST_CRASH_IN_SAVE=N the saving
+# process kills itself with SIGKILL at crash point N of `save_checkpoint`: N = 1..4 right after
+# the N-th file (model, config, state, manifest) is written into the temp folder; N = 5 right after
+# the rename, before old checkpoints are pruned. SIGKILL rather than an exception, so no `finally`
+# or atexit cleanup runs: it behaves like a power cut or the OOM killer. tests/test_checkpoint.py
+# uses it from a subprocess to prove that a crash mid-save loses nothing.
+CRASH_ENV = "MINIDALLE_TEST_CRASH_IN_SAVE"
+
+
+def step_dir_name(step: int) -> str:
+    """Example: 500 -> "step_0000500" (zero-padded so names sort like numbers)."""
+    return f"step_{step:07d}"
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """The `step_*` folders in `root`, oldest first; valid or not, temp folders excluded.
+
+    Example: root with step_0000002/, step_0000004/, .tmp-step_0000006-99/ -> [(2, ...), (4, ...)]
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+# --- saving ----------------------------------------------------------------------------------------
+
+def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, state: dict, config: dict,
+                    keep_last: int = 2) -> Path:
+    """Write `root/step_{step:07d}/` atomically, then prune to the newest `keep_last` checkpoints.
+
+    `state` must hold only what `torch.load(weights_only=True)` can rebuild (tensors, numbers,
+    strings, None, lists/tuples/dicts of those); anything else is refused *before* writing.
+    Example: save_checkpoint("runs/x/checkpoints", 500, model, {"step": 500}, cfg) -> Path(".../step_0000500")
+    """
+    if keep_last < 2:
+        raise ConfigError(f"keep_last={keep_last}: keep at least 2 checkpoints, so a crash while "
+                          "writing the newest one still leaves a good one behind")
+    _check_plain(state, "state")
+    config_text = _json_text(config, CONFIG_FILE)  # refuse a bad config before touching the disk
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        _write_folder(tmp, step, model, state, config_text)
+    except BaseException:  # disk full, Ctrl-C, ...: leave nothing half-written (SIGKILL: next start cleans)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # re-saving a step (after resuming from an older one): move the old one aside
+        _remove_dir(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)  # make the rename itself durable
+    _crash_point(5)
+    prune_checkpoints(root, keep_last, newest=step)
+    return final
+
+
+def _write_folder(tmp: Path, step: int, model: torch.nn.Module, state: dict, config_text: str) -> None:
+    """Write the three payload files, then the manifest that vouches for them, each fsynced."""
+    # save_model (not save_file) because safetensors refuses tensors that share memory, such as a
+    # token embedding tied to the output head; save_model stores one copy and load_model re-ties it.
+    save_model(model, str(tmp / MODEL_FILE))
+    _fsync_file(tmp / MODEL_FILE)
+    _crash_point(1)
+    _write_text(tmp / CONFIG_FILE, config_text)
+    _crash_point(2)
+    torch.save(state, tmp / STATE_FILE)
+    _fsync_file(tmp / STATE_FILE)
+    _crash_point(3)
+    files = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in PAYLOAD}
+    manifest = {"format": FORMAT, "step": step, "files": files}
+    _write_text(tmp / MANIFEST_FILE, _json_text(manifest, MANIFEST_FILE))  # last: "everything above is done"
+    _crash_point(4)
+    _fsync_dir(tmp)
+
+
+def prune_checkpoints(root: str | Path, keep_last: int, newest: int | None = None) -> list[Path]:
+    """Delete checkpoints older than the `keep_last` newest complete ones at or below step `newest`.
+
+    Folders newer than `newest` (left over from a run that was resumed from an older point) are
+    not touched; training overwrites them when it reaches their step.
+    Example: steps 2, 4, 6, 8 with keep_last=2, newest=8 -> removes step 2 and step 4
+    """
+    ckpts = [(s, p) for s, p in list_checkpoints(root) if newest is None or s <= newest]
+    # "Complete" here means "has a manifest" -- cheap; hashing every kept folder on every save
+    # would cost a full read of all checkpoints. Loading still verifies the hashes.
+    complete = [s for s, p in ckpts if (p / MANIFEST_FILE).is_file()]
+    if len(complete) <= keep_last:
+        return []
+    cutoff = complete[-keep_last]
+    removed = [p for s, p in ckpts if s < cutoff]
+    for p in removed:
+        _remove_dir(p)
+    return removed
+
+
+def clean_stale_temp(root: str | Path) -> list[Path]:
+    """Remove `.tmp-*` folders left by a crashed save (skipping any whose writer is still alive).
+
+    Example: root with .tmp-step_0000004-4242/ (pid 4242 dead) -> [Path(".../.tmp-step_0000004-4242")]
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    removed = []
+    for p in root.iterdir():
+        if not p.name.startswith(TMP_PREFIX):
+            continue
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue  # another live process is writing here right now; not ours to delete
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+# --- verifying and loading -------------------------------------------------------------------------
+
+def verify_checkpoint(path: str | Path) -> dict:
+    """Check the manifest, sizes and sha256 of every file; return the manifest or raise CheckpointError.
+
+    Example: verify_checkpoint("runs/x/checkpoints/step_0000500") -> {"format": 1, "step": 500, "files": {...}}
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint folder at {path}")
+    mpath = path / MANIFEST_FILE
+    if not mpath.is_file():
+        raise CheckpointError(f"{mpath} is missing: the checkpoint was never finished (a crash while "
+                              "saving?) or was copied incompletely; use an older checkpoint")
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{mpath} is not a valid manifest ({e}); the folder is damaged") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{mpath} has format {manifest.get('format')!r}, this minidalle reads "
+                              f"format {FORMAT}; it was written by a different version")
+    for name in PAYLOAD:
+        if name not in files:
+            raise CheckpointError(f"{mpath} does not list {name}; the folder is damaged")
+        fpath, want = path / name, files[name]
+        if not fpath.is_file():
+            raise CheckpointError(f"{fpath} is missing (the manifest lists it)")
+        size = fpath.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointError(f"{fpath} is truncated or altered: {size} bytes on disk, "
+                                  f"{want['bytes']} when saved")
+        if _sha256(fpath) != want["sha256"]:
+            raise CheckpointError(f"{fpath} fails its checksum (sha256 mismatch): the file changed after "
+                                  "saving (disk error or tampering); it will not be loaded")
+    return manifest
+
+
+def read_config(path: str | Path, verify: bool = True) -> dict:
+    """The run config stored in a checkpoint folder.
+
+    Example: read_config(".../step_0000500")["train"]["lr"] -> 0.0003
+    """
+    if verify:
+        verify_checkpoint(path)
+    cpath = Path(path) / CONFIG_FILE
+    try:
+        return json.loads(cpath.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{cpath} cannot be read as JSON ({e})") from None
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module | None = None,
+                    map_location: str | torch.device = "cpu", verify: bool = True) -> tuple[dict, dict]:
+    """Verify a checkpoint, load its weights into `model` (if given); return (state, config).
+
+    Example: state, config = load_checkpoint(".../step_0000500", model); state["step"] -> 500
+    """
+    path = Path(path)
+    if verify:
+        verify_checkpoint(path)
+    config = read_config(path, verify=False)
+    if model is not None:
+        try:
+            load_model(model, str(path / MODEL_FILE))  # strict: every key must match
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{path / MODEL_FILE} does not fit this model ({e}); was it saved "
+                                  "from a different architecture or config?") from None
+    try:
+        state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
+    except Exception as e:  # UnpicklingError, EOFError, RuntimeError, ... all mean the same here
+        raise CheckpointError(f"{path / STATE_FILE} cannot be loaded with weights_only=True ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); refusing to unpickle it") from None
+    return state, config
+
+
+def latest_valid_checkpoint(root: str | Path) -> Path | None:
+    """The newest checkpoint in `root` that passes `verify_checkpoint`, warning about each newer one skipped.
+
+    Example: step_0000004 (tampered), step_0000002 (fine) -> warns about step_0000004, returns .../step_0000002
+    """
+    for step, p in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(p)
+            return p
+        except CheckpointError as e:
+            warnings.warn(f"skipping invalid checkpoint {p.name}: {e}", stacklevel=2)
+    return None
+
+
+# --- RNG state as plain data -------------------------------------------------------------------------
+
+def capture_rng_state() -> dict:
+    """Python, numpy, torch (and CUDA) RNG states in a form `torch.load(weights_only=True)` accepts.
+
+    numpy's state holds an ndarray, which weights_only refuses; we store it as an int64 tensor.
+    Example: capture_rng_state().keys() -> dict_keys(["python", "numpy", "torch"]) (+ "cuda" on GPUs)
+    """
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss_next],
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of `capture_rng_state`.
+
+    Example: s = capture_rng_state(); a = torch.rand(1); restore_rng_state(s); torch.rand(1) == a -> True
+    """
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        # a run resumed on fewer GPUs restores the devices it has
+        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.cpu(), i)
+
+
+# --- small helpers ------------------------------------------------------------------------------------
+
+def _check_plain(obj, where: str) -> None:
+    """Refuse anything `torch.load(weights_only=True)` could not rebuild, naming where it sits.
+
+    Example: {"rng": np.zeros(3)} -> CheckpointError("state['rng'] is a numpy.ndarray ...")
+    """
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise CheckpointError(f"{where} has a key of type {type(k).__name__}; use str or int keys")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    raise CheckpointError(f"{where} is a {type(obj).__module__}.{type(obj).__name__}, which "
+                          "torch.load(weights_only=True) refuses; store it as a tensor, list or number")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):  # 1 MiB at a time: big files never sit in RAM
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _json_text(obj, name: str) -> str:
+    try:
+        return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"cannot write {name}: it is not JSON-serialisable ({e})") from None
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    """Push a file's bytes to the disk; otherwise a power cut after the rename can leave zeros."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a directory's entries (new files, renames). POSIX only; Windows cannot open folders."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename to a temp name first, so a crash half-way through rmtree never leaves a damaged `step_*`."""
+    doomed = path.with_name(f"{TMP_PREFIX}del-{path.name}-{os.getpid()}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks "does it exist?"
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _crash_point(n: int) -> None:
+    """The testing seam described at CRASH_ENV above; a no-op unless that variable equals `n`."""
+    if os.environ.get(CRASH_ENV) == str(n):
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+        os._exit(137)  # not reached on POSIX; a hard exit where SIGKILL does not exist

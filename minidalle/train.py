@@ -1,0 +1,442 @@
+"""One generic training loop. It knows nothing about DALL·E: minGPT's `Trainer` is the model.
+
+Each update does, in order:
+
+    batch = the next batch         a `batch_at(i)` callable, or any re-iterable (list, DataLoader)
+    lr    = lr_at(step, cfg)       linear warm-up, then cosine down to cfg.min_lr (a pure function)
+    loss  = loss_fn(model, batch)  a scalar tensor, or (loss, {"name": float, ...}) to log extras
+    loss.backward(); clip the global grad norm to cfg.grad_clip; AdamW step
+
+and then, each on its own schedule: a JSON line in `{out_dir}/metrics.jsonl` (every cfg.log_every
+updates and the last), an evaluation (every cfg.eval_every; needs eval_data), a checkpoint (every
+cfg.ckpt_every, at the end, and when a callback calls `trainer.request_stop()`).
+Hooks (`trainer.add_callback("on_eval", fn)`) let a notebook plot or stop without editing the loop.
+
+`step` always means "updates completed so far": step 500's metrics line, lr_at(500, cfg) and the
+folder `checkpoints/step_0000500/` all describe the 500th update. Batches are indexed from 0, so
+update `step` consumes batch_at(step - 1).
+
+Resuming is exact: a run stopped at step k and resumed reproduces the uninterrupted run's losses
+bit for bit (same device and library versions), because the checkpoint holds the optimizer moments
+and every RNG state, and the data restarts at batch k. A `batch_at` callable restarts instantly; an
+iterable is rebuilt and its first k batches are drawn and thrown away, which costs data-loading time
+and is exact when each epoch depends only on the RNG state at its start (true for DataLoader and
+for lists): every epoch starts from the pinned seed `cfg.seed + epoch`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import random
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .config import Config, TrainConfig
+from .errors import CheckpointError, ConfigError, DataError, MinidalleError
+
+EVENTS = ("on_fit_start", "on_before_optimizer_step", "on_step_end", "on_eval", "on_checkpoint", "on_fit_end")
+_RESERVED = {"step", "split", "loss", "lr", "grad_norm", "step_ms"}  # keys a loss_fn extra may not use
+_END = object()  # sentinel for "iterator exhausted"
+
+
+def pick_device(pref: str = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; anything else must name an available device.
+
+    Example: pick_device() -> device(type='cpu') on a laptop without a GPU
+    """
+    mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu")
+    try:
+        dev = torch.device(pref)
+    except RuntimeError:
+        raise ConfigError(f"train.device={pref!r} is not a device; use auto, cpu, cuda, cuda:1 or mps") from None
+    if (dev.type == "cuda" and not torch.cuda.is_available()) or (dev.type == "mps" and not mps_ok):
+        raise ConfigError(f"train.device={pref!r} is not available on this machine; use train.device=auto")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's `random`, numpy's global RNG and torch (all devices).
+
+    Example: seed_everything(0); a = torch.rand(1); seed_everything(0); torch.rand(1) == a -> True
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # numpy only takes seeds in [0, 2**32)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def rng_isolated(seed: int):
+    """Run a block with every RNG seeded to `seed`, then put all RNG states back as they were.
+
+    Evaluation and the start of each data epoch run inside this, so turning eval on or off, or
+    fast-forwarding data on resume, never shifts the random numbers the training updates see.
+    Example: with rng_isolated(0): x = torch.rand(1)  # same x every time; outside RNG untouched
+    """
+    saved = ckpt.capture_rng_state()
+    seed_everything(seed)
+    try:
+        yield
+    finally:
+        ckpt.restore_rng_state(saved)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for update `step` (1-based): linear warm-up to cfg.lr, cosine decay to cfg.min_lr.
+
+    Warm-up matters because Adam's second-moment estimate is poor for the first updates, so full-size
+    steps early can blow the weights up; the cosine tail lets the model settle into a minimum.
+    Example: lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110:
+             step 5 -> 5e-4, step 10 -> 1e-3, step 60 -> 5.5e-4 (half-way), step 110 -> 1e-4
+    """
+    if cfg.warmup_steps and step <= cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    if step >= cfg.max_steps:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps)  # 0 -> 1
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only; biases, norm gains and other 1-D params are not decayed.
+
+    Decay pulls weights toward 0; for a LayerNorm gain or a bias that is just a wrong prior, so
+    (like GPT-2 and nanoGPT) we split by dimension. `parameters()` already lists a tied weight once.
+    Example: nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8)) -> groups with 1 tensor (decay), 3 (no decay)
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    # Not fused=True (nanoGPT's GPU speed-up): that flag is saved in the optimizer state and would
+    # follow a GPU checkpoint onto a CPU resume; the default picks the fast path per device instead.
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Parse `metrics.jsonl` (or the one inside a run folder) into a list of dicts.
+
+    Example: read_metrics("runs/smoke")[0] -> {"step": 1, "split": "train", "loss": 5.41, ...}
+    """
+    path = Path(path)
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            if i != len(lines) - 1:  # only the very last line can be torn (by a crash mid-write)
+                raise DataError(f"{path} line {i + 1} is not JSON: {line[:80]!r}") from None
+    return out
+
+
+class Trainer:
+    """Trains `model` by minimising `loss_fn(model, batch)`; see the module docstring for the loop.
+
+    Args:
+        model: any nn.Module; moved to the device picked from cfg.device.
+        cfg: a TrainConfig, or a whole Config (its `.train` is used and all of it is saved).
+        train_data: `batch_at(i) -> batch` (exact, instant resume) or a re-iterable of batches.
+        loss_fn: `loss_fn(model, batch) -> loss` or `-> (loss, {name: float})`; loss a 0-d tensor.
+        eval_data: like train_data; evaluation uses its first cfg.eval_batches batches every time.
+        config: what to store as `config.json` in each checkpoint (Config or JSON-able dict);
+            default: the Config passed as cfg, else {"train": cfg}.
+        progress: show a tqdm bar with the live loss.
+    Example: Trainer(model, TrainConfig(max_steps=100), batch_at, loss_fn).fit()
+             -> {"train": [100 dicts like {"step": 1, "loss": 5.4, "lr": ...}], "eval": [...]}
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig | Config, train_data, loss_fn: Callable,
+                 eval_data=None, config: Config | dict | None = None, progress: bool = True):
+        if isinstance(cfg, Config):
+            config, cfg = (cfg if config is None else config), cfg.train
+        _check_train_config(cfg)
+        self.cfg, self.config = cfg, _config_dict(cfg, config)
+        self.device = pick_device(cfg.device)
+        self.model = model.to(self.device)
+        self.optimizer = configure_optimizer(self.model, cfg)
+        self.train_data, self.loss_fn, self.eval_data, self.progress = train_data, loss_fn, eval_data, progress
+        self.out_dir = Path(cfg.out_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.callbacks: dict[str, list[Callable]] = {e: [] for e in EVENTS}
+        self.step, self.loss, self.last_eval, self.last_checkpoint = 0, float("nan"), None, None
+        self.history: dict[str, list[dict]] = {"train": [], "eval": []}
+        self._stop = False
+        if cfg.eval_every and eval_data is None:
+            warnings.warn(f"train.eval_every={cfg.eval_every} but no eval_data was given; evaluation is skipped",
+                          stacklevel=2)
+
+    def add_callback(self, event: str, fn: Callable[["Trainer"], Any]) -> None:
+        """Call `fn(trainer)` at `event` (one of EVENTS); read trainer.step, .loss, .history, .last_eval."""
+        if event not in EVENTS:
+            raise MinidalleError(f"unknown callback event {event!r}; choose one of {', '.join(EVENTS)}")
+        self.callbacks[event].append(fn)
+
+    def request_stop(self) -> None:
+        """Finish the current update, save a checkpoint and return from fit (e.g. from a callback)."""
+        self._stop = True
+
+    def fit(self, resume: bool | str | os.PathLike = False) -> dict[str, list[dict]]:
+        """Train up to cfg.max_steps and return this call's history {"train": [...], "eval": [...]}.
+
+        resume=False starts fresh (and refuses an out_dir that already holds checkpoints);
+        resume=True continues from the newest valid checkpoint in out_dir (or starts fresh if there
+        is none, so one command serves both the first start and every restart); resume=<folder>
+        continues from that checkpoint and raises CheckpointError if it is damaged.
+        """
+        cfg = self.cfg
+        ckpt.clean_stale_temp(self.ckpt_root)
+        seed_everything(cfg.seed)
+        start = self._resume_point(resume)
+        self.step, rng = 0, None
+        if start is not None:
+            state, _ = ckpt.load_checkpoint(start, self.model, verify=False)  # _resume_point verified it
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step, rng = int(state["step"]), state["rng"]
+        stream = _BatchStream(self.train_data, cfg.seed, start=self.step)  # fast-forwards an iterable
+        if rng is not None:
+            ckpt.restore_rng_state(rng)  # after the fast-forward, which must not disturb it
+        self.history, self._stop = {"train": [], "eval": []}, False
+        self.model.train()
+        metrics = _open_metrics(self.out_dir / "metrics.jsonl", keep_upto=self.step)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not self.progress,
+                   dynamic_ncols=True)
+        try:
+            self._fire("on_fit_start")
+            while self.step < cfg.max_steps and not self._stop:
+                record = self._update(_to_device(stream.next(), self.device), self.step + 1)
+                self.step, self.loss = record["step"], record["loss"]
+                self.history["train"].append(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{self.loss:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+                self._after_update(record, metrics)
+        finally:
+            bar.close()
+            metrics.close()
+        self._fire("on_fit_end")
+        return self.history
+
+    def _update(self, batch, step: int) -> dict:
+        """One optimizer update; returns its metrics record. `step` is the number it will complete."""
+        t0 = time.perf_counter()
+        lr = lr_at(step, self.cfg)
+        for group in self.optimizer.param_groups:  # the schedule is a pure function: no scheduler state
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)  # None, not 0: saves memory, and skips unused params
+        loss, value, extras = _unpack_loss(self.loss_fn(self.model, batch), f"step {step}", need_grad=True)
+        loss.backward()
+        # clip_grad_norm_ returns the norm *before* clipping, the number worth logging: a spike there
+        # warns of divergence before the loss shows it. With clipping off we pass inf, which only measures.
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        if not math.isfinite(grad_norm):
+            raise MinidalleError(f"step {step}: gradient norm is {grad_norm} (loss {value:.4g}); the weights were "
+                                 "not updated. Lower train.lr or look for a log(0) / division by 0 in loss_fn")
+        self._fire("on_before_optimizer_step")  # grads are final here: clipped, not yet applied
+        self.optimizer.step()
+        return {"step": step, "split": "train", "loss": value, "lr": lr, "grad_norm": grad_norm, **extras,
+                "step_ms": round(1000 * (time.perf_counter() - t0), 3)}
+
+    def _after_update(self, record: dict, metrics) -> None:
+        """Logging, evaluation and checkpointing, each on its own schedule."""
+        cfg, step = self.cfg, self.step
+        last = step == cfg.max_steps
+        if step % cfg.log_every == 0 or last:
+            _write_line(metrics, record)
+        self._fire("on_step_end")
+        if cfg.eval_every and step % cfg.eval_every == 0 and self.eval_data is not None:
+            self.history["eval"].append(self.evaluate())
+            _write_line(metrics, self.last_eval)
+            self._fire("on_eval")
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or last or self._stop:
+            self.save_checkpoint()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean of loss_fn (and its extras) over the first cfg.eval_batches eval batches, in eval mode.
+
+        Example: trainer.evaluate() -> {"step": 250, "split": "eval", "loss": 1.93}
+        """
+        if self.eval_data is None:
+            raise MinidalleError("evaluate() needs eval data: pass eval_data=... to Trainer")
+        was_training, sums, n = self.model.training, {}, 0
+        self.model.eval()  # dropout off: eval loss measures the model, not the noise
+        try:
+            with rng_isolated(self.cfg.seed):  # same batches every eval, and training RNG untouched
+                batches = (self.eval_data(i) for i in range(self.cfg.eval_batches)) if callable(self.eval_data) \
+                    else itertools.islice(self.eval_data, self.cfg.eval_batches)
+                for batch in batches:
+                    out = self.loss_fn(self.model, _to_device(batch, self.device))
+                    _, value, extras = _unpack_loss(out, f"eval at step {self.step}", need_grad=False)
+                    for k, v in {"loss": value, **extras}.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    n += 1
+        finally:
+            self.model.train(was_training)
+        if n == 0:
+            raise DataError("eval_data yielded no batches; give it at least one (train.eval_batches of them)")
+        self.last_eval = {"step": self.step, "split": "eval", **{k: v / n for k, v in sums.items()}}
+        return self.last_eval
+
+    def save_checkpoint(self) -> Path:
+        """Write checkpoints/step_{step:07d}/ (model, config, optimizer + RNG state, manifest) atomically."""
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": ckpt.capture_rng_state()}
+        self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_root, self.step, self.model, state, self.config,
+                                                    self.cfg.keep_last)
+        self._fire("on_checkpoint")
+        return self.last_checkpoint
+
+    def _resume_point(self, resume) -> Path | None:
+        """Which checkpoint fit() starts from (None = from scratch); see fit() for the three cases."""
+        existing = ckpt.list_checkpoints(self.ckpt_root)
+        if resume is False or resume is None:
+            if existing:
+                raise CheckpointError(f"{self.ckpt_root} already holds checkpoints ({existing[-1][1].name}, ...); "
+                                      "pass resume=True to continue that run, or choose a new train.out_dir")
+            return None
+        if resume is True:
+            return ckpt.latest_valid_checkpoint(self.ckpt_root)
+        path = Path(resume)
+        manifest = ckpt.verify_checkpoint(path)  # an explicitly named checkpoint must be intact
+        newer = [p.name for s, p in existing if s > manifest["step"]]
+        if newer:
+            warnings.warn(f"resuming from step {manifest['step']} while newer checkpoints exist "
+                          f"({', '.join(newer)}); they are overwritten as training reaches their steps", stacklevel=3)
+        return path
+
+    def _fire(self, event: str) -> None:
+        for fn in self.callbacks[event]:
+            fn(self)
+
+
+class _BatchStream:
+    """Hands out training batches in order, and can start again at any batch index.
+
+    Example: _BatchStream(lambda i: i, seed=0, start=5).next() -> 5
+    """
+
+    def __init__(self, data, seed: int, start: int = 0):
+        self.data, self.seed, self.epoch, self._it = data, seed, -1, None
+        self.index = start if callable(data) else 0
+        while self.index < start:  # an iterable cannot jump: draw the consumed batches and drop them
+            self.next()
+
+    def next(self):
+        if callable(self.data):
+            batch = self.data(self.index)
+        else:
+            batch = _END if self._it is None else next(self._it, _END)
+            if batch is _END:
+                self._it = self._new_epoch()
+                batch = next(self._it)
+        self.index += 1
+        return batch
+
+    def _new_epoch(self):
+        """A fresh iterator whose shuffle depends only on seed + epoch (not on where training is)."""
+        self.epoch += 1
+        # Draw the first batch inside the pinned RNG too: a DataLoader picks its shuffle order on the
+        # first next(), not in iter(), so pinning only iter() left resumed runs with another order.
+        with rng_isolated(self.seed + self.epoch):
+            it = iter(self.data)
+            first = next(it, _END)
+        if first is _END:
+            raise DataError(f"train_data yielded no batches in epoch {self.epoch}; pass a re-iterable "
+                            "(list, DataLoader) or a batch_at(i) callable, not a one-shot generator")
+        return itertools.chain([first], it)
+
+
+def _unpack_loss(out, where: str, need_grad: bool) -> tuple[torch.Tensor, float, dict[str, float]]:
+    """Check what loss_fn returned; give (loss tensor, its float, extras as floats) or a clear error.
+
+    Example: (tensor(0.5, grad_fn=...), {"acc": 0.9}) -> (tensor(0.5, ...), 0.5, {"acc": 0.9})
+    """
+    loss, extras = out if isinstance(out, tuple) and len(out) == 2 else (out, {})
+    if not isinstance(loss, torch.Tensor):
+        raise MinidalleError(f"{where}: loss_fn returned {type(loss).__name__}; return a scalar tensor, "
+                             "or (loss, {name: float})")
+    if loss.ndim != 0:
+        raise MinidalleError(f"{where}: loss_fn returned a tensor of shape {tuple(loss.shape)}; the loss must be "
+                             "a scalar (0-d) tensor -- reduce it, e.g. with .mean()")
+    if need_grad and not loss.requires_grad:
+        raise MinidalleError(f"{where}: the loss does not require grad; was it computed under torch.no_grad() "
+                             "or detached?")
+    value = loss.item()
+    if not math.isfinite(value):
+        raise MinidalleError(f"{where}: loss is {value} (not finite); nothing was updated. Lower train.lr, "
+                             "check the batch for NaNs, or look for log(0) in loss_fn")
+    if not isinstance(extras, dict) or _RESERVED & set(extras):
+        raise MinidalleError(f"{where}: loss_fn's extras must be a dict of name -> number whose names avoid "
+                             f"{sorted(_RESERVED)}; got {extras!r}")
+    return loss, value, {str(k): float(v) for k, v in extras.items()}
+
+
+def _check_train_config(cfg: TrainConfig) -> None:
+    """Refuse impossible training settings up front, before any compute is spent."""
+    rules = [("max_steps", cfg.max_steps >= 1, ">= 1"), ("keep_last", cfg.keep_last >= 2,
+              ">= 2, so a crash while writing the newest checkpoint still leaves a good one"),
+             ("lr", cfg.lr > 0, "> 0"), ("min_lr", 0 <= cfg.min_lr <= cfg.lr, "between 0 and train.lr"),
+             ("warmup_steps", cfg.warmup_steps >= 0, ">= 0"), ("grad_clip", cfg.grad_clip >= 0, ">= 0 (0 = off)"),
+             ("beta1", 0 <= cfg.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"),
+             ("weight_decay", cfg.weight_decay >= 0, ">= 0"), ("eval_every", cfg.eval_every >= 0, ">= 0 (0 = never)"),
+             ("eval_batches", cfg.eval_batches >= 1, ">= 1"), ("ckpt_every", cfg.ckpt_every >= 0, ">= 0"),
+             ("log_every", cfg.log_every >= 1, ">= 1")]
+    for name, ok, need in rules:
+        if not ok:
+            raise ConfigError(f"train.{name}={getattr(cfg, name)!r} is invalid: it must be {need}")
+
+
+def _config_dict(cfg: TrainConfig, config) -> dict:
+    """What goes into each checkpoint's config.json."""
+    if config is None:
+        return {"train": dataclasses.asdict(cfg)}
+    if isinstance(config, Config):
+        return config.to_dict()
+    try:
+        json.dumps(config)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config must be a Config or a JSON-serialisable dict ({e})") from None
+    return dict(config)
+
+
+def _to_device(batch, device: torch.device):
+    """Move every tensor inside a batch (tensor, tuple, list or dict, nested) to `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _open_metrics(path: Path, keep_upto: int):
+    """Open metrics.jsonl for appending, first dropping lines past `keep_upto` (logged after the
+    checkpoint we resume from, so they will be logged again) -- the file then reads as one clean run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= keep_upto] if keep_upto else []
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)  # atomic: a crash here leaves the old file or the new one, never half
+    return open(path, "a")
+
+
+def _write_line(f, record: dict) -> None:
+    f.write(json.dumps(record) + "\n")
+    f.flush()  # one line per flush: `tail -f` and a crashed run both see every finished step

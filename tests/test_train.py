@@ -1,0 +1,279 @@
+"""The generic training loop: schedule, optimizer groups, clipping, logging, eval, exact resume, errors."""
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from minidalle.config import TrainConfig, get_config
+from minidalle.errors import CheckpointError, ConfigError, MinidalleError
+from minidalle.train import (Trainer, configure_optimizer, lr_at, pick_device, read_metrics, rng_isolated,
+                             seed_everything)
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: extra threads only add start-up cost. Restored after, so other test files are unaffected."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Net(torch.nn.Module):
+    """Dropout makes every update depend on the torch RNG, so resume must restore it exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm = torch.nn.Linear(4, 16), torch.nn.LayerNorm(16)
+        self.drop, self.fc2 = torch.nn.Dropout(0.5), torch.nn.Linear(16, 1)
+
+    def forward(self, x):  # (B, 4) -> (B, 1)
+        return self.fc2(self.drop(torch.tanh(self.norm(self.fc1(x)))))
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return Net()
+
+
+def batch_at(i):
+    g = torch.Generator().manual_seed(i)
+    x = torch.randn(8, 4, generator=g)
+    return x, x.sum(1, keepdim=True)
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return F.mse_loss(model(x), y)
+
+
+def cfg_for(tmp_path, **kw):
+    base = dict(max_steps=10, warmup_steps=2, eval_every=0, ckpt_every=0, log_every=1, lr=1e-2, min_lr=1e-3,
+                out_dir=str(tmp_path))
+    return TrainConfig(**{**base, **kw})
+
+
+def fit(tmp_path, data=batch_at, model=None, resume=False, callbacks=(), eval_data=None, **kw):
+    trainer = Trainer(model or make_model(), cfg_for(tmp_path, **kw), data, loss_fn, eval_data=eval_data,
+                      progress=False)
+    for event, fn in callbacks:
+        trainer.add_callback(event, fn)
+    return trainer, trainer.fit(resume=resume)
+
+
+def losses(history):
+    return [r["loss"] for r in history["train"]]
+
+
+# --- small pure pieces ------------------------------------------------------------------------------
+
+def test_lr_schedule_shape():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    lrs = [lr_at(s, cfg) for s in range(1, 111)]
+    warm, decay = lrs[:10], lrs[9:]
+    assert all(a < b for a, b in zip(warm, warm[1:])), "warm-up must rise"
+    assert all(b - a == pytest.approx(warm[0]) for a, b in zip(warm, warm[1:])), "warm-up must be linear"
+    assert lr_at(10, cfg) == pytest.approx(cfg.lr) and lr_at(110, cfg) == pytest.approx(cfg.min_lr)
+    assert all(a >= b for a, b in zip(decay, decay[1:])), "decay must never rise"
+    assert lr_at(60, cfg) == pytest.approx((cfg.lr + cfg.min_lr) / 2)  # cosine is half-way at the middle
+    assert lr_at(35, cfg) > (lr_at(10, cfg) + lr_at(60, cfg)) / 2  # concave start: cosine, not linear
+    assert min(lrs) >= cfg.min_lr and lr_at(500, cfg) == cfg.min_lr
+    assert lr_at(5, TrainConfig(warmup_steps=0, max_steps=10, lr=1.0, min_lr=0.0)) < 1.0  # no warm-up is fine
+
+
+def test_trainer_uses_the_schedule(tmp_path):
+    trainer, hist = fit(tmp_path, max_steps=7, warmup_steps=3)
+    assert [r["lr"] for r in hist["train"]] == [lr_at(s, trainer.cfg) for s in range(1, 8)]
+
+
+def test_pick_device():
+    assert pick_device() == torch.device("cuda" if torch.cuda.is_available() else
+                                         "mps" if torch.backends.mps.is_available() else "cpu")
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="banana"):
+        pick_device("banana")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="not available"):
+            pick_device("cuda")
+
+
+def test_seed_everything_and_rng_isolated():
+    draw = lambda: (random.random(), np.random.rand(), torch.rand(1).item())  # noqa: E731
+    seed_everything(3)
+    a = draw()
+    seed_everything(3)
+    assert draw() == a
+    seed_everything(4)
+    expected_next = draw()
+    seed_everything(4)
+    with rng_isolated(123):
+        inside = draw()
+    assert draw() == expected_next and inside != expected_next  # the block left the outer stream alone
+
+
+def test_weight_decay_skips_biases_and_norms():
+    model = Net()
+    opt = configure_optimizer(model, TrainConfig(weight_decay=0.1))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    plain = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert decayed == {id(model.fc1.weight), id(model.fc2.weight)}
+    assert plain == {id(model.fc1.bias), id(model.fc2.bias), id(model.norm.weight), id(model.norm.bias)}
+
+
+# --- the loop ----------------------------------------------------------------------------------------
+
+def test_loss_goes_down(tmp_path):
+    _, hist = fit(tmp_path, max_steps=60, lr=3e-2)
+    assert np.mean(losses(hist)[-10:]) < 0.5 * np.mean(losses(hist)[:10])
+
+
+def test_grad_clipping_clips(tmp_path):
+    def grad_norm(trainer):
+        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.model.parameters()])).item()
+
+    for clip in (0.5, 0.0):
+        seen = []
+        _, hist = fit(tmp_path / str(clip), grad_clip=clip, max_steps=5,
+                      callbacks=[("on_before_optimizer_step", lambda t: seen.append(grad_norm(t)))])
+        logged = [r["grad_norm"] for r in hist["train"]]
+        assert min(logged) > 0.5, "the test needs gradients bigger than the clip to mean anything"
+        if clip:
+            assert max(seen) <= clip * (1 + 1e-4)  # applied gradients are clipped...
+        else:
+            assert seen == pytest.approx(logged)  # ...and untouched when clipping is off
+
+
+def test_metrics_jsonl_and_eval_steps(tmp_path):
+    fired = []
+    trainer, hist = fit(tmp_path, max_steps=10, log_every=3, eval_every=4, eval_batches=2,
+                        eval_data=lambda i: batch_at(1000 + i), callbacks=[("on_eval", lambda t: fired.append(
+                            (t.step, t.last_eval["loss"], _eval_loss(t.model))))])
+    assert [f[0] for f in fired] == [4, 8]
+    for _, reported, independent in fired:  # eval = mean loss over eval_batches batches, dropout off
+        assert reported == pytest.approx(independent)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [(r["step"], r["split"]) for r in rows] == [(3, "train"), (4, "eval"), (6, "train"), (8, "eval"),
+                                                       (9, "train"), (10, "train")]
+    by_step = {r["step"]: r for r in hist["train"]}
+    for r in rows:
+        if r["split"] == "train":
+            assert r["loss"] == by_step[r["step"]]["loss"] and {"lr", "grad_norm"} <= set(r)
+    assert read_metrics(tmp_path) == rows
+
+
+def _eval_loss(model):
+    was, dev = model.training, next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        out = np.mean([loss_fn(model, [t.to(dev) for t in batch_at(1000 + i)]).item() for i in range(2)])
+    model.train(was)
+    return out
+
+
+def test_extras_are_logged(tmp_path):
+    def loss_with_extras(model, batch):
+        loss = loss_fn(model, batch)
+        return loss, {"double": 2 * loss.item()}
+    trainer = Trainer(make_model(), cfg_for(tmp_path, max_steps=3), batch_at, loss_with_extras, progress=False)
+    hist = trainer.fit()
+    assert all(r["double"] == pytest.approx(2 * r["loss"]) for r in hist["train"])
+
+
+def test_request_stop_saves_a_checkpoint(tmp_path):
+    stop_at_4 = ("on_step_end", lambda t: t.step == 4 and t.request_stop())
+    trainer, hist = fit(tmp_path, callbacks=[stop_at_4])
+    assert len(hist["train"]) == 4 and trainer.last_checkpoint.name == "step_0000004"
+
+
+# --- exact resume ------------------------------------------------------------------------------------
+
+def _split_run(tmp_path, data, k, **kw):
+    """Train to step k, stop, then resume in a fresh Trainer (fresh model object) to max_steps."""
+    _, first = fit(tmp_path, data, callbacks=[("on_step_end", lambda t: t.step == k and t.request_stop())], **kw)
+    _, second = fit(tmp_path, data, model=make_model(seed=99), resume=True, **kw)
+    return losses(first) + losses(second), [r["step"] for r in second["train"]]
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    _, straight = fit(tmp_path / "a", max_steps=12, eval_every=5, eval_data=batch_at)
+    split, resumed_steps = _split_run(tmp_path / "b", batch_at, k=5, max_steps=12, eval_every=5, eval_data=batch_at)
+    assert resumed_steps == list(range(6, 13))
+    assert split == losses(straight)  # bit-identical, dropout masks included
+    _, other_seed = fit(tmp_path / "c", max_steps=12, seed=7)
+    assert losses(other_seed) != losses(straight), "dropout must make the losses RNG-dependent"
+    rows = [r for r in read_metrics(tmp_path / "b") if r["split"] == "train"]
+    assert [r["step"] for r in rows] == list(range(1, 13)) and [r["loss"] for r in rows] == split
+
+
+def test_resume_with_shuffled_dataloader_across_epochs(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 4, generator=g)
+    loader = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4, shuffle=True)  # 6 per epoch
+    _, straight = fit(tmp_path / "a", loader, max_steps=14)
+    split, _ = _split_run(tmp_path / "b", loader, k=8, max_steps=14)  # resume mid-epoch 2, finish in epoch 3
+    assert split == losses(straight)
+
+
+def test_metrics_after_crash_are_rewritten_once(tmp_path):
+    fit(tmp_path, max_steps=8, ckpt_every=4)
+    newest = tmp_path / "checkpoints" / "step_0000008"
+    for f in newest.iterdir():  # pretend the run died after logging step 8 but before checkpointing it
+        f.unlink()
+    newest.rmdir()
+    _, hist = fit(tmp_path, max_steps=8, ckpt_every=4, resume=True)
+    assert [r["step"] for r in hist["train"]] == [5, 6, 7, 8]
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 9))  # no duplicated steps 5..8
+
+
+def test_fresh_fit_refuses_a_used_out_dir_and_resume_true_starts_fresh(tmp_path):
+    _, hist = fit(tmp_path, max_steps=3, resume=True)  # nothing to resume: starts at step 1
+    assert hist["train"][0]["step"] == 1
+    with pytest.raises(CheckpointError, match="resume=True"):
+        fit(tmp_path, max_steps=3)
+
+
+def test_full_config_is_saved(tmp_path):
+    config = get_config("smoke", {"train.out_dir": str(tmp_path), "train.max_steps": 2, "train.eval_every": 0})
+    trainer = Trainer(make_model(), config, batch_at, loss_fn)  # progress bar on, as by default
+    trainer.fit()
+    saved = json.loads((trainer.last_checkpoint / "config.json").read_text())
+    assert saved == json.loads(config.to_json())
+
+
+# --- clear errors --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value", [("keep_last", 1), ("max_steps", 0), ("min_lr", 1.0), ("grad_clip", -1.0),
+                                         ("log_every", 0)])
+def test_bad_config_is_refused_up_front(tmp_path, field, value):
+    with pytest.raises(ConfigError, match=f"train.{field}"):
+        Trainer(make_model(), cfg_for(tmp_path, **{field: value}), batch_at, loss_fn)
+
+
+@pytest.mark.parametrize("bad_loss,message", [
+    (lambda m, b, s: F.mse_loss(m(b[0]), b[1], reduction="none"), r"step 1: .*shape \(8, 1\).*scalar"),
+    (lambda m, b, s: loss_fn(m, b[:2]) * (math.nan if s == 3 else 1.0), r"step 3: loss is nan"),
+    (lambda m, b, s: loss_fn(m, b[:2]).detach(), r"step 1: .*does not require grad"),
+    (lambda m, b, s: 0.5, r"step 1: loss_fn returned float"),
+])
+def test_bad_loss_names_the_step(tmp_path, bad_loss, message):
+    def loss(model, batch):
+        return bad_loss(model, batch, batch[2])
+    trainer = Trainer(make_model(), cfg_for(tmp_path, max_steps=5), lambda i: (*batch_at(i), i + 1), loss,
+                      progress=False)
+    with pytest.raises(MinidalleError, match=message):
+        trainer.fit()
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
+
+
+def test_unknown_callback_event(tmp_path):
+    trainer = Trainer(make_model(), cfg_for(tmp_path), batch_at, loss_fn, progress=False)
+    with pytest.raises(MinidalleError, match="on_step_end"):
+        trainer.add_callback("on_step_ending", print)
