@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from . import config as cfglib
-from .errors import MinidalleError
+from .errors import DataError, MinidalleError
 
 
 def cmd_data(args, cfg: cfglib.Config) -> dict:
@@ -34,14 +34,25 @@ def cmd_data(args, cfg: cfglib.Config) -> dict:
 def cmd_judge(args, cfg: cfglib.Config) -> dict:
     from .data import read_split
     from .judge import evaluate
-    from .realdata import load_image
 
     folder = Path(args.dir)
     rows = read_split(folder)
-    images = [load_image(folder / r["file"]) for r in rows]
+    images = [_read_png(folder / r["file"]) for r in rows]
     result = evaluate(images, [r["caption"] for r in rows])
     _print_accuracy(f"judge on {len(rows)} images in {folder}", result)
     return result
+
+
+def _read_png(path: Path):
+    """An image file at its own size as uint8 (H, W, 3); a bad file is an error naming it."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
 
 
 def _print_accuracy(title: str, result: dict) -> None:

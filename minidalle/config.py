@@ -95,20 +95,26 @@ class Config:
         return cfg
 
 
+# Compute knobs capped under MINIDALLE_SMOKE=1 (architecture numbers are never touched).
+SMOKE_CAPS: dict[str, int] = {
+    "data.n_train": 512,
+    "data.n_val": 64,
+    "data.n_heldout": 64,
+    "train.max_steps": 20,
+    "train.batch_size": 8,
+    "train.warmup_steps": 2,
+    "train.eval_every": 10,
+    "train.eval_batches": 2,
+    "train.ckpt_every": 10,
+}
+
+
 # --- the ladder --------------------------------------------------------------------------------
 # Each preset is a dict of "section.field" -> value on top of the dataclass defaults.
 PRESETS: dict[str, dict[str, object]] = {
     "smoke": {  # CI and every notebook: seconds on a CPU, exercises every code path
+        **SMOKE_CAPS,
         "data.image_size": 16,
-        "data.n_train": 512,
-        "data.n_val": 64,
-        "data.n_heldout": 64,
-        "train.max_steps": 20,
-        "train.batch_size": 8,
-        "train.warmup_steps": 2,
-        "train.eval_every": 10,
-        "train.eval_batches": 2,
-        "train.ckpt_every": 10,
         "train.log_every": 1,
         "train.out_dir": "runs/smoke",
     },
@@ -130,19 +136,6 @@ PRESETS: dict[str, dict[str, object]] = {
         "train.batch_size": 1024,
         "train.out_dir": "runs/paper",
     },
-}
-
-# Compute knobs capped under MINIDALLE_SMOKE=1 (architecture numbers are never touched).
-SMOKE_CAPS: dict[str, int] = {
-    "data.n_train": 512,
-    "data.n_val": 64,
-    "data.n_heldout": 64,
-    "train.max_steps": 20,
-    "train.batch_size": 8,
-    "train.warmup_steps": 2,
-    "train.eval_every": 10,
-    "train.eval_batches": 2,
-    "train.ckpt_every": 10,
 }
 
 

@@ -21,13 +21,7 @@ from minidalle.train import Trainer
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: extra threads only add start-up cost. Restored after, so other test files are unaffected."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in tests/conftest.py
 
 
 # --- a tiny regression problem shared with the subprocess in test_kill_mid_save ----------------------

@@ -17,13 +17,7 @@ from minidalle.train import (Trainer, configure_optimizer, lr_at, pick_device, r
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: extra threads only add start-up cost. Restored after, so other test files are unaffected."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in tests/conftest.py
 
 
 class Net(torch.nn.Module):

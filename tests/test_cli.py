@@ -1,0 +1,82 @@
+"""The command line: each command runs, ends with one JSON line, and user errors exit 2 with a message."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from minidalle.cli import main
+
+
+def _last_json(capsys) -> dict:
+    out = capsys.readouterr().out.strip().splitlines()
+    return json.loads(out[-1])
+
+
+def test_data_then_judge_round_trip(tmp_path, capsys):
+    out = tmp_path / "heldout"
+    assert main(["data", "--preset", "smoke", "--split", "heldout", "--n", "12", "--out", str(out)]) == 0
+    assert _last_json(capsys)["n"] == 12
+    assert len(list(out.glob("*.png"))) == 12 and (out / "captions.jsonl").is_file()
+
+    assert main(["judge", str(out), "--preset", "smoke"]) == 0
+    result = _last_json(capsys)
+    assert result["n"] == 12 and result["overall"] >= 0.9
+
+
+def test_judge_notices_wrong_captions(tmp_path, capsys):
+    out = tmp_path / "val"
+    main(["data", "--split", "val", "--n", "10", "--out", str(out), "--image-size", "32"])
+    capsys.readouterr()
+    lines = (out / "captions.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    # Give every image the caption of the next one: most should now fail.
+    for row, other in zip(rows, rows[1:] + rows[:1]):
+        row["caption"] = other["caption"]
+    (out / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main(["judge", str(out)]) == 0
+    assert _last_json(capsys)["overall"] <= 0.3
+
+
+def test_bench_judge_json_prints_only_the_json_line(capsys):
+    assert main(["bench", "judge", "--n", "20", "--preset", "smoke", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    result = json.loads(out[0])
+    assert set(result) >= {"clean", "degraded", "heavy", "ms_per_image"}
+    assert result["clean"]["val"]["n"] == 20
+
+
+def test_demo_writes_pictures(tmp_path, capsys):
+    assert main(["demo", "--preset", "smoke", "--out", str(tmp_path / "demo")]) == 0
+    summary = _last_json(capsys)
+    assert (tmp_path / "demo" / "shapes_train.png").stat().st_size > 1000
+    assert (tmp_path / "demo" / "shapes_heldout.png").stat().st_size > 1000
+    assert summary["judge_train"] >= 0.9 and summary["judge_heldout"] >= 0.9
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["data", "--out", "x", "--train.lrr=1"], "unknown config key 'train.lrr'"),
+    (["data", "--out", "x", "--preset", "huge"], "unknown preset 'huge'"),
+    (["judge", "/nonexistent/folder"], "captions.jsonl not found"),
+    (["bench", "judge", "--train.batch_size=many"], "expects int"),
+])
+def test_user_errors_exit_2_with_a_message(argv, words, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err
+
+
+def test_module_entry_point_help():
+    res = subprocess.run([sys.executable, "-m", "minidalle", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "demo" in res.stdout and "bench" in res.stdout
+
+
+def test_judge_names_an_unreadable_image(tmp_path, capsys):
+    out = tmp_path / "d"
+    main(["data", "--preset", "smoke", "--n", "3", "--out", str(out)])
+    (out / "00001.png").write_bytes(b"not a png")
+    capsys.readouterr()
+    assert main(["judge", str(out)]) == 2
+    assert "00001.png" in capsys.readouterr().err
