@@ -96,8 +96,19 @@ def cmd_demo(args, cfg: cfglib.Config) -> dict:
         result = evaluate(images, captions)
         _print_accuracy(f"[demo] judge on {n} clean {split} renders", result)
         summary[f"judge_{split}"] = result["overall"]
+    try:  # the real-caption dataset of the `small` preset, when the emoji extra is installed
+        from .emojiset import EmojiDataset
+
+        emoji = EmojiDataset(size, limit=400)
+        picks = range(0, len(emoji), max(1, len(emoji) // 16))[:16]
+        grid = save_grid([emoji[i][0] for i in picks], out / "emoji.png", [emoji[i][1] for i in picks],
+                         ncols=4, title=f"emoji dataset ({size}x{size})")
+        print(f"[demo] emoji samples (OpenMoji, CC BY-SA 4.0) -> {grid}")
+        summary["emoji_images"] = len(emoji)
+    except DataError as e:
+        print(f"[demo] emoji dataset skipped: {e}")
     print("[demo] the image tokenizer, text tokenizer, transformer and sampler stages are not built "
-          "yet; this demo runs the stages that exist (dataset + judge).")
+          "yet; this demo runs the stages that exist (datasets + judge).")
     summary["seconds"] = round(time.time() - t0, 2)
     return summary
 

@@ -359,3 +359,32 @@ def read_split(folder: str | Path) -> list[dict]:
             raise DataError(f"{path}, line {k}: expected a JSON object with 'file' and 'caption'") from None
         rows.append(row)
     return rows
+
+
+# --- one entry point for every dataset ------------------------------------------------------------
+DATASETS = ("shapes", "emoji", "folder", "tar")
+
+
+def build_dataset(cfg, split: str = "train"):
+    """The dataset a `DataConfig` names, yielding `(uint8 (H, W, 3), caption)`.
+
+    ShapesWorld has `train`/`val`/`heldout`; the real datasets are one pool of images (point
+    `data.path` at a separate folder or shard set to evaluate on other images).
+    Example: build_dataset(get_config("toy").data, "heldout") -> ShapesWorld("heldout", 32, ...)
+    """
+    if cfg.dataset not in DATASETS:
+        raise DataError(f"unknown dataset {cfg.dataset!r} (data.dataset); choose one of {', '.join(DATASETS)}")
+    if cfg.dataset == "shapes":
+        n = {"train": cfg.n_train, "val": cfg.n_val, "heldout": cfg.n_heldout}.get(split, 0)
+        return ShapesWorld(split, cfg.image_size, cfg.seed, n)
+    if split != "train":
+        raise DataError(f"the {cfg.dataset} dataset has no {split!r} split; only ShapesWorld has "
+                        f"val/heldout. Evaluate on other images by pointing data.path elsewhere.")
+    if cfg.dataset == "emoji":
+        from .emojiset import EmojiDataset  # optional extra: imported only when asked for
+        return EmojiDataset(cfg.image_size, max_skip_rate=cfg.max_skip_rate)
+    if not cfg.path:
+        raise DataError(f"the {cfg.dataset} dataset needs data.path (e.g. --data.path=/data/my_images)")
+    from .realdata import FolderDataset, TarShardDataset
+    cls = FolderDataset if cfg.dataset == "folder" else TarShardDataset
+    return cls(cfg.path, cfg.image_size, seed=cfg.seed, max_skip_rate=cfg.max_skip_rate)

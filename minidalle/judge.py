@@ -7,7 +7,7 @@ cheap, because `data.render` is known: the judge *explains* each coloured blob w
     image --threshold, connected components--> blobs --colour direction--> nearest palette colour
           --correlate with data.shape_mask for every shape x size (x blur, sub-pixel shifts)-->
           shape, size, box centre  (a blob no single shape explains is tried as two)
-    caption --parse_caption--> CaptionSpec --best assignment to detections--> Verdict(ok, checks)
+    caption --captions.parse_caption--> CaptionSpec --best assignment to detections--> Verdict(ok, checks)
 
 There are no learned parameters, so the judge can never be fitted to a generator's mistakes.
 It must survive blurry, noisy generations: `degrade()` is the stand-in used to test that, and
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import re
 import time
 from dataclasses import dataclass
 
@@ -30,116 +29,8 @@ import numpy as np
 import torch
 
 from . import data
-from .errors import DataError, MinidalleError
-
-
-class CaptionError(MinidalleError, ValueError):
-    """A caption the judge cannot read: unknown words, or not one/two objects."""
-
-
-# --- parsing captions ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ObjectSpec:
-    shape: str  # one of data.SHAPES
-    color: str | None = None  # one of data.COLORS, None when the caption does not say
-    size: str | None = None  # "small" | "big", None when the caption does not say
-
-
-@dataclass(frozen=True)
-class CaptionSpec:
-    objects: tuple[ObjectSpec, ...]  # 1 or 2, in caption order
-    position: str | None = None  # one object: a key of data.POSITIONS (None if unstated)
-    relation: str | None = None  # two objects: objects[0] <relation> objects[1]
-    text: str = ""  # the caption it came from, for error messages
-
-    @staticmethod
-    def from_scene(scene: data.Scene) -> "CaptionSpec":
-        """Every fact of a true scene, size included. Example: Scene(...) -> CaptionSpec(...)"""
-        objs = tuple(ObjectSpec(o.shape, o.color, o.size) for o in scene.objects)
-        return CaptionSpec(objs, scene.position, scene.relation, text="<scene>")
-
-
-def _phrase_table() -> dict[tuple[str, ...], tuple[str, str]]:
-    """Every phrase data.py can write, as word tuples -> (kind, value).
-
-    Example: ("on", "the", "left", "of") -> ("relation", "left of")
-    """
-    table = {}
-    for kind, words in (("shape", data.SHAPE_WORDS), ("color", data.COLOR_WORDS),
-                        ("size", data.SIZE_WORDS), ("position", data.POSITION_WORDS),
-                        ("relation", data.RELATION_WORDS)):
-        for value, phrases in words.items():
-            for phrase in phrases:
-                table[tuple(phrase.split())] = (kind, value)
-    return table
-
-
-# Words that carry no fact: articles and template glue ("there is a ...", "two shapes: ...").
-_FILLER = frozenset("a an the one there is are picture image photo of placed two shapes and with".split())
-
-
-def _words(text: str) -> list[str]:
-    """Lower-case words, punctuation dropped. Example: "Two shapes: a Red DISC!" -> ["two", "shapes", "a", "red", "disc"]"""
-    return re.sub(r"[^a-z]+", " ", text.lower()).split()
-
-
-def parse_caption(text: str) -> CaptionSpec:
-    """Structured facts of a caption; raises CaptionError when it cannot be read.
-
-    Longest phrase first, so "on the left of" (a relation) beats "on the left" (a position).
-    Example: "a small red disc above a blue box" ->
-        CaptionSpec((ObjectSpec("circle", "red", "small"), ObjectSpec("square", "blue")), relation="above")
-    """
-    table = _phrase_table()
-    longest = max(len(k) for k in table)
-    words, i, items, unknown = _words(text), 0, [], []
-    while i < len(words):
-        for n in range(min(longest, len(words) - i), 0, -1):
-            if tuple(words[i:i + n]) in table:
-                items.append(table[tuple(words[i:i + n])])
-                i += n
-                break
-        else:
-            if words[i] not in _FILLER:
-                unknown.append(words[i])
-            i += 1
-    if unknown:
-        raise CaptionError(f"caption {text!r}: unknown words {unknown}; the judge reads "
-                           f"ShapesWorld captions (shapes {', '.join(data.SHAPES)}; colours "
-                           f"{', '.join(data.COLORS)})")
-    return _assemble(items, text)
-
-
-def _assemble(items: list[tuple[str, str]], text: str) -> CaptionSpec:
-    """Group parsed phrases into objects: adjectives wait for the shape noun that closes them.
-
-    Example: [("color", "red"), ("shape", "circle"), ("position", "left")] ->
-        CaptionSpec((ObjectSpec("circle", "red"),), position="left")
-    """
-    objects, pending, position, relation, relation_at = [], {}, None, None, None
-    for kind, value in items:
-        if kind in ("color", "size"):
-            if kind in pending:
-                raise CaptionError(f"caption {text!r}: two {kind} words for one object")
-            pending[kind] = value
-        elif kind == "shape":
-            objects.append(ObjectSpec(value, pending.get("color"), pending.get("size")))
-            pending = {}
-        elif kind == "position":
-            position = value
-        elif relation is None:
-            relation, relation_at = value, len(objects)
-        else:
-            raise CaptionError(f"caption {text!r}: more than one relation")
-    if pending:
-        raise CaptionError(f"caption {text!r}: {' '.join(pending.values())!r} describes no shape")
-    if len(objects) == 1 and relation is None:
-        return CaptionSpec(tuple(objects), position=position, text=text)
-    if len(objects) == 2 and relation is not None and relation_at == 1 and position is None:
-        return CaptionSpec(tuple(objects), relation=relation, text=text)
-    raise CaptionError(f"caption {text!r}: expected one shape (with an optional position) or two "
-                       f"shapes joined by a relation such as 'left of'; found {len(objects)} "
-                       f"shape(s), relation {relation!r}, position {position!r}")
+from .captions import CaptionSpec, parse_caption
+from .errors import DataError
 
 
 # --- reading an image back into objects ---------------------------------------------------------
@@ -500,12 +391,21 @@ def _assignments(n_objects: int, n_dets: int):
 
 
 def to_spec(caption_or_spec) -> CaptionSpec:
-    """A caption string, a CaptionSpec or a true data.Scene -> CaptionSpec."""
+    """A caption string, a CaptionSpec or a true data.Scene -> CaptionSpec.
+
+    A string goes through `captions.parse_caption`, which raises CaptionError if it cannot be read.
+    Example: "a red circle" -> CaptionSpec((ObjectSpec("circle", "red"),), text="a red circle")
+    """
     if isinstance(caption_or_spec, CaptionSpec):
         return caption_or_spec
     if isinstance(caption_or_spec, data.Scene):
         return CaptionSpec.from_scene(caption_or_spec)
     return parse_caption(str(caption_or_spec))
+
+
+# How much each satisfied fact counts when matching caption objects to detections: colour
+# outranks shape, which outranks size, which outranks placement.
+_WEIGHTS = {"color": 8, "shape": 4, "size": 2, "position": 1, "relation": 1}
 
 
 def judge(image, caption_or_spec) -> Verdict:
@@ -518,16 +418,14 @@ def judge(image, caption_or_spec) -> Verdict:
     """
     spec = to_spec(caption_or_spec)
     dets = detect(image)[:6]  # the six biggest blobs are plenty for a one- or two-object caption
-    weights = {"color": 8, "shape": 4, "size": 2, "position": 1, "relation": 1}
-    best, best_key = None, None
-    for match in _assignments(len(spec.objects), len(dets)):
+
+    def rank(match):  # facts satisfied, weighted; then covered area, to prefer objects to specks
         checks = _object_checks(spec, dets, match)
-        area = sum(dets[m].area for m in match if m is not None)  # prefer real objects to specks
-        key = (sum(w for a, w in weights.items() if checks[a]), area)
-        if best_key is None or key > best_key:
-            best, best_key = (match, checks), key
-    match, checks = best
-    checks = {"count": len(dets) == len(spec.objects), **checks}
+        area = sum(dets[m].area for m in match if m is not None)
+        return sum(w for a, w in _WEIGHTS.items() if checks[a]), area
+
+    match = max(_assignments(len(spec.objects), len(dets)), key=rank)  # first best, as listed
+    checks = {"count": len(dets) == len(spec.objects), **_object_checks(spec, dets, match)}
     ok = all(v for v in checks.values() if v is not None)
     return Verdict(ok, checks, tuple(dets), match, spec)
 
@@ -596,9 +494,9 @@ def benchmark(n: int = 1000, image_size: int = 32, seed: int = 0, progress: bool
     Example: benchmark(200) -> {"clean": {"val": {"overall": 1.0, ...}, "heldout": {...}},
                                 "degraded": {...}, "heavy": {...}, "ms_per_image": 1.5, ...}
     """
-    result, judged, seconds = {kind: {} for kind in CONDITIONS}, 0, 0.0
+    result, seconds, splits = {kind: {} for kind in CONDITIONS}, 0.0, ("val", "heldout")
     rng = np.random.default_rng(seed)
-    for split in ("val", "heldout"):
+    for split in splits:
         ds = data.ShapesWorld(split, image_size, seed, n)
         examples = [ds.example(i) for i in range(n)]
         clean = [data.render(scene, image_size) for scene, _ in examples]
@@ -608,17 +506,18 @@ def benchmark(n: int = 1000, image_size: int = 32, seed: int = 0, progress: bool
             t0 = time.perf_counter()
             result[kind][split] = evaluate(images, captions, progress, desc=f"{kind} {split}")
             seconds += time.perf_counter() - t0
-            judged += n
+    judged = n * len(splits) * len(CONDITIONS)
     return {**result, "n": n, "image_size": image_size, "seed": seed,
             "seconds": seconds, "ms_per_image": 1000 * seconds / max(judged, 1)}
 
 
 def format_benchmark(result: dict) -> str:
     """A benchmark() result as a small text table, one row per condition."""
-    lines = [f"{'condition':<18}" + "".join(f"{c:>10}" for c in ("overall",) + CHECKS)]
+    columns = ("overall",) + CHECKS
+    lines = [f"{'condition':<18}" + "".join(f"{c:>10}" for c in columns)]
     for kind in CONDITIONS:
         for split, r in result[kind].items():
-            cells = "".join(f"{'-':>10}" if r[c] is None else f"{r[c]:>10.3f}" for c in ("overall",) + CHECKS)
+            cells = "".join(f"{'-':>10}" if r[c] is None else f"{r[c]:>10.3f}" for c in columns)
             lines.append(f"{kind + ' ' + split:<18}" + cells)
     lines.append(f"{result['image_size']}x{result['image_size']}, n={result['n']} per row, "
                  f"{result['ms_per_image']:.2f} ms per image")

