@@ -16,14 +16,16 @@ STAMP := $(VENV)/.minidalle-installed
 
 .PHONY: demo test setup clean
 
-# Reinstall when pyproject.toml changes or when TORCH/EXTRAS differ from what .venv was built with.
+# Reinstall when pyproject.toml changes; start from an empty .venv when TORCH or EXTRAS differ from
+# what it was built with (pip would otherwise keep the torch it has, since any build satisfies "torch").
 setup:
-	@want="$(TORCH) | $(EXTRAS)"; \
-	if [ -x "$(PY)" ] && [ -f "$(STAMP)" ] && [ "$$(cat $(STAMP))" = "$$want" ] && [ "$(STAMP)" -nt pyproject.toml ]; then \
+	@want="$(TORCH) | $(EXTRAS)"; have="$$(cat $(STAMP) 2>/dev/null)"; \
+	if [ -x "$(PY)" ] && [ "$$have" = "$$want" ] && [ "$(STAMP)" -nt pyproject.toml ]; then \
 		echo "[setup] $(VENV) is up to date ($$want)"; \
 	else \
-		echo "[setup] building $(VENV) with $$want"; \
-		$(PYTHON) -m venv $(VENV) && \
+		clear=""; [ -n "$$have" ] && [ "$$have" != "$$want" ] && clear="--clear"; \
+		echo "[setup] building $(VENV) with $$want $$clear"; \
+		$(PYTHON) -m venv $$clear $(VENV) && \
 		$(PY) -m pip install --quiet --upgrade pip && \
 		$(PY) -m pip install --quiet $(TORCH) && \
 		$(PY) -m pip install --quiet -e ".[$(EXTRAS)]" && \

@@ -1,6 +1,6 @@
 """`python -m minidalle ...`: the command line.
 
-    python -m minidalle demo  [--preset toy] [--out runs/demo]      the main job (README's first command)
+    python -m minidalle demo  [--preset toy] [--out runs/demo-toy]  the main job (README's first command)
     python -m minidalle data  --preset toy --split heldout --n 500 --out DIR
     python -m minidalle judge DIR [--json]
     python -m minidalle bench judge [--n 1000] [--json]
@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 
 from . import config as cfglib
-from .errors import DataError, MinidalleError
+from .data import SPLITS
+from .errors import MinidalleError
 
 
 def cmd_data(args, cfg: cfglib.Config) -> dict:
     from .data import write_split
 
-    size = args.image_size or cfg.data.image_size
+    size = cfg.data.image_size
     out = write_split(args.out, args.split, args.n, size, cfg.data.seed)
     print(f"wrote {args.n} {args.split} samples ({size}x{size}) to {out}/ (PNG + .txt per sample, captions.jsonl)")
     return {"out": str(out), "split": args.split, "n": args.n, "image_size": size}
@@ -34,25 +35,14 @@ def cmd_data(args, cfg: cfglib.Config) -> dict:
 def cmd_judge(args, cfg: cfglib.Config) -> dict:
     from .data import read_split
     from .judge import evaluate
+    from .realdata import load_image
 
     folder = Path(args.dir)
     rows = read_split(folder)
-    images = [_read_png(folder / r["file"]) for r in rows]
+    images = [load_image(folder / r["file"], None) for r in rows]  # judged at their own size
     result = evaluate(images, [r["caption"] for r in rows])
     _print_accuracy(f"judge on {len(rows)} images in {folder}", result)
     return result
-
-
-def _read_png(path: Path):
-    """An image file at its own size as uint8 (H, W, 3); a bad file is an error naming it."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from None
 
 
 def _print_accuracy(title: str, result: dict) -> None:
@@ -67,14 +57,11 @@ def _print_accuracy(title: str, result: dict) -> None:
 
 
 def cmd_bench(args, cfg: cfglib.Config) -> dict:
-    if args.what == "judge":
-        from .judge import benchmark, format_benchmark
+    from .judge import benchmark, format_benchmark  # the only benchmark so far: --what judge
 
-        size = args.image_size or cfg.data.image_size
-        res = benchmark(n=args.n, image_size=size, seed=cfg.data.seed)
-        print(format_benchmark(res))
-        return res
-    raise MinidalleError(f"unknown benchmark {args.what!r}")
+    res = benchmark(n=args.n, image_size=cfg.data.image_size, seed=cfg.data.seed)
+    print(format_benchmark(res))
+    return res
 
 
 def cmd_demo(args, cfg: cfglib.Config) -> dict:
@@ -113,6 +100,13 @@ def cmd_demo(args, cfg: cfglib.Config) -> dict:
     return summary
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minidalle", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -128,10 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="write ShapesWorld samples to a folder")
     common(d)
-    d.add_argument("--split", default="train", choices=["train", "val", "heldout"])
-    d.add_argument("--n", type=int, default=100, help="number of samples")
-    d.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
-    d.add_argument("--out", required=True, help="output folder")
+    d.add_argument("--split", default="train", choices=SPLITS)
+    d.add_argument("--n", type=_positive_int, default=100, help="number of samples")
+    d.add_argument("--out", required=True, help="output folder (empty, or one `data` wrote before)")
     d.set_defaults(func=cmd_data)
 
     d = sub.add_parser("judge", help="score how well images in DIR match their captions")
@@ -142,8 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("bench", help="benchmarks that print measured figures")
     common(d)
     d.add_argument("what", choices=["judge"])
-    d.add_argument("--n", type=int, default=1000, help="samples per split")
-    d.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
+    d.add_argument("--n", type=_positive_int, default=1000, help="samples per split")
     d.set_defaults(func=cmd_bench)
     return p
 
@@ -163,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result = args.func(args, cfg)
     except MinidalleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a folder we cannot write, a full disk: the message names the path
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, sort_keys=True, default=str))

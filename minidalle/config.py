@@ -42,7 +42,6 @@ class DataConfig:
     n_val: int = 1_000  # validation samples (same combinations as train, new draws)
     n_heldout: int = 1_000  # zero-shot samples (combinations never seen in training)
     max_skip_rate: float = 0.05  # abort a real-data run when more than this fraction of files is bad
-    num_workers: int = 0  # DataLoader worker processes (0 = load in the main process)
 
 
 @dataclass

@@ -8,7 +8,7 @@ arrangements that never occur in `train`, so a model can be asked for them zero-
 Everything is a pure function of (seed, split, index): sample i of a split is always the same
 image and caption, so the stream is unbounded, random-access, and needs no files on disk.
 
-    ShapesWorld("train", image_size=32, seed=0)[7] -> (uint8 tensor (32, 32, 3), "a big red circle on the left")
+    ShapesWorld("train", image_size=32, seed=0)[2] -> (uint8 tensor (32, 32, 3), "one big green block near the top")
 
 Scenes are described by a `Scene` (the structured truth); `render()` draws one and `caption()`
 describes one. `minidalle.judge` does the inverse of both. Layout and recipe: datasets/shapes/README.md.
@@ -144,20 +144,24 @@ def _two_objects(rng, shape_a: str, color_a: str, shape_b: str, color_b: str, re
     return Scene(objs, relation=relation)
 
 
-def _free_pair(rng) -> tuple[str, str]:
-    """A (shape, colour) pair seen in training."""
+def _free_pair(rng, shape: str | None = None) -> tuple[str, str]:
+    """A (shape, colour) pair seen in training; keeps `shape` when one is given."""
     while True:
-        shape, color = _pick(rng, SHAPES), _pick(rng, list(COLORS))
-        if (color, shape) not in HELDOUT_PAIRS:
-            return shape, color
+        s, color = shape or _pick(rng, SHAPES), _pick(rng, list(COLORS))
+        if (color, s) not in HELDOUT_PAIRS:
+            return s, color
+
+
+def _check_split(split: str) -> None:
+    if split not in _SPLIT_IDS:
+        raise DataError(f"unknown ShapesWorld split {split!r}; choose one of {', '.join(SPLITS)}")
 
 
 def sample_scene(rng: np.random.Generator, split: str = "train", p_two: float = 0.5) -> Scene:
     """Draw one scene of `split`: `train`/`val` avoid every held-out combination; `heldout` is
     half lone objects with a held-out colour-shape pair, half held-out two-object arrangements
     (whose objects use only training pairs, so the arrangement is the only new thing)."""
-    if split not in _SPLIT_IDS:
-        raise DataError(f"unknown ShapesWorld split {split!r}; choose one of {', '.join(SPLITS)}")
+    _check_split(split)
     if split == "heldout":
         if rng.random() < 0.5:
             color, shape = _pick(rng, sorted(HELDOUT_PAIRS))
@@ -165,7 +169,7 @@ def sample_scene(rng: np.random.Generator, split: str = "train", p_two: float = 
         a, rel, b = _pick(rng, sorted(HELDOUT_ARRANGEMENTS))
         if rng.random() < 0.5:  # say it either way round: "A above B" or "B below A"
             a, rel, b = b, INVERSE[rel], a
-        (_, ca), (_, cb) = _free_color(rng, a), _free_color(rng, b)
+        (_, ca), (_, cb) = _free_pair(rng, a), _free_pair(rng, b)
         return _two_objects(rng, a, ca, b, cb, rel)
     while True:  # rejection sampling: cheap, since held-out combinations are a small minority
         if rng.random() < p_two:
@@ -176,13 +180,6 @@ def sample_scene(rng: np.random.Generator, split: str = "train", p_two: float = 
             scene = _one_object(rng, shape, color)
         if not is_heldout(scene):
             return scene
-
-
-def _free_color(rng, shape: str) -> tuple[str, str]:
-    while True:
-        color = _pick(rng, list(COLORS))
-        if (color, shape) not in HELDOUT_PAIRS:
-            return shape, color
 
 
 # --- rendering ----------------------------------------------------------------------------------
@@ -277,13 +274,13 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
 class ShapesWorld(torch.utils.data.Dataset):
     """Random-access ShapesWorld split: item i is a pure function of (seed, split, i).
 
-    `len()` is `n` (a finite view for epochs and DataLoaders); `stream()` goes on forever.
+    `len()` and indexing cover the finite view `0..n-1` (for epochs and DataLoaders); `item(i)`,
+    `batch()` and `stream()` reach any index, so the world itself never runs out.
     Items are `(image uint8 (H, W, 3), caption str)`; `scene(i)` gives the structured truth.
     """
 
     def __init__(self, split: str = "train", image_size: int = 32, seed: int = 0, n: int = 50_000):
-        if split not in _SPLIT_IDS:
-            raise DataError(f"unknown ShapesWorld split {split!r}; choose one of {', '.join(SPLITS)}")
+        _check_split(split)
         if image_size < 8:
             raise DataError(f"image_size={image_size} is too small to draw shapes; use 8 or more")
         self.split, self.image_size, self.seed, self.n = split, image_size, seed, n
@@ -303,20 +300,28 @@ class ShapesWorld(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+    def item(self, i: int) -> tuple[torch.Tensor, str]:
+        """Item i for any i >= 0, past `n` too. Example: item(10**9) -> (uint8 (H, W, 3), caption)"""
+        if i < 0:
+            raise IndexError(f"ShapesWorld index {i} is negative")
         scene, text = self.example(int(i))
         return torch.from_numpy(render(scene, self.image_size)), text
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        if not -self.n <= i < self.n:  # the Dataset protocol: iteration stops at n
+            raise IndexError(f"ShapesWorld index {i} out of range for n={self.n}; use .item(i) or .stream() beyond n")
+        return self.item(i % self.n)
 
     def stream(self, start: int = 0):
         """Yield items start, start+1, ... forever."""
         i = start
         while True:
-            yield self[i]
+            yield self.item(i)
             i += 1
 
     def batch(self, start: int, batch_size: int) -> tuple[torch.Tensor, list[str]]:
         """Items start..start+batch_size-1 stacked: (uint8 (B, H, W, 3), captions)."""
-        items = [self[i] for i in range(start, start + batch_size)]
+        items = [self.item(i) for i in range(start, start + batch_size)]
         return torch.stack([im for im, _ in items]), [c for _, c in items]
 
 
@@ -324,23 +329,49 @@ def write_split(out_dir: str | Path, split: str = "train", n: int = 100, image_s
                 seed: int = 0, progress: bool = True) -> Path:
     """Write n samples to `out_dir` for inspection: `00000.png` + `00000.txt` per sample (the
     folder-dataset layout, so the folder loader reads it back) and `captions.jsonl` with each
-    file's caption and true scene (what the judge needs). Returns the folder."""
+    file's caption and true scene (what the judge needs). Returns the folder.
+
+    The folder must be empty or one this function wrote before (its old samples are removed
+    first, so a smaller second run leaves no stale files for the folder loader to pick up)."""
     from PIL import Image
     from tqdm.auto import tqdm
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if n < 1:
+        raise DataError(f"n={n}: write at least one sample")
     ds = ShapesWorld(split, image_size, seed, n)
-    tmp = out / "captions.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for i in tqdm(range(n), desc=f"writing {split}", disable=not progress):
-            scene, text = ds.example(i)
-            name = f"{i:05d}.png"
-            Image.fromarray(render(scene, image_size)).save(out / name)
-            (out / f"{i:05d}.txt").write_text(text + "\n", encoding="utf-8")
-            f.write(json.dumps({"file": name, "caption": text, "scene": scene.to_dict()}) + "\n")
-    tmp.replace(out / "captions.jsonl")  # the index appears only once every image is on disk
+    out = Path(out_dir)
+    try:
+        _prepare_output_folder(out)
+        tmp = out / "captions.jsonl.tmp"
+        width = max(5, len(str(n - 1)))  # names sort in sample order
+        with open(tmp, "w", encoding="utf-8") as f:
+            for i in tqdm(range(n), desc=f"writing {split}", disable=not progress):
+                scene, text = ds.example(i)
+                stem = f"{i:0{width}d}"
+                Image.fromarray(render(scene, image_size)).save(out / f"{stem}.png")
+                (out / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
+                f.write(json.dumps({"file": f"{stem}.png", "caption": text, "scene": scene.to_dict()}) + "\n")
+        tmp.replace(out / "captions.jsonl")  # the index appears only once every image is on disk
+    except OSError as e:
+        raise DataError(f"cannot write ShapesWorld samples to {out}: {e}") from None
     return out
+
+
+def _prepare_output_folder(out: Path) -> None:
+    """Create `out`, or empty it of a previous write_split's samples; refuse any other non-empty folder."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file; give a folder for the samples")
+    out.mkdir(parents=True, exist_ok=True)
+    index = out / "captions.jsonl"
+    if index.is_file():
+        for row in read_split(out):
+            for old in (out / row["file"], (out / row["file"]).with_suffix(".txt")):
+                old.unlink(missing_ok=True)
+        index.unlink()
+    leftovers = [p.name for p in out.iterdir() if p.name != "captions.jsonl.tmp"]
+    if leftovers:
+        raise DataError(f"{out} already holds files that write_split did not write ({', '.join(sorted(leftovers)[:3])}, ...); "
+                        "choose an empty or new folder")
 
 
 def read_split(folder: str | Path) -> list[dict]:
@@ -348,8 +379,12 @@ def read_split(folder: str | Path) -> list[dict]:
     path = Path(folder) / "captions.jsonl"
     if not path.is_file():
         raise DataError(f"{path} not found; write a split with `python -m minidalle data --out {folder}`")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     rows = []
-    for k, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for k, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

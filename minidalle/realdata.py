@@ -79,16 +79,18 @@ class BadImageError(DataError):
         self.where, self.problem, self.reason = where, problem, reason
 
 
-def load_image(source: bytes | str | os.PathLike, image_size: int, *,
+def load_image(source: bytes | str | os.PathLike, image_size: int | None, *,
                max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """Decode an image file (path or bytes) into a uint8 (image_size, image_size, 3) tensor.
 
     Any mode becomes RGB (transparent pixels are composited onto black, 16-bit is scaled, not clipped),
     EXIF rotation is applied, the centre square is cropped and resized with LANCZOS (the filter of
-    OpenAI's DALL·E preprocessing). Raises BadImageError (a DataError) with a `.reason` otherwise.
+    OpenAI's DALL·E preprocessing). `image_size=None` keeps the image's own size and shape (used to
+    judge generated images as they are). Raises BadImageError (a DataError) with a `.reason` otherwise.
     Example: a 40x20 PNG, image_size=16 -> tensor of shape (16, 16, 3), dtype torch.uint8
+             a 40x20 PNG, image_size=None -> tensor of shape (20, 40, 3)
     """
-    if image_size < 1:
+    if image_size is not None and image_size < 1:
         raise DataError(f"image_size must be a positive int, got {image_size!r}")
     if isinstance(source, (bytes, bytearray, memoryview)):
         data, name = bytes(source), "<bytes>"
@@ -111,9 +113,12 @@ def load_image(source: bytes | str | os.PathLike, image_size: int, *,
                                         f"{max_pixels:,} (decompression-bomb guard)", "too_many_pixels")
                 # JPEG only (a no-op elsewhere): decode at 1/2, 1/4 or 1/8 scale straight from the DCT,
                 # never smaller than image_size. A 4000x3000 photo -> 64 px: 32 ms instead of 77 ms.
-                im.draft("RGB", (image_size, image_size))
+                if image_size is not None:
+                    im.draft("RGB", (image_size, image_size))
                 im.load()
-                out = _square_resize(_to_rgb(_upright(im)), image_size)
+                out = _to_rgb(_upright(im))
+                if image_size is not None:
+                    out = _square_resize(out, image_size)
     except BadImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -232,6 +237,11 @@ class SkipStats:
     skipped: Counter = field(default_factory=Counter)  # reason -> items skipped
     notes: Counter = field(default_factory=Counter)  # non-fatal: e.g. invalid_utf8_line -> lines dropped
     examples: dict = field(default_factory=dict)  # reason -> first few "path: error" strings
+
+    def __post_init__(self):
+        if not 0.0 <= self.max_skip_rate <= 1.0:  # also refuses NaN, which would never abort
+            raise DataError(f"data.max_skip_rate={self.max_skip_rate!r} must be between 0 and 1 "
+                            "(0 = abort on the first bad file, 1 = never abort)")
 
     @property
     def n_skipped(self) -> int:

@@ -28,7 +28,7 @@ def test_data_then_judge_round_trip(tmp_path, capsys):
 
 def test_judge_notices_wrong_captions(tmp_path, capsys):
     out = tmp_path / "val"
-    main(["data", "--split", "val", "--n", "10", "--out", str(out), "--image-size", "32"])
+    main(["data", "--split", "val", "--n", "10", "--out", str(out), "--data.image_size=32"])
     capsys.readouterr()
     lines = (out / "captions.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
@@ -69,6 +69,15 @@ def test_user_errors_exit_2_with_a_message(argv, words, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and words in err
+
+
+def test_bad_counts_and_output_paths_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:  # argparse: usage + message, exit 2
+        main(["data", "--n", "0", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "not a positive number" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["data", "--n", "2", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
 
 
 def test_module_entry_point_help():

@@ -18,7 +18,8 @@ def test_items_are_pure_functions_of_seed_split_index():
     for i in (0, 5, 999):
         (ia, ca), (ib, cb) = a[i], b[i]
         assert torch.equal(ia, ib) and ca == cb
-    assert a[0][1] != ShapesWorld("train", 16, seed=4)[0][1] or not torch.equal(a[0][0], ShapesWorld("train", 16, seed=4)[0][0])
+    other = ShapesWorld("train", 16, seed=4)
+    assert [a[i][1] for i in range(20)] != [other[i][1] for i in range(20)]
     im, cap = a[1]
     assert im.dtype == torch.uint8 and im.shape == (16, 16, 3) and isinstance(cap, str) and cap
 
@@ -33,17 +34,28 @@ def test_stream_matches_random_access_and_batches_stack():
     assert images.shape == (3, 16, 16, 3) and caps == [ds[i][1] for i in range(4, 7)]
 
 
+# The held-out arrangements written out in both orientations by hand, independently of
+# data.canonical_arrangement, so a bug there cannot hide the same bug in the sampler.
+HELDOUT_BOTH_WAYS = {
+    ("triangle", "above", "circle"), ("circle", "below", "triangle"),
+    ("square", "left of", "diamond"), ("diamond", "right of", "square"),
+    ("circle", "above", "square"), ("square", "below", "circle"),
+    ("diamond", "left of", "triangle"), ("triangle", "right of", "diamond"),
+}
+
+
 def test_no_heldout_combination_in_100k_training_samples():
-    rng = np.random.default_rng(0)
+    ds = ShapesWorld("train", 16, seed=0)  # the items a training run really sees
     seen_pairs, seen_arrangements = set(), set()
-    for _ in range(100_000):
-        scene = sample_scene(rng, "train")
+    for i in range(100_000):
+        scene = ds.scene(i)
         seen_pairs.update((o.color, o.shape) for o in scene.objects)
         if scene.relation:
             a, b = scene.objects
-            seen_arrangements.add(canonical_arrangement(a.shape, scene.relation, b.shape))
+            seen_arrangements.add((a.shape, scene.relation, b.shape))
     assert not seen_pairs & HELDOUT_PAIRS
-    assert not seen_arrangements & HELDOUT_ARRANGEMENTS
+    assert not seen_arrangements & HELDOUT_BOTH_WAYS
+    assert {canonical_arrangement(*t) for t in HELDOUT_BOTH_WAYS} == HELDOUT_ARRANGEMENTS
     # ...while every colour and every shape is still seen, so held-out items are composable.
     assert {c for c, _ in seen_pairs} == set(COLORS) and {s for _, s in seen_pairs} == set(data.SHAPES)
     assert len(seen_pairs) == len(COLORS) * len(data.SHAPES) - len(HELDOUT_PAIRS)
@@ -120,6 +132,31 @@ def test_captions_vary_and_name_colour_and_shape():
     assert all(" a o" not in c and not c.startswith("a o") for _, c in caps)  # "an orange ..."
 
 
+def test_indexing_stops_at_n_but_the_world_does_not():
+    ds = ShapesWorld("val", 16, n=5)
+    assert len(list(ds)) == 5
+    assert ds[-1][1] == ds[4][1]
+    with pytest.raises(IndexError):
+        ds[5]
+    assert ds.item(5)[1] == next(ds.stream(start=5))[1] == ds.batch(5, 1)[1][0]
+
+
+def test_write_split_rewrites_its_own_folder_and_refuses_others(tmp_path):
+    out = tmp_path / "d"
+    write_split(out, "train", n=5, image_size=16, progress=False)
+    write_split(out, "val", n=2, image_size=16, progress=False)  # a smaller second run
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00000.txt", "00001.png", "00001.txt", "captions.jsonl"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "holiday.jpg").write_bytes(b"x")
+    with pytest.raises(DataError, match="did not write"):
+        write_split(tmp_path / "mine", n=1, image_size=16, progress=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="is a file"):
+        write_split(tmp_path / "file", n=1, image_size=16, progress=False)
+    with pytest.raises(DataError, match="at least one"):
+        write_split(tmp_path / "e", n=0, image_size=16, progress=False)
+
+
 def test_write_split_round_trips(tmp_path):
     from PIL import Image
     out = write_split(tmp_path / "d", "heldout", n=6, image_size=16, seed=2, progress=False)
@@ -142,6 +179,9 @@ def test_bad_inputs_raise_data_errors(tmp_path):
         read_split(tmp_path)
     (tmp_path / "captions.jsonl").write_text('{"file": "a.png"}\n')
     with pytest.raises(DataError, match="line 1"):
+        read_split(tmp_path)
+    (tmp_path / "captions.jsonl").write_bytes(b'{"file": "a.png", "caption": "\xff"}\n')
+    with pytest.raises(DataError, match="not UTF-8"):
         read_split(tmp_path)
 
 

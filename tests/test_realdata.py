@@ -508,3 +508,16 @@ def test_tar_too_few_shards_and_bad_specs(tmp_path):
         TarShardDataset([tmp_path / "shard-000.tar", tmp_path / "gone.tar"], 6)
     assert expand_shards(tmp_path) == expand_shards(str(tmp_path / "shard-*.tar")) == [
         str(tmp_path / "shard-000.tar"), str(tmp_path / "shard-001.tar")]
+
+
+def test_load_image_can_keep_the_native_size(tmp_path):
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (40, 20), (10, 200, 30)).save(path)
+    im = load_image(path, None)
+    assert im.shape == (20, 40, 3) and tuple(im[5, 30].tolist()) == (10, 200, 30)
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.5, float("nan")])
+def test_skip_rate_must_be_a_fraction(rate):
+    with pytest.raises(DataError, match="max_skip_rate"):
+        SkipStats("test", max_skip_rate=rate)
