@@ -10,10 +10,16 @@ cheap, because `data.render` is known: the judge *explains* each coloured blob w
     caption --captions.parse_caption--> CaptionSpec --best assignment to detections--> Verdict(ok, checks)
 
 There are no learned parameters, so the judge can never be fitted to a generator's mistakes.
-It must survive blurry, noisy generations: `degrade()` is the stand-in used to test that, and
-`benchmark()` reports accuracy on clean and degraded renders of the `val` and `heldout` splits
-(measured: 1.000 on every attribute at 32x32 and 16x16, seeds 0-3, ~2 ms per image on a CPU;
-0.97 overall even at blur 1.5 px, noise 25/255 and a 12% colour cast).
+It must survive blurry, noisy generations: `degrade()` is the stand-in used to test that. And it
+must say no as readily as yes: `benchmark()` judges renders of the `val` and `heldout` splits,
+clean and under each of `CONDITIONS`, against their true captions (accuracy) and against
+`wrong_specs()`, captions with one fact changed (rejection rate). Measured with
+`python -m minidalle bench judge --n 1000` (32x32, seed 0, 1000 images per split, ~1.8 ms per
+image on a CPU): accuracy and rejection 1.000 on every attribute, clean and "degraded"; under
+"heavy" (blur 1.2 px, noise 20/255, a +-10% colour cast, chroma bleed 1.0 px) accuracy 0.992
+(val) and 0.988 (heldout), the misses nearly all small circles read as diamonds, and wrong
+captions still rejected 0.999 of the time. Sized for ShapesWorld images: 8 to 64 px (at most
+MAX_IMAGE_SIZE = 128; downsample anything larger).
 
     judge(render(scene), "a big red circle on the left").ok -> True
 """
@@ -23,7 +29,7 @@ from __future__ import annotations
 import functools
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -31,6 +37,7 @@ import torch
 from . import data
 from .captions import CaptionSpec, parse_caption
 from .errors import DataError
+from .viz import as_uint8_hwc
 
 
 # --- reading an image back into objects ---------------------------------------------------------
@@ -52,19 +59,27 @@ PHASES = 4  # template centres on a quarter-pixel grid: finer than any blur we m
 BLURS = (0.0, 0.8, 1.6)  # template blur (px at 32x32): explain sharp renders and blurred generations
 
 
-def to_array(image) -> np.ndarray:
-    """Any image the project makes -> float32 (H, W, 3) in 0..255.
+MAX_IMAGE_SIZE = 128  # the template bank grows with the side squared: 128 px ~2 s and ~100 MB
+# to build, 256 px ~19 s and ~680 MB; ShapesWorld images and this project's generations are <= 64 px
 
-    Accepts uint8 or float (0..1) numpy/torch, channels last or first.
-    Example: torch.zeros(3, 32, 32) -> np.zeros((32, 32, 3))
+
+def _pixels(image) -> np.ndarray:
+    """An image the judge can read -> float32 (H, W, 3) in 0..255.
+
+    `viz.as_uint8_hwc` decides what counts as an image (numpy/torch, uint8/float, either channel
+    order); the judge adds its own limits: square, 8 to MAX_IMAGE_SIZE px a side.
+    Example: torch.zeros(3, 32, 32) -> np.zeros((32, 32, 3), np.float32)
     """
-    x = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if x.ndim == 3 and x.shape[-1] != 3 and x.shape[0] == 3:
-        x = x.transpose(1, 2, 0)  # a generator's (3, H, W) output
-    if x.ndim != 3 or x.shape[-1] != 3 or min(x.shape[:2]) < 8:
-        raise DataError(f"the judge reads one RGB image (H, W, 3), H, W >= 8; got shape {x.shape}")
-    if x.dtype != np.uint8 and x.max(initial=0) <= 1.0:
-        x = x * 255.0  # floats in 0..1, as decoders emit them
+    x = as_uint8_hwc(image)
+    h, w, _ = x.shape
+    if h != w or min(h, w) < 8:
+        raise DataError(f"the judge reads square RGB images at least 8 px a side; got shape {x.shape}")
+    if h > MAX_IMAGE_SIZE:
+        # Raised rather than resized here: a silent resize would hide which pixels were judged.
+        # Shapes and positions are fractions of the side, so a box downsample loses nothing.
+        raise DataError(f"the judge reads ShapesWorld-sized images (<= {MAX_IMAGE_SIZE} px a side); got "
+                        f"{h}x{w}. Downsample first, e.g. PIL's image.resize((64, 64), Image.BOX) or "
+                        f"torch.nn.functional.interpolate(x, size=64, mode='area')")
     return x.astype(np.float32)
 
 
@@ -83,7 +98,9 @@ def _blur(x: np.ndarray, sigma: float, axes=(0, 1)) -> np.ndarray:
     return x
 
 
-@functools.lru_cache(maxsize=8)  # a memo of a pure function of image_size, not mutable state
+# A memo of a pure function of image_size, not mutable state. Two entries: a session judges one
+# or two sizes, and each entry is large (32 px: 7 MB, 64 px: 26 MB, 128 px: 100 MB).
+@functools.lru_cache(maxsize=2)
 def _template_bank(image_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Every shape x size x blur x quarter-pixel phase, rendered once with data.shape_mask.
 
@@ -199,7 +216,7 @@ def _window(mask: np.ndarray, margin: int = 3) -> tuple[tuple[int, int], tuple[i
     `margin`, and at least a big shape's side plus a margin wide, so every candidate template
     fits inside with background around it (else a big square fills a small blob's window and
     looks like a perfect match).
-    Example: a mask with one pixel at (5, 9) in 32x32 -> ((0, 16), (0, 20))
+    Example: a mask with one pixel at (5, 9) in 32x32 -> ((0, 15), (0, 19))
     """
     out, half = [], (data.SIZES["big"] * mask.shape[0]) / 2 + margin
     for axis in (1, 0):
@@ -317,12 +334,13 @@ def detect(image) -> list[Detection]:
     """Read an image back into ShapesWorld objects, biggest first.
 
     Example: render(Scene((Obj("circle", "red", "big", 0.25, 0.5),), "left")) ->
-        [Detection(shape="circle", color="red", size="big", x≈0.25, y≈0.5, area≈0.14, score≈0.98)]
+        [Detection(shape="circle", color="red", size="big", x=0.25, y=0.5, area≈0.125, score≈1.0)]
+
+    Meant for ShapesWorld-sized images (8 to 64 px; up to MAX_IMAGE_SIZE = 128 accepted): the
+    template bank costs side² memory, so a larger image is a DataError asking to downsample.
     """
-    x = to_array(image)
+    x = _pixels(image)
     size = x.shape[0]
-    if x.shape[1] != size:
-        raise DataError(f"the judge reads square images; got {x.shape[0]}x{x.shape[1]}")
     bank, offsets = _template_bank(size)
     min_px = 0.3 * 0.5 * (data.SIZES["small"] * size) ** 2  # 30% of the smallest shape's area
     parts = _segment(x, min_px)
@@ -416,8 +434,16 @@ def judge(image, caption_or_spec) -> Verdict:
     so a correct image passes whichever blob the detector listed first.
     Example: judge(render(scene), "a red circle left of a blue square") -> Verdict(ok=True, ...)
     """
-    spec = to_spec(caption_or_spec)
-    dets = detect(image)[:6]  # the six biggest blobs are plenty for a one- or two-object caption
+    spec = to_spec(caption_or_spec)  # a caption that cannot be read fails before any detecting
+    return _verdict(spec, detect(image))
+
+
+def _verdict(spec: CaptionSpec, detections) -> Verdict:
+    """`judge` on detections already made: one detection serves many captions (the benchmark
+    checks every image against its true caption and up to four wrong ones).
+    Example: (spec of "a red circle", [Detection("circle", "red", ...)]) -> Verdict(ok=True, ...)
+    """
+    dets = list(detections)[:6]  # the six biggest blobs are plenty for a one- or two-object caption
 
     def rank(match):  # facts satisfied, weighted; then covered area, to prefer objects to specks
         checks = _object_checks(spec, dets, match)
@@ -444,7 +470,7 @@ def degrade(image, rng: np.random.Generator, blur: float = 0.8, noise: float = 1
     torch like the input.
     Example: degrade(render(scene), np.random.default_rng(0)) -> uint8 (32, 32, 3), softer
     """
-    x = to_array(image)
+    x = as_uint8_hwc(image).astype(np.float32)
     scale = x.shape[0] / 32  # strengths are written for 32x32 images
     x = _blur(x, blur * scale)
     lum = x.mean(-1, keepdims=True)
@@ -458,7 +484,8 @@ def degrade(image, rng: np.random.Generator, blur: float = 0.8, noise: float = 1
 def evaluate(images, captions_or_specs, progress: bool = False, desc: str = "judging") -> dict:
     """Accuracy of a batch of images (a list, or a (B, H, W, 3) tensor) against their captions.
 
-    Each attribute is scored only over samples whose caption states it.
+    Each attribute is scored only over samples whose caption states it. An empty batch is a
+    DataError: there is no accuracy of nothing (and NaN is not valid JSON for the CLI).
     Example: -> {"overall": 0.99, "count": 1.0, "color": 1.0, ..., "n": 500, "stated": {...}}
     """
     from tqdm.auto import tqdm
@@ -467,9 +494,17 @@ def evaluate(images, captions_or_specs, progress: bool = False, desc: str = "jud
     if len(images) != len(specs):
         raise DataError(f"evaluate got {len(images)} images but {len(specs)} captions")
     pairs = tqdm(zip(images, specs), total=len(specs), desc=desc, disable=not progress)
-    verdicts = [judge(im, s) for im, s in pairs]
-    out = {"overall": float(np.mean([v.ok for v in verdicts])) if verdicts else float("nan")}
-    stated = {}
+    return _accuracy([judge(im, s) for im, s in pairs])
+
+
+def _accuracy(verdicts: list[Verdict]) -> dict:
+    """Fraction of verdicts that are ok, and of each check over the verdicts that state it.
+    Example: [Verdict(ok=True, ...), Verdict(ok=False, checks={"color": False, ...})] ->
+        {"overall": 0.5, "count": 1.0, "color": 0.5, ..., "n": 2, "stated": {"count": 2, ...}}
+    """
+    if not verdicts:
+        raise DataError("no images to judge: an accuracy needs at least one image and caption")
+    out, stated = {"overall": float(np.mean([v.ok for v in verdicts]))}, {}
     for attr in CHECKS:
         vals = [v.checks[attr] for v in verdicts if v.checks[attr] is not None]
         stated[attr] = len(vals)
@@ -477,8 +512,82 @@ def evaluate(images, captions_or_specs, progress: bool = False, desc: str = "jud
     return {**out, "n": len(verdicts), "stated": stated}
 
 
+# --- wrong captions: a judge that always says yes must fail ----------------------------------------
+WRONG = ("color", "shape", "size", "position", "relation")  # the facts wrong_specs() falsifies
+
+
+def _describe(spec: CaptionSpec) -> str:
+    """A plain caption for a fully stated spec, which parse_caption reads back to the same facts.
+    Example: CaptionSpec((ObjectSpec("circle", "red", "big"),), position="left") -> "a big red circle on the left"
+    """
+    nouns = [f"a {o.size} {o.color} {o.shape}" for o in spec.objects]  # "a small", "a big": no "an"
+    if spec.relation is None:
+        return f"{nouns[0]} {data.POSITION_WORDS[spec.position][0]}"
+    return f"{nouns[0]} {spec.relation} {nouns[1]}"
+
+
+def wrong_specs(scene: data.Scene, rng: np.random.Generator) -> dict[str, CaptionSpec]:
+    """Specs that contradict a true scene in exactly one fact: {fact: CaptionSpec}.
+
+    Starting from every fact of the scene (CaptionSpec.from_scene), each entry changes one:
+    "color", "shape", "size" of one object picked at random (another palette colour, another
+    shape, the other size); "position" of a lone object (another anchor); "relation" of a pair
+    (its inverse, "A left of B" -> "A right of B"), left out for two identical objects, where
+    the swapped caption is true as well. Each one is false of the scene (the objects it names,
+    or where it puts them, differ from those drawn), so a judge should reject every one; one
+    that accepts everything scores 0.
+    Example: (scene of a big red circle on the left, rng) ->
+        {"color": spec of "a big blue circle on the left", "shape": "... red diamond ...",
+         "size": "a small red circle on the left", "position": "a big red circle at the top"}
+    """
+    truth = CaptionSpec.from_scene(scene)
+
+    def other(options, current):  # a random option that is not the current one
+        rest = [o for o in options if o != current]
+        return rest[int(rng.integers(len(rest)))]
+
+    def one_object_changed(attr: str, values) -> CaptionSpec:
+        objs = list(truth.objects)
+        i = int(rng.integers(len(objs)))
+        objs[i] = replace(objs[i], **{attr: other(values, getattr(objs[i], attr))})
+        return replace(truth, objects=tuple(objs))
+
+    wrong = {"color": one_object_changed("color", list(data.COLORS)),
+             "shape": one_object_changed("shape", data.SHAPES),
+             "size": one_object_changed("size", list(data.SIZES))}
+    if truth.position is not None:
+        wrong["position"] = replace(truth, position=other(list(data.POSITIONS), truth.position))
+    if truth.relation is not None and truth.objects[0] != truth.objects[1]:
+        wrong["relation"] = replace(truth, relation=data.INVERSE[truth.relation])
+    return {attr: replace(spec, text=_describe(spec)) for attr, spec in wrong.items()}
+
+
+def _rejections(verdicts: list[dict]) -> dict:
+    """How often wrong captions are turned down, from one {fact: Verdict} per image (the
+    verdicts on its `wrong_specs`). "overall" and each fact: the fraction judged not ok;
+    "on_check": the fraction where the changed fact's own check said False, i.e. rejected for
+    the right reason; "tried": wrong captions per fact (position: lone objects, relation: pairs).
+    Example: [{"color": Verdict(ok=False, checks={"color": False, ...})}] ->
+        {"overall": 1.0, "color": 1.0, "shape": None, ..., "n": 1, "tried": {"color": 1, ...},
+         "on_check": {"overall": 1.0, "color": 1.0, "shape": None, ...}}
+    """
+    out, on_check, tried = {}, {}, {}
+    for attr in WRONG:
+        vs = [v[attr] for v in verdicts if attr in v]
+        tried[attr] = len(vs)
+        out[attr] = float(np.mean([not v.ok for v in vs])) if vs else None
+        on_check[attr] = float(np.mean([v.checks[attr] is False for v in vs])) if vs else None
+    every = [(attr, v) for vd in verdicts for attr, v in vd.items()]
+    if not every:
+        raise DataError("no wrong captions to judge: a rejection rate needs at least one")
+    out["overall"] = float(np.mean([not v.ok for _, v in every]))
+    on_check["overall"] = float(np.mean([v.checks[a] is False for a, v in every]))
+    return {"overall": out.pop("overall"), **out, "n": len(every), "tried": tried, "on_check": on_check}
+
+
 # Degradation strengths the benchmark reports: the default stand-in for a small decoder's faults,
-# and a heavier one that shows where the judge starts to fail (mostly small triangle vs diamond).
+# and a heavier one that shows where the judge starts to fail (mostly a small circle read as a
+# diamond: at 32x32 it is 8 px across, and blur rounds a diamond's corners off).
 CONDITIONS = {
     "clean": None,
     "degraded": {},
@@ -487,38 +596,64 @@ CONDITIONS = {
 
 
 def benchmark(n: int = 1000, image_size: int = 32, seed: int = 0, progress: bool = True) -> dict:
-    """Judge accuracy on n renders of each of `val` and `heldout`, clean and under each of the
-    `CONDITIONS` degradations.
+    """The judge on n renders of each of `val` and `heldout`, clean and under each of the
+    `CONDITIONS` degradations, both ways round:
 
-    Captions are the dataset's own, so every sample should pass: the accuracy is the judge's.
+    - accuracy: each image against its own caption, which is true, so every one should pass;
+    - rejection: each image against its `wrong_specs` (one fact changed), which should all fail.
+
+    A judge that always says yes scores 1.0 on the first and 0.0 on the second; one that always
+    says no, the reverse. Each image is detected once and checked against all its captions, so
+    the negatives add little time; `ms_per_image` is detection plus all checks. The result is
+    plain JSON (the CLI dumps it).
     Example: benchmark(200) -> {"clean": {"val": {"overall": 1.0, ...}, "heldout": {...}},
-                                "degraded": {...}, "heavy": {...}, "ms_per_image": 1.5, ...}
+                                "degraded": {...}, "heavy": {...},
+                                "rejects": {"clean": {"val": {"overall": 1.0, "color": 1.0, ...}, ...}, ...},
+                                "n": 200, "ms_per_image": 1.9, ...}
     """
-    result, seconds, splits = {kind: {} for kind in CONDITIONS}, 0.0, ("val", "heldout")
-    rng = np.random.default_rng(seed)
+    from tqdm.auto import tqdm
+
+    if n < 1:
+        raise DataError(f"benchmark needs n >= 1 images per split; got n={n}")
+    splits = ("val", "heldout")
+    result, rejects, seconds = {kind: {} for kind in CONDITIONS}, {kind: {} for kind in CONDITIONS}, 0.0
+    rng = np.random.default_rng(seed)  # degradations: the same images as before negatives existed
+    wrong_rng = np.random.default_rng([seed, 1])  # which fact values the wrong captions use
     for split in splits:
         ds = data.ShapesWorld(split, image_size, seed, n)
         examples = [ds.example(i) for i in range(n)]
         clean = [data.render(scene, image_size) for scene, _ in examples]
-        captions = [text for _, text in examples]
+        specs = [to_spec(text) for _, text in examples]
+        wrong = [wrong_specs(scene, wrong_rng) for scene, _ in examples]
         for kind, strength in CONDITIONS.items():
             images = clean if strength is None else [degrade(im, rng, **strength) for im in clean]
             t0 = time.perf_counter()
-            result[kind][split] = evaluate(images, captions, progress, desc=f"{kind} {split}")
+            dets = [detect(im) for im in tqdm(images, desc=f"{kind} {split}", disable=not progress)]
+            result[kind][split] = _accuracy([_verdict(s, d) for s, d in zip(specs, dets)])
+            rejects[kind][split] = _rejections([{attr: _verdict(w, d) for attr, w in ws.items()}
+                                                for ws, d in zip(wrong, dets)])
             seconds += time.perf_counter() - t0
     judged = n * len(splits) * len(CONDITIONS)
-    return {**result, "n": n, "image_size": image_size, "seed": seed,
+    return {**result, "rejects": rejects, "n": n, "image_size": image_size, "seed": seed,
             "seconds": seconds, "ms_per_image": 1000 * seconds / max(judged, 1)}
 
 
 def format_benchmark(result: dict) -> str:
-    """A benchmark() result as a small text table, one row per condition."""
-    columns = ("overall",) + CHECKS
-    lines = [f"{'condition':<18}" + "".join(f"{c:>10}" for c in columns)]
-    for kind in CONDITIONS:
-        for split, r in result[kind].items():
-            cells = "".join(f"{'-':>10}" if r[c] is None else f"{r[c]:>10.3f}" for c in columns)
-            lines.append(f"{kind + ' ' + split:<18}" + cells)
-    lines.append(f"{result['image_size']}x{result['image_size']}, n={result['n']} per row, "
-                 f"{result['ms_per_image']:.2f} ms per image")
+    """A benchmark() result as two small text tables, one row per condition and split: accuracy
+    on true captions, then the rejection rate of wrong ones ("on check": rejected by the changed
+    fact's own check, not only by some other failing check)."""
+    def table(rows: dict, columns, extra=None) -> list[str]:
+        lines = [f"{'condition':<18}" + "".join(f"{c:>10}" for c in columns + ((extra[0],) if extra else ()))]
+        for kind in CONDITIONS:
+            for split, r in rows[kind].items():
+                vals = [r[c] for c in columns] + ([extra[1](r)] if extra else [])
+                cells = "".join(f"{'-':>10}" if v is None else f"{v:>10.3f}" for v in vals)
+                lines.append(f"{kind + ' ' + split:<18}" + cells)
+        return lines
+
+    lines = ["accuracy on true captions"] + table(result, ("overall",) + CHECKS)
+    lines += ["", "wrong captions rejected (one fact changed)"]
+    lines += table(result["rejects"], ("overall",) + WRONG, ("on check", lambda r: r["on_check"]["overall"]))
+    lines.append(f"{result['image_size']}x{result['image_size']}, n={result['n']} images per row "
+                 f"(wrong captions: up to {len(WRONG) - 1} per image), {result['ms_per_image']:.2f} ms per image")
     return "\n".join(lines)

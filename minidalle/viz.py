@@ -1,4 +1,6 @@
-"""Pictures: image grids with captions, for notebooks and for files the CLI writes.
+"""Pictures: image grids with captions, for notebooks and for files the CLI writes, and
+`as_uint8_hwc`, the one reader of "an image" (numpy or torch, uint8 or float, either channel
+order) that these helpers and the judge share.
 
 Matplotlib is imported inside the functions so that importing minidalle stays fast and works
 without a display.
@@ -12,38 +14,40 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import DataError
+
 
 def as_uint8_hwc(image) -> np.ndarray:
-    """Accept uint8 (H, W, 3) numpy/torch, or float (3, H, W) / (H, W, 3) in [0, 1]; return uint8 (H, W, 3).
+    """Any single RGB image the project makes -> uint8 numpy (H, W, 3), the one normaliser that
+    the plotting helpers and the judge share.
 
-    Example: torch.zeros(3, 8, 8) -> np.zeros((8, 8, 3), uint8)
+    Accepted: numpy arrays or torch tensors (any device, with or without grad); channels last
+    (H, W, 3) or first (3, H, W), as a generator emits; uint8 kept as is. Any other dtype is read
+    as 0..1 when its largest value is <= 1 (floats from a decoder or `/ 255`) and as 0..255
+    otherwise, then rounded and clipped; NaN becomes 0. An all-dark 0..255 float image (max <= 1)
+    is therefore read as 0..1: a near-black image either way. (H, W, 3) wins when both ends are 3.
+    Anything else (grey (H, W), RGBA, a batch) raises DataError.
+    Example: torch.zeros(3, 32, 32) -> np.zeros((32, 32, 3), np.uint8)
+    Example: np.full((8, 8, 3), 0.5) -> np.full((8, 8, 3), 128, np.uint8)  (0..1 floats)
+    Example: np.full((8, 8, 3), 200.0) -> np.full((8, 8, 3), 200, np.uint8)  (0..255 floats)
     """
-    a = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if a.ndim != 3:
-        raise ValueError(f"expected one image with 3 dims, got shape {a.shape}")
-    if a.shape[0] == 3 and a.shape[-1] != 3:
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        if image.is_floating_point():
+            image = image.float()  # numpy has no bfloat16
+    a = np.asarray(image)
+    if a.ndim == 3 and a.shape[-1] != 3 and a.shape[0] == 3:
         a = a.transpose(1, 2, 0)  # (3, H, W) -> (H, W, 3)
-    if a.dtype != np.uint8:
-        a = np.clip(np.rint(a.astype(np.float32) * 255), 0, 255).astype(np.uint8)
-    return a
-
-
-def image_grid(images, ncols: int = 8, pad: int = 1) -> np.ndarray:
-    """Tile images into one uint8 array, `pad` grey pixels between tiles.
-
-    Example: 10 images of (32, 32, 3), ncols=8 -> array of shape (2*33+1, 8*33+1, 3)
-    """
-    ims = [as_uint8_hwc(im) for im in images]
-    if not ims:
-        raise ValueError("image_grid needs at least one image")
-    h, w, _ = ims[0].shape
-    nrows = (len(ims) + ncols - 1) // ncols
-    ncols = min(ncols, len(ims))
-    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), 64, np.uint8)
-    for k, im in enumerate(ims):
-        r, c = divmod(k, ncols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
-    return grid
+    if a.ndim != 3 or a.shape[-1] != 3:
+        raise DataError(f"expected one RGB image, (H, W, 3) or (3, H, W); got shape {a.shape}")
+    if a.dtype == np.uint8:
+        return a
+    a = np.nan_to_num(a.astype(np.float32), nan=0.0)
+    # Scaling by the value range, not the dtype: decoders emit 0..1 floats, but a uint8 image
+    # converted with .float() is 0..255, and treating it as 0..1 turned every such image white.
+    if a.max(initial=0) <= 1.0:
+        a = a * 255.0
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
 
 def show_grid(images, captions=None, ncols: int = 4, title: str | None = None, scale: float = 2.2):
