@@ -13,6 +13,9 @@ Why each rule (the DESIGN.md checkpoint convention):
 - Atomic. Everything is written into `.tmp-step_0000500-<pid>/` beside the final folder, fsynced,
   then renamed. A rename inside one directory is atomic on POSIX, so a folder called `step_*` is
   either complete or absent. A crash leaves only a `.tmp-*` folder, removed on the next start.
+  tests/test_checkpoint.py proves it the hard way: a subprocess wraps this module's writers (in
+  that process only) so that it SIGKILLs itself after each file and after the rename, and nothing
+  is ever lost. The library itself carries no crash hooks.
 - Manifest last. A folder copied half-way or written by an older tool has no manifest and is
   refused; the checksums catch truncation, bit rot and hand edits.
 - Never unpickle. `torch.save` is pickle, and unpickling can run arbitrary code. We check the
@@ -30,7 +33,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import warnings
 from pathlib import Path
 
@@ -49,14 +51,6 @@ FORMAT = 1  # bump when the layout changes, so old readers refuse new folders cl
 
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 TMP_PREFIX = ".tmp-"
-
-# TESTING SEAM -- never set this in a real run. With MINIDALLE_TEST_CRASH_IN_SAVE=N the saving
-# process kills itself with SIGKILL at crash point N of `save_checkpoint`: N = 1..4 right after
-# the N-th file (model, config, state, manifest) is written into the temp folder; N = 5 right after
-# the rename, before old checkpoints are pruned. SIGKILL rather than an exception, so no `finally`
-# or atexit cleanup runs: it behaves like a power cut or the OOM killer. tests/test_checkpoint.py
-# uses it from a subprocess to prove that a crash mid-save loses nothing.
-CRASH_ENV = "MINIDALLE_TEST_CRASH_IN_SAVE"
 
 
 def step_dir_name(step: int) -> str:
@@ -84,6 +78,8 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, state: 
 
     `state` must hold only what `torch.load(weights_only=True)` can rebuild (tensors, numbers,
     strings, None, lists/tuples/dicts of those); anything else is refused *before* writing.
+    On disk, in order: model, config, state, manifest into `.tmp-step_.../`, rename to `step_.../`,
+    prune. A crash after any of these leaves the previous checkpoint complete and loadable.
     Example: save_checkpoint("runs/x/checkpoints", 500, model, {"step": 500}, cfg) -> Path(".../step_0000500")
     """
     if keep_last < 2:
@@ -107,27 +103,26 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, state: 
         _remove_dir(final)
     os.rename(tmp, final)
     _fsync_dir(root)  # make the rename itself durable
-    _crash_point(5)
     prune_checkpoints(root, keep_last, newest=step)
     return final
 
 
 def _write_folder(tmp: Path, step: int, model: torch.nn.Module, state: dict, config_text: str) -> None:
-    """Write the three payload files, then the manifest that vouches for them, each fsynced."""
+    """Write the three payload files, then the manifest that vouches for them, each fsynced.
+
+    Every file goes through `save_model`, `_write_text` or `torch.save`, looked up in this module:
+    the crash test in tests/test_checkpoint.py wraps exactly those to die after the n-th file.
+    """
     # save_model (not save_file) because safetensors refuses tensors that share memory, such as a
     # token embedding tied to the output head; save_model stores one copy and load_model re-ties it.
     save_model(model, str(tmp / MODEL_FILE))
     _fsync_file(tmp / MODEL_FILE)
-    _crash_point(1)
     _write_text(tmp / CONFIG_FILE, config_text)
-    _crash_point(2)
     torch.save(state, tmp / STATE_FILE)
     _fsync_file(tmp / STATE_FILE)
-    _crash_point(3)
     files = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in PAYLOAD}
     manifest = {"format": FORMAT, "step": step, "files": files}
     _write_text(tmp / MANIFEST_FILE, _json_text(manifest, MANIFEST_FILE))  # last: "everything above is done"
-    _crash_point(4)
     _fsync_dir(tmp)
 
 
@@ -375,9 +370,3 @@ def _pid_alive(pid: int) -> bool:
         return True  # exists, owned by someone else
     return True
 
-
-def _crash_point(n: int) -> None:
-    """The testing seam described at CRASH_ENV above; a no-op unless that variable equals `n`."""
-    if os.environ.get(CRASH_ENV) == str(n):
-        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
-        os._exit(137)  # not reached on POSIX; a hard exit where SIGKILL does not exist

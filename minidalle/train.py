@@ -21,7 +21,9 @@ bit for bit (same device and library versions), because the checkpoint holds the
 and every RNG state, and the data restarts at batch k. A `batch_at` callable restarts instantly; an
 iterable is rebuilt and its first k batches are drawn and thrown away, which costs data-loading time
 and is exact when each epoch depends only on the RNG state at its start (true for DataLoader and
-for lists): every epoch starts from the pinned seed `cfg.seed + epoch`.
+for lists): every epoch starts from the pinned seed `cfg.seed + epoch`. Resuming with a changed
+config (say a larger train.max_steps, to train longer) is allowed but warns, listing every changed
+key: the LR schedule is computed from the config, so the rest of the run follows the new values.
 """
 
 from __future__ import annotations
@@ -198,6 +200,8 @@ class Trainer:
         resume=True continues from the newest valid checkpoint in out_dir (or starts fresh if there
         is none, so one command serves both the first start and every restart); resume=<folder>
         continues from that checkpoint and raises CheckpointError if it is damaged.
+        Resuming with a config that differs from the checkpoint's config.json warns, naming each
+        changed key (e.g. `train.max_steps: 100 -> 200`), and then trains with the new values.
         """
         cfg = self.cfg
         ckpt.clean_stale_temp(self.ckpt_root)
@@ -205,6 +209,9 @@ class Trainer:
         start = self._resume_point(resume)
         self.step, rng = 0, None
         if start is not None:
+            # Compare configs before loading the weights: if a changed model size makes the load
+            # fail, the warning has already said which setting changed.
+            self._warn_if_config_changed(start)
             state, _ = ckpt.load_checkpoint(start, self.model, verify=False)  # _resume_point verified it
             self.optimizer.load_state_dict(state["optimizer"])
             self.step, rng = int(state["step"]), state["rng"]
@@ -320,6 +327,18 @@ class Trainer:
                           f"({', '.join(newer)}); they are overwritten as training reaches their steps", stacklevel=3)
         return path
 
+    def _warn_if_config_changed(self, start: Path) -> None:
+        """Warn, listing each key, when this run's config differs from the one saved at `start`.
+
+        The LR schedule is a pure function of the config, so a changed train.max_steps or
+        train.warmup_steps silently bends the rest of the curve. A warning, not an error: resuming
+        with a larger max_steps to train longer is a normal thing to do.
+        """
+        changes = _config_changes(ckpt.read_config(start, verify=False), self.config)
+        if changes:
+            warnings.warn(f"resuming from {start.name} with a config that differs from the one it was saved "
+                          "with; the resumed run uses the new values:\n  " + "\n  ".join(changes), stacklevel=3)
+
     def _fire(self, event: str) -> None:
         for fn in self.callbacks[event]:
             fn(self)
@@ -413,6 +432,33 @@ def _config_dict(cfg: TrainConfig, config) -> dict:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config must be a Config or a JSON-serialisable dict ({e})") from None
     return dict(config)
+
+
+def _config_changes(old: dict, new: dict) -> list[str]:
+    """Every setting that differs between two nested config dicts, as "dotted.key: old -> new" lines.
+
+    Both sides go through JSON first, so a tuple in a live config equals the list it was saved as.
+    Example: {"train": {"max_steps": 100, "lr": 0.1}}, {"train": {"max_steps": 200, "lr": 0.1}}
+             -> ["train.max_steps: 100 -> 200"]
+    """
+    old, new = _flatten(json.loads(json.dumps(old))), _flatten(json.loads(json.dumps(new)))
+
+    def show(d: dict, key: str) -> str:  # a key only one side has: a field added or removed since
+        return repr(d[key]) if key in d else "(absent)"
+
+    return [f"{k}: {show(old, k)} -> {show(new, k)}" for k in sorted(old.keys() | new.keys())
+            if k not in old or k not in new or old[k] != new[k]]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """Example: {"train": {"lr": 0.1}, "seed": 0} -> {"train.lr": 0.1, "seed": 0}"""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _to_device(batch, device: torch.device):

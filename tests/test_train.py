@@ -3,6 +3,7 @@
 import json
 import math
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -225,6 +226,21 @@ def test_metrics_after_crash_are_rewritten_once(tmp_path):
     _, hist = fit(tmp_path, max_steps=8, ckpt_every=4, resume=True)
     assert [r["step"] for r in hist["train"]] == [5, 6, 7, 8]
     assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 9))  # no duplicated steps 5..8
+
+
+def test_resume_warns_about_a_changed_config_naming_each_key(tmp_path):
+    stop_at_2 = ("on_step_end", lambda t: t.step == 2 and t.request_stop())
+    fit(tmp_path, max_steps=4, callbacks=[stop_at_2])  # one checkpoint, at step 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the very same config: not a single warning
+        fit(tmp_path, max_steps=4, resume=True)  # finishes, checkpoint at step 4
+    with pytest.warns(UserWarning, match="differs") as caught:  # train longer, with a longer warm-up
+        trainer, hist = fit(tmp_path, max_steps=8, warmup_steps=3, resume=True)
+    assert len(caught) == 1
+    assert str(caught[0].message).splitlines()[1:] == ["  train.max_steps: 4 -> 8", "  train.warmup_steps: 2 -> 3"]
+    assert [r["step"] for r in hist["train"]] == [5, 6, 7, 8]
+    assert [r["lr"] for r in hist["train"]] == [lr_at(s, cfg_for(tmp_path, max_steps=8, warmup_steps=3))
+                                                for s in range(5, 9)]  # the run follows the new values
 
 
 def test_fresh_fit_refuses_a_used_out_dir_and_resume_true_starts_fresh(tmp_path):
