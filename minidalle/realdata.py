@@ -348,11 +348,11 @@ def split_for_consumer(items: Sequence, rank: int, world_size: int, worker_id: i
         raise DataError(
             f"{dataset}: {len(items)} {what} cannot feed {world_size} ranks: each of the {what} is read by "
             f"exactly one rank, so some ranks would get no data and stall the others. Write at least "
-            f"{world_size} {what} (ideally a multiple of ranks x data.num_workers) or use fewer ranks.")
+            f"{world_size} {what} (ideally a multiple of ranks x DataLoader workers) or use fewer ranks.")
     mine = list(items[rank::world_size])
     if len(mine) < num_workers and worker_id == 0:  # warn once per rank, not once per worker
         warnings.warn(f"{dataset}: rank {rank} has {len(mine)} {what} for {num_workers} DataLoader workers, so "
-                      f"{num_workers - len(mine)} workers stay idle; lower data.num_workers or write more {what}.",
+                      f"{num_workers - len(mine)} workers stay idle; lower the DataLoader's num_workers or write more {what}.",
                       stacklevel=2)
     return mine[worker_id::num_workers]
 
@@ -414,11 +414,10 @@ class _ShuffledStream(IterableDataset):
         return pixels, pick_caption(lines, self.seed, self.epoch, key)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, str]]:
+        # Each subclass defines iter_for(rank, world_size, worker_id, num_workers): the samples of
+        # one consumer. Taking the consumer as arguments lets tests simulate ranks and workers.
         rank, world, worker, n_workers = consumer_info()
         return self.iter_for(rank, world, worker, n_workers)
-
-    def iter_for(self, rank: int, world_size: int, worker_id: int, num_workers: int):
-        raise NotImplementedError
 
 
 # --- a folder of image + caption files ------------------------------------------------------------
