@@ -66,12 +66,36 @@ class TrainConfig:
 
 
 @dataclass
+class DVAEConfig:
+    """Stage 1, the image tokenizer (PAPER.md, Stage 1). Paper values in comments where we differ."""
+
+    quantizer: str = "gumbel"  # gumbel (the paper's dVAE) | vq (VQ-VAE, for comparison)
+    likelihood: str = "logit_laplace"  # logit_laplace (paper) | mse (what most re-implementations use)
+    vocab_size: int = 512  # K codes (paper 8192)
+    hidden: int = 64  # channels of the first encoder group, doubled per group (paper 256)
+    blocks_per_group: int = 1  # bottleneck residual blocks per resolution (paper 2)
+    n_groups: int = 3  # resolutions; downsampling factor 2**(n_groups-1): 3 -> x4, 4 -> x8 (paper 4)
+    code_dim: int = 64  # VQ only: dimension of a codebook vector
+    tau_start: float = 1.0  # Gumbel temperature at step 0 (paper 1)
+    tau_end: float = 1 / 16  # Gumbel temperature after tau_steps (paper 1/16)
+    tau_steps: int = 150_000  # cosine anneal length in updates (paper 150k), times schedule_scale
+    kl_max: float = 6.6  # KL weight beta after kl_steps (paper 6.6)
+    kl_steps: int = 5_000  # cosine ramp of beta from 0 in updates (paper 5k), times schedule_scale
+    schedule_scale: float = 1.0  # multiplies tau_steps and kl_steps so the recipe fits a short run
+    commitment: float = 0.25  # VQ only: weight of the commitment loss (van den Oord et al.)
+    ema_decay: float = 0.99  # VQ only: EMA decay of codebook updates
+    dead_after: int = 200  # steps a code may go unused before it counts as dead (and VQ restarts it)
+
+
+@dataclass
 class Config:
-    """Everything one run needs. Later stages add their own sections next to these."""
+    """Everything one run needs. Each stage has its own section (and its own training section)."""
 
     preset: str = "toy"  # name of the preset these numbers came from
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dvae: DVAEConfig = field(default_factory=DVAEConfig)
+    dvae_train: TrainConfig = field(default_factory=TrainConfig)  # how stage 1 is trained
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -94,17 +118,15 @@ class Config:
         return cfg
 
 
-# Compute knobs capped under MINIDALLE_SMOKE=1 (architecture numbers are never touched).
+# Compute knobs capped under MINIDALLE_SMOKE=1 (architecture numbers are never touched),
+# for the data and for every training section.
+_TRAIN_CAPS = {"max_steps": 20, "batch_size": 8, "warmup_steps": 2, "eval_every": 10, "eval_batches": 2,
+               "ckpt_every": 10}
 SMOKE_CAPS: dict[str, int] = {
     "data.n_train": 512,
     "data.n_val": 64,
     "data.n_heldout": 64,
-    "train.max_steps": 20,
-    "train.batch_size": 8,
-    "train.warmup_steps": 2,
-    "train.eval_every": 10,
-    "train.eval_batches": 2,
-    "train.ckpt_every": 10,
+    **{f"{section}.{k}": v for section in ("train", "dvae_train") for k, v in _TRAIN_CAPS.items()},
 }
 
 
@@ -116,10 +138,21 @@ PRESETS: dict[str, dict[str, object]] = {
         "data.image_size": 16,
         "train.log_every": 1,
         "train.out_dir": "runs/smoke",
+        "dvae.vocab_size": 64,
+        "dvae.hidden": 16,
+        "dvae.code_dim": 16,
+        "dvae.schedule_scale": 0.0001,
+        "dvae_train.log_every": 1,
+        "dvae_train.out_dir": "runs/smoke/dvae",
     },
     "toy": {  # ShapesWorld 32x32: minutes on a laptop CPU
         "data.image_size": 32,
         "train.out_dir": "runs/toy",
+        "dvae.schedule_scale": 0.01,  # tau over 1.5k updates, beta over 50 (paper: 150k and 5k)
+        "dvae_train.max_steps": 2_000,
+        "dvae_train.lr": 1e-3,
+        "dvae_train.min_lr": 1e-4,
+        "dvae_train.out_dir": "runs/toy/dvae",
     },
     "small": {  # real captions (emoji or a folder) at 64x64: one GPU, under an hour
         "data.dataset": "emoji",
@@ -127,6 +160,12 @@ PRESETS: dict[str, dict[str, object]] = {
         "train.max_steps": 20_000,
         "train.batch_size": 128,
         "train.out_dir": "runs/small",
+        "dvae.vocab_size": 1024,
+        "dvae.hidden": 128,
+        "dvae.blocks_per_group": 2,
+        "dvae.schedule_scale": 0.1,
+        "dvae_train.max_steps": 20_000,
+        "dvae_train.out_dir": "runs/small/dvae",
     },
     "paper": {  # the paper's 256x256 images from user shards; many GPUs
         "data.dataset": "tar",
@@ -134,6 +173,16 @@ PRESETS: dict[str, dict[str, object]] = {
         "train.max_steps": 430_000,
         "train.batch_size": 1024,
         "train.out_dir": "runs/paper",
+        "dvae.vocab_size": 8192,
+        "dvae.hidden": 256,
+        "dvae.blocks_per_group": 2,
+        "dvae.n_groups": 4,
+        "dvae_train.max_steps": 1_200_000,
+        "dvae_train.lr": 1e-4,
+        "dvae_train.min_lr": 1.25e-6,
+        "dvae_train.weight_decay": 1e-4,
+        "dvae_train.batch_size": 512,
+        "dvae_train.out_dir": "runs/paper/dvae",
     },
 }
 
