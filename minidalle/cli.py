@@ -4,6 +4,8 @@
     python -m minidalle data  --preset toy --split heldout --n 500 --out DIR
     python -m minidalle judge DIR [--json]
     python -m minidalle bench judge [--n 1000] [--json]
+    python -m minidalle train dvae --preset toy [--resume]        stage 1: the image tokenizer
+    python -m minidalle bench dvae --preset toy [--out DIR]       train stage 1 from scratch and measure it
 
 Every command accepts config overrides as `--section.key=value` (e.g. `--data.seed=3`); they are
 type-checked against minidalle/config.py. Errors the user can fix print one line and exit 2.
@@ -57,11 +59,43 @@ def _print_accuracy(title: str, result: dict) -> None:
 
 
 def cmd_bench(args, cfg: cfglib.Config) -> dict:
-    from .judge import benchmark, format_benchmark  # the only benchmark so far: --what judge
+    if args.what == "dvae":
+        import tempfile
 
-    res = benchmark(n=args.n, image_size=cfg.data.image_size, seed=cfg.data.seed)
+        from .image_tokenizer import benchmark_dvae, format_dvae_benchmark
+
+        out = args.out or tempfile.mkdtemp(prefix="minidalle-bench-dvae-")
+        res = benchmark_dvae(cfg, out, n_eval=args.n or 500)
+        print(format_dvae_benchmark(res))
+        return res
+    from .judge import benchmark, format_benchmark
+
+    res = benchmark(n=args.n or 1000, image_size=cfg.data.image_size, seed=cfg.data.seed)
     print(format_benchmark(res))
     return res
+
+
+def cmd_train(args, cfg: cfglib.Config) -> dict:
+    """Train one stage; checkpoints and metrics.jsonl go to that stage's out_dir."""
+    from .image_tokenizer import reconstruction_report, to_uint8, train_dvae
+    from .viz import save_grid
+
+    model, trainer = train_dvae(cfg, resume=args.resume)
+    out = Path(cfg.dvae_train.out_dir)
+    summary = {"stage": "dvae", "steps": trainer.step, "final_loss": trainer.loss,
+               "checkpoint": str(trainer.last_checkpoint), "out": str(out)}
+    if cfg.data.dataset == "shapes":
+        from .data import ShapesWorld
+
+        ds_images, _ = ShapesWorld("val", cfg.data.image_size, cfg.data.seed).batch(0, 8)
+        report = reconstruction_report(model, "val", cfg.data.image_size, min(cfg.data.n_val, 256), cfg.data.seed)
+        summary.update(judge_original=report["original"]["overall"], judge_reconstruction=report["reconstruction"]["overall"],
+                       psnr=report["psnr"], perplexity=report["perplexity"])
+        recon = to_uint8(model.reconstruct(ds_images.to(next(model.parameters()).device)).cpu())
+        grid = save_grid(list(ds_images) + list(recon), out / "reconstructions.png", ncols=8,
+                         title="val images (top) and their dVAE reconstructions (bottom)")
+        print(f"[train dvae] reconstructions -> {grid}")
+    return summary
 
 
 def cmd_demo(args, cfg: cfglib.Config) -> dict:
@@ -94,8 +128,9 @@ def cmd_demo(args, cfg: cfglib.Config) -> dict:
         summary["emoji_images"] = len(emoji)
     except DataError as e:
         print(f"[demo] emoji dataset skipped: {e}")
-    print("[demo] the image tokenizer, text tokenizer, transformer and sampler stages are not built "
-          "yet; this demo runs the stages that exist (datasets + judge).")
+    print("[demo] this demo runs the data stages (datasets + judge). The image tokenizer trains with "
+          "`python -m minidalle train dvae` but does not yet meet its quality bar; the text tokenizer, "
+          "transformer and sampler are not built yet.")
     summary["seconds"] = round(time.time() - t0, 2)
     return summary
 
@@ -134,9 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("bench", help="benchmarks that print measured figures")
     common(d)
-    d.add_argument("what", choices=["judge"])
-    d.add_argument("--n", type=_positive_int, default=1000, help="samples per split")
+    d.add_argument("what", choices=["judge", "dvae"])
+    d.add_argument("--n", type=_positive_int, default=None, help="samples per split (judge: 1000, dvae: 500)")
+    d.add_argument("--out", default=None, help="dvae: folder for the benchmark's training run (default: a temp folder)")
     d.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("train", help="train a stage of the pipeline")
+    common(d)
+    d.add_argument("what", choices=["dvae"], help="dvae: the image tokenizer (stage 1)")
+    d.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    d.set_defaults(func=cmd_train)
     return p
 
 

@@ -1,0 +1,202 @@
+"""Stage 1 end to end: train the dVAE on a dataset, encode a dataset to codes once, measure it.
+
+    model, trainer = train_dvae(get_config("toy"))           # the Trainer + the paper's schedules
+    codes = encode_dataset(model, dataset, n, cache_dir)      # (n, h, w) ints, cached on disk
+    result = benchmark_dvae(get_config("toy"), out_dir)       # `python -m minidalle bench dvae`
+
+The transformer (stage 2) never sees pixels: it reads the cached codes, so images are encoded once
+per (dataset, tokenizer checkpoint). The cache key includes the checkpoint's weight checksum, so a
+retrained tokenizer can never be paired with stale codes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .config import Config
+from .data import ShapesWorld, build_dataset
+from .dvae import DVAE, dvae_loss_fn, paper_parameter_counts, schedule_callback
+from .errors import CheckpointError
+from .quantize import perplexity
+from .train import Trainer, seed_everything
+
+
+def image_batches(dataset, batch_size: int):
+    """What the Trainer should read: `batch_at(i)` for ShapesWorld (exact resume), else a
+    DataLoader whose batches are uint8 image stacks (B, H, W, 3).
+
+    Example: image_batches(ShapesWorld("train", 16), 4)(0) -> uint8 (4, 16, 16, 3)
+    """
+    if isinstance(dataset, ShapesWorld):
+        return lambda i: dataset.batch(i * batch_size, batch_size)[0]
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, drop_last=True,
+                                       collate_fn=lambda items: torch.stack([im for im, _ in items]))
+
+
+def train_dvae(cfg: Config, resume: bool | str = False, progress: bool = True) -> tuple[DVAE, Trainer]:
+    """Train stage 1 with `cfg.dvae` and `cfg.dvae_train`; checkpoints go to cfg.dvae_train.out_dir.
+
+    The Gumbel temperature and KL weight follow the paper's cosine schedules (quantize.py), set
+    before every update by `schedule_callback`. Example: train_dvae(get_config("smoke")) -> (DVAE, Trainer)
+    """
+    tc = cfg.dvae_train
+    seed_everything(tc.seed)
+    model = DVAE(cfg.dvae)
+    train = image_batches(build_dataset(cfg.data, "train"), tc.batch_size)
+    val = image_batches(build_dataset(cfg.data, "val"), tc.batch_size) if cfg.data.dataset == "shapes" else None
+    trainer = Trainer(model, tc, train, dvae_loss_fn, eval_data=val, config=cfg, progress=progress)
+    callback = schedule_callback(cfg.dvae)
+    trainer.add_callback("on_fit_start", callback)
+    trainer.add_callback("on_step_end", callback)
+    trainer.fit(resume=resume)
+    return model, trainer
+
+
+def load_dvae(path: str | os.PathLike) -> tuple[DVAE, Config]:
+    """Rebuild a trained tokenizer from a checkpoint folder (weights verified, no pickle)."""
+    cfg = Config.from_dict(ckpt.read_config(path))
+    model = DVAE(cfg.dvae)
+    ckpt.load_checkpoint(path, model)
+    return model.eval(), cfg
+
+
+def tokenizer_id(checkpoint: str | os.PathLike) -> str:
+    """The checksum of a checkpoint's weights, from its manifest: names the tokenizer in cache keys."""
+    manifest = ckpt.verify_checkpoint(checkpoint)
+    return manifest["files"][ckpt.MODEL_FILE]["sha256"]
+
+
+def dataset_id(dataset) -> dict:
+    """What identifies a dataset's images for the code cache."""
+    if isinstance(dataset, ShapesWorld):
+        return {"dataset": "shapes", "split": dataset.split, "seed": dataset.seed, "image_size": dataset.image_size}
+    return {"dataset": type(dataset).__name__, "source": str(getattr(dataset, "root", getattr(dataset, "shards", ""))),
+            "image_size": getattr(dataset, "image_size", None)}
+
+
+def encode_dataset(model: DVAE, dataset, n: int, cache_dir: str | os.PathLike, tokenizer: str,
+                   batch_size: int = 256, progress: bool = True) -> torch.Tensor:
+    """Codes (n, h, w) of the first n images of `dataset`, read from or written to `cache_dir`.
+
+    The file `codes-<key>.safetensors` is keyed by (dataset identity, n, tokenizer id); it is written
+    atomically, so an interrupted encode leaves no half file. Codes are stored as int16 when K fits.
+    Example: encode_dataset(model, ShapesWorld("train", 32), 1000, "runs/cache", tokenizer_id(ckpt))
+             -> long (1000, 8, 8)
+    """
+    ident = {**dataset_id(dataset), "n": n, "tokenizer": tokenizer}
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"codes-{key}.safetensors"
+    if path.is_file():
+        try:
+            return load_file(path)["codes"].long()
+        except Exception as e:  # noqa: BLE001 -- a damaged cache is rebuilt, never trusted
+            print(f"[encode] cache {path} unreadable ({e}); encoding again")
+    device = next(model.parameters()).device
+    chunks, done = [], 0
+    items = iter(dataset.stream() if isinstance(dataset, ShapesWorld) else dataset)
+    with tqdm(total=n, desc="encoding", disable=not progress) as bar:
+        while done < n:
+            batch = [next(items)[0] for _ in range(min(batch_size, n - done))]
+            chunks.append(model.encode(torch.stack(batch).to(device)).cpu())  # (b, h, w)
+            done += len(batch)
+            bar.update(len(batch))
+    codes = torch.cat(chunks)  # (n, h, w)
+    dtype = torch.int16 if model.cfg.vocab_size <= 2**15 else torch.int32
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    save_file({"codes": codes.to(dtype)}, str(tmp), metadata={"id": json.dumps(ident, sort_keys=True)})
+    os.replace(tmp, path)
+    return codes
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of images in [0, 1]. Example: psnr(x, x + 0.1) -> 20.0"""
+    mse = torch.mean((x.float() - y.float()) ** 2).item()
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float (B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3), the datasets' layout."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def reconstruction_report(model: DVAE, split: str, image_size: int, n: int, seed: int = 0) -> dict:
+    """Judge accuracy on n originals and on their reconstructions, per attribute, plus PSNR and the
+    code perplexity over those images. Example: -> {"original": {...}, "reconstruction": {...}, "psnr": 24.1}"""
+    from .judge import evaluate
+
+    ds = ShapesWorld(split, image_size, seed, n)
+    images, captions = ds.batch(0, n)  # uint8 (n, H, W, 3)
+    device = next(model.parameters()).device
+    codes = model.encode(images.to(device))  # (n, h, w)
+    recon = model.decode(codes).cpu()  # (n, 3, H, W) in [0, 1]
+    original = evaluate(list(images), captions)
+    rebuilt = evaluate(list(to_uint8(recon)), captions)
+    counts = torch.bincount(codes.flatten().cpu(), minlength=model.cfg.vocab_size)
+    return {"original": original, "reconstruction": rebuilt,
+            "ratio": rebuilt["overall"] / max(original["overall"], 1e-9),
+            "psnr": psnr(recon, images.permute(0, 3, 1, 2).float() / 255),
+            "perplexity": float(perplexity(counts)), "codes_used": int((counts > 0).sum())}
+
+
+def benchmark_dvae(cfg: Config, out_dir: str | os.PathLike, n_eval: int = 500, progress: bool = True) -> dict:
+    """Train stage 1 from scratch with `cfg`, then measure what issue 3 asks for.
+
+    Reports wall time of training, judge accuracy on originals vs reconstructions of `val` and
+    `heldout` (per attribute), PSNR, perplexity and dead codes at the end of training, encoding
+    throughput, and the paper preset's parameter counts beside the released model's.
+    """
+    out = Path(out_dir)
+    if ckpt.list_checkpoints(out / "checkpoints"):
+        raise CheckpointError(f"{out} already holds a run; the benchmark trains from scratch, choose a new --out")
+    cfg = Config.from_dict({**cfg.to_dict(), "dvae_train": {**cfg.to_dict()["dvae_train"], "out_dir": str(out)}})
+    t0 = time.perf_counter()
+    model, trainer = train_dvae(cfg, progress=progress)
+    train_seconds = time.perf_counter() - t0
+    model.eval()
+    size, K = cfg.data.image_size, cfg.dvae.vocab_size
+    result = {"preset": cfg.preset, "quantizer": cfg.dvae.quantizer, "likelihood": cfg.dvae.likelihood,
+              "vocab_size": K, "image_size": size, "steps": trainer.step, "train_seconds": round(train_seconds, 1),
+              "final_loss": trainer.loss, "dead_codes": int(model.quantizer.health.dead())}
+    for split in ("val", "heldout"):
+        result[split] = reconstruction_report(model, split, size, n_eval, cfg.data.seed)
+    result["perplexity_fraction"] = result["val"]["perplexity"] / K
+    ds = ShapesWorld("val", size, cfg.data.seed)
+    images = ds.batch(0, 1024)[0]
+    t0 = time.perf_counter()
+    model.encode(images.to(next(model.parameters()).device))
+    result["encode_images_per_s"] = round(len(images) / (time.perf_counter() - t0), 1)
+    result["paper_params"] = paper_parameter_counts()
+    return result
+
+
+def format_dvae_benchmark(r: dict) -> str:
+    """`benchmark_dvae`'s result as a short text report."""
+    lines = [f"dVAE ({r['quantizer']}, {r['likelihood']}, K={r['vocab_size']}, {r['image_size']}x{r['image_size']}, "
+             f"preset {r['preset']}): {r['steps']} updates in {r['train_seconds']} s, final loss {r['final_loss']:.4f}"]
+    for split in ("val", "heldout"):
+        s = r[split]
+        per = ", ".join(f"{a} {s['original'][a]:.3f}->{s['reconstruction'][a]:.3f}"
+                        for a in ("count", "color", "shape", "size", "position", "relation")
+                        if s["original"][a] is not None)
+        lines.append(f"  {split:<8} judge original {s['original']['overall']:.3f} -> reconstruction "
+                     f"{s['reconstruction']['overall']:.3f} (ratio {s['ratio']:.3f}); PSNR {s['psnr']:.2f} dB")
+        lines.append(f"           per attribute: {per}")
+    lines.append(f"  codebook: perplexity {r['val']['perplexity']:.1f} of K={r['vocab_size']} "
+                 f"({r['perplexity_fraction']:.1%}), {r['val']['codes_used']} codes used on val, "
+                 f"{r['dead_codes']} dead at the end of training")
+    lines.append(f"  encoding: {r['encode_images_per_s']:.0f} images/s")
+    p = r["paper_params"]
+    lines.append(f"  paper preset: encoder {p['encoder'] / 1e6:.1f}M (released {p['released_encoder'] / 1e6:.1f}M), "
+                 f"decoder {p['decoder'] / 1e6:.1f}M (released {p['released_decoder'] / 1e6:.1f}M)")
+    return "\n".join(lines)

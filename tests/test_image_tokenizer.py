@@ -1,0 +1,84 @@
+"""Stage 1 end to end at smoke size: train, reload, encode with a cache, report, CLI."""
+
+import json
+
+import pytest
+import torch
+
+from minidalle.cli import main
+from minidalle.config import get_config
+from minidalle.data import ShapesWorld
+from minidalle.errors import CheckpointError
+from minidalle.quantize import temperature_at
+from minidalle.image_tokenizer import (encode_dataset, load_dvae, psnr, reconstruction_report, to_uint8,
+                                       tokenizer_id, train_dvae)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dvae")
+    cfg = get_config("smoke", {"dvae_train.out_dir": str(out), "dvae_train.max_steps": 6,
+                               "dvae_train.ckpt_every": 3, "dvae_train.eval_every": 3}, smoke=True)
+    model, trainer = train_dvae(cfg, progress=False)
+    return cfg, model, trainer
+
+
+def test_training_follows_the_schedules_and_checkpoints(trained):
+    cfg, model, trainer = trained
+    assert trainer.step == 6 and trainer.last_checkpoint.name == "step_0000006"
+    temps = [r["temperature"] for r in trainer.history["train"]]
+    assert temps == pytest.approx([temperature_at(k, cfg.dvae) for k in range(1, 7)])  # update k uses step k
+    assert all(a > b for a, b in zip(temps, temps[1:]))
+    assert len(trainer.history["eval"]) == 2  # eval at steps 3 and 6 on ShapesWorld val
+
+
+def test_reload_gives_the_same_codes(trained):
+    cfg, model, trainer = trained
+    again, cfg2 = load_dvae(trainer.last_checkpoint)
+    images = ShapesWorld("val", cfg.data.image_size).batch(0, 4)[0]
+    assert torch.equal(again.encode(images), model.encode(images)) and cfg2.dvae == cfg.dvae
+
+
+def test_encode_dataset_caches_by_tokenizer(trained, tmp_path):
+    cfg, model, trainer = trained
+    ds = ShapesWorld("train", cfg.data.image_size, seed=1)
+    tok = tokenizer_id(trainer.last_checkpoint)
+    codes = encode_dataset(model, ds, 10, tmp_path, tok, batch_size=4, progress=False)
+    assert codes.shape == (10, 4, 4) and codes.dtype == torch.long
+    assert torch.equal(codes, model.encode(ds.batch(0, 10)[0]))
+    files = list(tmp_path.glob("codes-*.safetensors"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    assert torch.equal(encode_dataset(model, ds, 10, tmp_path, tok, progress=False), codes)
+    assert files[0].stat().st_mtime_ns == stamp  # the second call read the cache, wrote nothing
+    encode_dataset(model, ds, 10, tmp_path, "another-tokenizer", progress=False)
+    assert len(list(tmp_path.glob("codes-*.safetensors"))) == 2  # a new tokenizer never reuses codes
+    files[0].write_bytes(b"garbage")  # a damaged cache is rebuilt, not trusted
+    assert torch.equal(encode_dataset(model, ds, 10, tmp_path, tok, progress=False), codes)
+
+
+def test_reconstruction_report_and_psnr(trained):
+    cfg, model, trainer = trained
+    r = reconstruction_report(model, "heldout", cfg.data.image_size, 8)
+    assert r["original"]["overall"] == 1.0 and 0 <= r["reconstruction"]["overall"] <= 1
+    assert 0 < r["psnr"] < 100 and 1 <= r["perplexity"] <= cfg.dvae.vocab_size
+    x = torch.rand(2, 3, 4, 4)
+    assert psnr(x, x) == float("inf") and psnr(x, x + 0.1) == pytest.approx(20.0, abs=0.01)
+    assert to_uint8(torch.ones(1, 3, 2, 2)).shape == (1, 2, 2, 3)
+
+
+def test_cli_train_and_bench_dvae(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "dvae", "--preset", "smoke", f"--dvae_train.out_dir={out}"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] > 0 and (out / "reconstructions.png").is_file()
+    assert main(["train", "dvae", "--preset", "smoke", f"--dvae_train.out_dir={out}"]) == 2  # refuses to overwrite
+    assert "resume" in capsys.readouterr().err
+    assert main(["bench", "dvae", "--preset", "smoke", "--n", "8", "--out", str(tmp_path / "bench"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip())
+    assert res["paper_params"]["encoder"] > 50e6 and res["val"]["original"]["n"] == 8
+    with pytest.raises(CheckpointError):
+        from minidalle.image_tokenizer import benchmark_dvae
+        benchmark_dvae(get_config("smoke"), tmp_path / "bench", n_eval=8, progress=False)
