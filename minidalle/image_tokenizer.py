@@ -11,11 +11,13 @@ retrained tokenizer can never be paired with stale codes.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,7 +28,7 @@ from . import checkpoint as ckpt
 from .config import Config
 from .data import ShapesWorld, build_dataset
 from .dvae import DVAE, dvae_loss_fn, paper_parameter_counts, schedule_callback
-from .errors import CheckpointError
+from .errors import CheckpointError, DataError
 from .quantize import perplexity
 from .train import Trainer, seed_everything
 
@@ -100,13 +102,16 @@ def encode_dataset(model: DVAE, dataset, n: int, cache_dir: str | os.PathLike, t
         try:
             return load_file(path)["codes"].long()
         except Exception as e:  # noqa: BLE001 -- a damaged cache is rebuilt, never trusted
-            print(f"[encode] cache {path} unreadable ({e}); encoding again")
+            warnings.warn(f"code cache {path} is unreadable ({e}); encoding again", stacklevel=2)
     device = next(model.parameters()).device
     chunks, done = [], 0
     items = iter(dataset.stream() if isinstance(dataset, ShapesWorld) else dataset)
     with tqdm(total=n, desc="encoding", disable=not progress) as bar:
         while done < n:
-            batch = [next(items)[0] for _ in range(min(batch_size, n - done))]
+            # range first: zip stops on it without drawing (and losing) one more item
+            batch = [item[0] for _, item in zip(range(min(batch_size, n - done)), items)]
+            if not batch:
+                raise DataError(f"the dataset ran out after {done} images; asked to encode n={n}")
             chunks.append(model.encode(torch.stack(batch).to(device)).cpu())  # (b, h, w)
             done += len(batch)
             bar.update(len(batch))
@@ -159,7 +164,8 @@ def benchmark_dvae(cfg: Config, out_dir: str | os.PathLike, n_eval: int = 500, p
     out = Path(out_dir)
     if ckpt.list_checkpoints(out / "checkpoints"):
         raise CheckpointError(f"{out} already holds a run; the benchmark trains from scratch, choose a new --out")
-    cfg = Config.from_dict({**cfg.to_dict(), "dvae_train": {**cfg.to_dict()["dvae_train"], "out_dir": str(out)}})
+    cfg = copy.deepcopy(cfg)  # the caller's config keeps its own out_dir
+    cfg.dvae_train.out_dir = str(out)
     t0 = time.perf_counter()
     model, trainer = train_dvae(cfg, progress=progress)
     train_seconds = time.perf_counter() - t0

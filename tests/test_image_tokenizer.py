@@ -8,7 +8,7 @@ import torch
 from minidalle.cli import main
 from minidalle.config import get_config
 from minidalle.data import ShapesWorld
-from minidalle.errors import CheckpointError
+from minidalle.errors import CheckpointError, DataError
 from minidalle.quantize import temperature_at
 from minidalle.image_tokenizer import (encode_dataset, load_dvae, psnr, reconstruction_report, to_uint8,
                                        tokenizer_id, train_dvae)
@@ -56,7 +56,11 @@ def test_encode_dataset_caches_by_tokenizer(trained, tmp_path):
     encode_dataset(model, ds, 10, tmp_path, "another-tokenizer", progress=False)
     assert len(list(tmp_path.glob("codes-*.safetensors"))) == 2  # a new tokenizer never reuses codes
     files[0].write_bytes(b"garbage")  # a damaged cache is rebuilt, not trusted
-    assert torch.equal(encode_dataset(model, ds, 10, tmp_path, tok, progress=False), codes)
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert torch.equal(encode_dataset(model, ds, 10, tmp_path, tok, progress=False), codes)
+    short = [(im, "") for im in ds.batch(0, 3)[0]]  # a finite dataset of 3 images
+    with pytest.raises(DataError, match="ran out after 3 images"):
+        encode_dataset(model, short, 5, tmp_path, tok, progress=False)
 
 
 def test_reconstruction_report_and_psnr(trained):
