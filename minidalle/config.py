@@ -150,7 +150,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "train.out_dir": "runs/toy",
         "dvae.vocab_size": 256,  # K (paper 8192): ShapesWorld's 4x4-pixel cells need far fewer codes
         "dvae.hidden": 32,  # 1,200 updates took 275 s on 2 CPU cores (issue 3 asks for <= 3 min)
-        "dvae.schedule_scale": 0.0067,  # tau over 1k updates, beta over 33 (paper: 150k and 5k)
+        "dvae.schedule_scale": 0.0067,  # tau over 1k updates, beta over 34 (paper: 150k and 5k)
         "dvae_train.max_steps": 1_200,
         "dvae_train.batch_size": 32,
         "dvae_train.lr": 1e-3,

@@ -32,7 +32,10 @@ from .quantize import make_quantizer, nearest_code, stats_to_floats
 
 QUANTIZERS = ("gumbel", "vq")
 LIKELIHOODS = ("logit_laplace", "mse")
-RELEASED_PARAMS = {"encoder": 53_786_240, "decoder": 43_829_766}  # openai/DALL-E: ~54M / ~44M (its encoder.py / decoder.py)
+# The released dVAE's sizes as published (about 54M encoder, 44M decoder parameters). Our `paper`
+# preset counts 53,786,240 and 43,829,766, which is also what counting the layers of the released
+# encoder.py / decoder.py gives; the rounded published figures are what we check against.
+RELEASED_PARAMS = {"encoder": 54_000_000, "decoder": 44_000_000}
 
 
 def _check_cfg(cfg: DVAEConfig) -> None:
@@ -191,6 +194,7 @@ class DVAE(nn.Module):
                 raise ConfigError(f"float images must be (B, 3, H, W) RGB in [0, 1]; got shape {tuple(images.shape)} "
                                   f"({images.shape[1]} channels)")
             x = images.float()
+            losses.check_unit_pixels(x, "images")  # once per batch: uint8 input needs no range check
         else:
             raise ConfigError(f"images must be uint8 (B, H, W, 3) or float (B, 3, H, W); got dtype {images.dtype}")
         H, W = x.shape[-2:]
@@ -206,7 +210,7 @@ class DVAE(nn.Module):
         """
         x = self._prepare(images)  # (B, 3, H, W) in [0, 1]
         B, _, H, W = x.shape
-        x_in = losses.map_pixels(x)  # (B, 3, H, W) in [eps, 1-eps]: the released encoder's input
+        x_in = losses.map_pixels(x, check=False)  # (B, 3, H, W) in [eps, 1-eps]; _prepare checked x once
         z = self.encoder(x_in)  # (B, K, h, w) logits, or (B, D, h, w) for VQ
         z_q, q_loss, codes, stats = self.quantizer(z)  # (B, K|D, h, w), scalar per image, (B, h, w)
         out = self.decoder(z_q)  # (B, 6|3, H, W)
@@ -218,7 +222,7 @@ class DVAE(nn.Module):
         """(mean NLL per pixel-channel, viewable x_hat in [0, 1]) for the decoder output `out`."""
         if self.cfg.likelihood == "logit_laplace":
             mu, log_b = losses.split_decoder_output(out)  # (B, 3, H, W) each
-            recon = losses.logit_laplace_nll(x_mapped, mu, log_b, reduction="mean")
+            recon = losses.logit_laplace_nll(x_mapped, mu, log_b, reduction="mean", check=False)  # built by map_pixels
             return recon, losses.logit_laplace_mean(mu.detach())  # (B, 3, H, W) in [0, 1]
         recon = losses.mse_loss(x, out)
         return recon, out.detach().clamp(0, 1)
@@ -237,7 +241,7 @@ class DVAE(nn.Module):
         try:
             chunks = []
             for i in range(0, x.shape[0], batch_size):
-                z = self.encoder(losses.map_pixels(x[i:i + batch_size]))  # (b, K|D, h, w)
+                z = self.encoder(losses.map_pixels(x[i:i + batch_size], check=False))  # (b, K|D, h, w)
                 if self.cfg.quantizer == "gumbel":
                     chunks.append(z.argmax(dim=1))  # (b, h, w)
                 else:
@@ -310,7 +314,7 @@ def paper_parameter_counts() -> dict[str, int]:
     """Build the `paper` preset's encoder and decoder on the meta device (no memory) and count.
 
     Example: paper_parameter_counts() -> {"encoder": 53786240, "decoder": 43829766,
-             "released_encoder": 53786240, "released_decoder": 43829766}
+             "released_encoder": 54000000, "released_decoder": 44000000}
     """
     cfg = get_config("paper", smoke=False).dvae
     with torch.device("meta"):

@@ -29,6 +29,7 @@ from .config import Config
 from .data import ShapesWorld, build_dataset
 from .dvae import DVAE, dvae_loss_fn, paper_parameter_counts, schedule_callback
 from .errors import CheckpointError, DataError
+from .losses import to_unit
 from .quantize import perplexity
 from .train import Trainer, seed_everything
 
@@ -150,7 +151,7 @@ def reconstruction_report(model: DVAE, split: str, image_size: int, n: int, seed
     counts = torch.bincount(codes.flatten().cpu(), minlength=model.cfg.vocab_size)
     return {"original": original, "reconstruction": rebuilt,
             "ratio": rebuilt["overall"] / max(original["overall"], 1e-9),
-            "psnr": psnr(recon, images.permute(0, 3, 1, 2).float() / 255),
+            "psnr": psnr(recon, to_unit(images)),
             "perplexity": float(perplexity(counts)), "codes_used": int((counts > 0).sum())}
 
 

@@ -35,8 +35,11 @@ def _check_eps(eps: float) -> None:
         raise ValueError(f"eps must lie in (0, 0.5) so that [eps, 1 - eps] is a proper interval; got {eps!r}")
 
 
-def _check_unit_pixels(x: torch.Tensor, name: str = "x") -> None:
-    """Refuse anything but float pixels in [0, 1] (with a small tolerance), with a message that says the fix."""
+def check_unit_pixels(x: torch.Tensor, name: str = "x") -> None:
+    """Refuse anything but float pixels in [0, 1] (with a small tolerance), with a message that says the fix.
+
+    It reads min/max back from the device (a GPU sync), so a training step should pay it once, at the
+    input: the dVAE checks its batch here and then calls `map_pixels`/`logit_laplace_nll` with check=False."""
     if not isinstance(x, torch.Tensor):
         raise DataError(f"{name} must be a torch tensor of float pixels in [0, 1]; got {type(x).__name__}")
     if not x.is_floating_point():
@@ -69,7 +72,7 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
     return images.movedim(-1, -3).float() / 255.0  # (..., H, W, 3) -> (..., 3, H, W)
 
 
-def map_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
+def map_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS, check: bool = True) -> torch.Tensor:
     """Float pixels in [0, 1] -> (1 - 2 eps) x + eps, which lies in [eps, 1 - eps].
 
     The logit-Laplace density lives on the open interval (0, 1); black (0) and white (1) pixels
@@ -77,7 +80,8 @@ def map_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
     Example: torch.tensor([0.0, 0.5, 1.0]) -> tensor([0.1000, 0.5000, 0.9000])
     """
     _check_eps(eps)
-    _check_unit_pixels(x)
+    if check:
+        check_unit_pixels(x)
     return (1 - 2 * eps) * x.clamp(0.0, 1.0) + eps  # same shape as x, in [eps, 1 - eps]
 
 
@@ -105,7 +109,7 @@ def split_decoder_output(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def logit_laplace_nll(x: torch.Tensor, mu: torch.Tensor, log_b: torch.Tensor,
-                      reduction: str = "mean") -> torch.Tensor:
+                      reduction: str = "mean", check: bool = True) -> torch.Tensor:
     """Negative log-likelihood of mapped pixels x under the logit-Laplace density, per element:
 
         nll = log(2 b) + log(x) + log(1 - x) + |logit(x) - mu| / b
@@ -131,7 +135,8 @@ def logit_laplace_nll(x: torch.Tensor, mu: torch.Tensor, log_b: torch.Tensor,
                         f"{tuple(mu.shape)}, {tuple(log_b.shape)}")
     if not x.is_floating_point():
         raise DataError(f"x has dtype {x.dtype}; expected mapped float pixels: map_pixels(to_unit(images))")
-    if x.numel() and not ((x > 0) & (x < 1)).all():
+    if check and x.numel() and not ((x > 0) & (x < 1)).all():  # a GPU sync: callers that built x with
+        # map_pixels themselves (the dVAE) pass check=False
         raise DataError("x must lie strictly inside (0, 1): pass map_pixels(x), not raw [0, 1] pixels "
                         "(logit(0) and logit(1) are infinite)")
     log_b = log_b.clamp(LOG_B_MIN, LOG_B_MAX)                 # (B, 3, H, W)

@@ -205,7 +205,7 @@ class GumbelQuantizer(nn.Module):
                 g = -torch.empty_like(logits32).exponential_().clamp_min(1e-30).log()  # (B, K, h, w)
                 z_q = F.softmax((logits32 + g) / self.temperature, dim=1)  # (B, K, h, w), sums to 1 over K
             else:
-                z_q = F.one_hot(codes, K).permute(0, 3, 1, 2).float()  # (B, K, h, w), exact, no noise
+                z_q = self.embed_codes(codes)  # (B, K, h, w), exact one-hot, no noise
             # KL(q || uniform) = sum_k q_k (log q_k - log(1/K)), with q = softmax(logits): the
             # categorical the encoder predicts, not the noisy sample.
             log_q = F.log_softmax(logits32, dim=1)  # (B, K, h, w)
@@ -310,7 +310,7 @@ class VectorQuantizer(nn.Module):
                 self._restart(flat, torch.ones(self.vocab_size, dtype=torch.bool, device=z.device))
                 self.initialised.fill_(1)
             codes = nearest_code(z32, self.codebook)  # (B, h, w)
-            z_q = F.embedding(codes, self.codebook.float()).permute(0, 3, 1, 2)  # (B, D, h, w), no grad
+            z_q = self.embed_codes(codes)  # (B, D, h, w), no grad
             # commitment: pull the encoder towards its chosen code (the code itself moves by EMA)
             commit = (z32 - z_q).pow(2).sum(dim=(1, 2, 3)).mean()  # () per image
             loss = self.commitment * commit

@@ -101,7 +101,6 @@ def test_decode_encode_round_trip_shape_and_range(quantizer, likelihood, images,
     x_hat = model.decode(model.encode(images))
     assert x_hat.shape == (8, 3, 16, 16) and x_hat.dtype == torch.float32
     assert 0 <= x_hat.min() and x_hat.max() <= 1
-    assert torch.equal(x_hat, model.reconstruct(images))
     assert not x_hat.requires_grad
 
 
@@ -175,8 +174,8 @@ def test_loss_is_recon_plus_per_image_q_loss_over_pixel_channels(quantizer, imag
 def test_paper_preset_parameter_counts_match_the_released_dvae():
     """openai/DALL-E's released encoder has ~54M parameters and its decoder ~44M."""
     counts = paper_parameter_counts()
-    assert abs(counts["encoder"] - 54e6) <= 0.15 * 54e6, counts
-    assert abs(counts["decoder"] - 44e6) <= 0.15 * 44e6, counts
+    assert abs(counts["encoder"] - 54e6) <= 0.01 * 54e6, counts
+    assert abs(counts["decoder"] - 44e6) <= 0.01 * 44e6, counts
     assert count_parameters(torch.nn.Conv2d(3, 8, 1)) == 32
 
 

@@ -260,9 +260,9 @@ def test_perplexity_and_health_bookkeeping():
     assert torch.equal(h.observe(torch.tensor([[0, 2, 2]]), record=False), torch.tensor([1, 0, 2, 0]))
     assert int(h.usage.sum()) == 0 and int(h.steps) == 0  # not recorded
     for _ in range(2):
-        h.observe(torch.tensor([0, 0, 1]), record=True)
+        h.observe(torch.tensor([1, 1, 0]), record=True)
     assert torch.equal(h.steps_unused, torch.tensor([0, 0, 2, 2])) and int(h.dead()) == 2
-    assert torch.allclose(h.usage_histogram(), torch.tensor([4 / 6, 2 / 6, 0, 0]))
+    assert torch.allclose(h.usage_histogram(), torch.tensor([2 / 6, 4 / 6, 0, 0]))
     assert torch.allclose(h.usage_histogram(sort=True), torch.tensor([4 / 6, 2 / 6, 0, 0]))
     assert int(CodebookHealth(4, dead_after=0).dead()) == 0
 
