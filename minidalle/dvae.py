@@ -31,7 +31,9 @@ from .errors import ConfigError
 from .quantize import make_quantizer, nearest_code, stats_to_floats
 
 QUANTIZERS = ("gumbel", "vq")
-LIKELIHOODS = ("logit_laplace", "mse")
+# logit_laplace: the paper's density; logit_laplace_binned: the same density scored per 8-bit level
+# (losses.binned_logit_laplace_nll; the toy presets use it, see why there); mse: for comparison.
+LIKELIHOODS = ("logit_laplace", "logit_laplace_binned", "mse")
 # The released dVAE's sizes as published (about 54M encoder, 44M decoder parameters). Our `paper`
 # preset counts 53,786,240 and 43,829,766, which is also what counting the layers of the released
 # encoder.py / decoder.py gives; the rounded published figures are what we check against.
@@ -146,7 +148,7 @@ class Decoder(nn.Module):
         widths = [cfg.hidden * 2 ** g for g in reversed(range(cfg.n_groups))]
         self.input = nn.Conv2d(in_channels, n_init, 1)
         self.groups = _groups(widths, n_init, cfg, (1, 3, 3, 3), lambda: nn.Upsample(scale_factor=2, mode="nearest"))
-        out = 6 if cfg.likelihood == "logit_laplace" else 3
+        out = 3 if cfg.likelihood == "mse" else 6
         self.output = nn.Sequential(nn.ReLU(), nn.Conv2d(widths[-1], out, 1))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -220,9 +222,12 @@ class DVAE(nn.Module):
 
     def _likelihood(self, x: torch.Tensor, x_mapped: torch.Tensor, out: torch.Tensor):
         """(mean NLL per pixel-channel, viewable x_hat in [0, 1]) for the decoder output `out`."""
-        if self.cfg.likelihood == "logit_laplace":
+        if self.cfg.likelihood != "mse":
             mu, log_b = losses.split_decoder_output(out)  # (B, 3, H, W) each
-            recon = losses.logit_laplace_nll(x_mapped, mu, log_b, reduction="mean", check=False)  # built by map_pixels
+            if self.cfg.likelihood == "logit_laplace_binned":
+                recon = losses.binned_logit_laplace_nll(x, mu, log_b, reduction="mean")  # per 8-bit level
+            else:
+                recon = losses.logit_laplace_nll(x_mapped, mu, log_b, reduction="mean", check=False)  # built by map_pixels
             return recon, losses.logit_laplace_mean(mu.detach())  # (B, 3, H, W) in [0, 1]
         recon = losses.mse_loss(x, out)
         return recon, out.detach().clamp(0, 1)
@@ -266,7 +271,7 @@ class DVAE(nn.Module):
         try:
             z = self.quantizer.embed_codes(codes)  # (B, K, h, w) one-hot, or (B, D, h, w) codebook rows
             out = self.decoder(z)  # (B, 6|3, H, W)
-            if self.cfg.likelihood == "logit_laplace":
+            if self.cfg.likelihood != "mse":
                 return losses.logit_laplace_mean(losses.split_decoder_output(out)[0])  # (B, 3, H, W)
             return out.clamp(0, 1)  # (B, 3, H, W)
         finally:

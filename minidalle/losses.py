@@ -151,6 +151,78 @@ def logit_laplace_nll(x: torch.Tensor, mu: torch.Tensor, log_b: torch.Tensor,
     return nll
 
 
+# --- the same density, scored per 8-bit level ----------------------------------------------------
+#
+# A deviation from the paper, used by the toy presets (config: dvae.likelihood = "logit_laplace_binned").
+# Pixels are 8-bit, so a continuous density can be made arbitrarily tall on any region whose pixels
+# all share one value. ShapesWorld is ~80% exact black background: the decoder drives ln b there to
+# its clamp (-10), each background pixel then scores about -11.7 nats, and its gradient (sign / b,
+# ~e^10) drowns the object pixels in Adam's normalisation. Measured: reconstructions with every
+# object in one colour, judge accuracy 0.00 (issue 3). The paper trained on photos, where flat runs of
+# one value are rare. Scoring the *probability of the pixel's 8-bit level* -- the density integrated
+# over that level's bin, as PixelCNN++ does for its logistic mixture -- bounds the loss below by 0
+# and lets the gradient vanish once a pixel is predicted inside its bin. Where b is wide against a
+# bin (photos) it equals the continuous NLL minus log(bin width): the same objective.
+
+PIXEL_LEVELS = 256  # 8-bit pixels: level v covers [v - 1/2, v + 1/2] / 255 before the map
+_LN2 = math.log(2.0)
+_EDGE = 1e4  # an end level's open side: this many b past its other edge and past mu (exp(-1e4) == 0)
+
+
+def _log1mexp(d: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(-d)) for d > 0, accurate for small and large d (Maechler's two branches).
+
+    Each branch's input is clamped to its own range so the branch torch.where drops stays finite
+    (a NaN there would still poison the gradient). Example: tensor([1e-6, 1.0, 50.0]) -> [-13.8155, -0.4587, 0.]
+    """
+    small = torch.log(-torch.expm1(-d.clamp(1e-30, _LN2)))  # d <= ln 2
+    large = torch.log1p(-torch.exp(-d.clamp_min(_LN2)))  # d > ln 2
+    return torch.where(d > _LN2, large, small)
+
+
+def binned_logit_laplace_nll(x: torch.Tensor, mu: torch.Tensor, log_b: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS,
+                             reduction: str = "mean") -> torch.Tensor:
+    """-log P(the 8-bit level of x) under the logit-Laplace(mu, b) density on map_pixels(x).
+
+    x: *unmapped* pixels in [0, 1] (B, 3, H, W), as 8-bit levels v / 255; mu, log_b as for
+    `logit_laplace_nll`. Level v's bin is [v - 1/2, v + 1/2] / 255 pushed through the eps map; the
+    two end levels take the tails, so the 256 probabilities sum to 1 and the NLL is >= 0. In logit
+    units the bin is [a, c] (standardised by b), and the Laplace CDF F gives P = F(c) - F(a),
+    computed in log space: with both ends left of mu, P = e^c (1 - e^-(c-a)) / 2; the right side by
+    symmetry; straddling mu, P = 1 - (e^a + e^-c) / 2. ln b is clamped to [LOG_B_MIN, LOG_B_MAX] as
+    in `logit_laplace_nll` (here only to keep exp finite: the loss cannot run away).
+    Example: x = torch.zeros(1), mu = torch.full((1,), -20.0), log_b = torch.zeros(1) -> ~0 (black, predicted black)
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}; got {reduction!r}")
+    if not (x.shape == mu.shape == log_b.shape):
+        raise DataError(f"x, mu and log_b must have one shape (B, 3, H, W); got {tuple(x.shape)}, "
+                        f"{tuple(mu.shape)}, {tuple(log_b.shape)}")
+    _check_eps(eps)
+    half = 0.5 / (PIXEL_LEVELS - 1)  # half a level, in [0, 1] units
+    dtype = torch.promote_types(torch.promote_types(x.dtype, mu.dtype), torch.float32)  # fp32 at least, fp64 kept
+    with torch.autocast(device_type=x.device.type, enabled=False):  # exp/log of standardised logits: no bf16
+        x, mu, log_b = x.to(dtype), mu.to(dtype), log_b.to(dtype)
+        inv_b = torch.exp(-log_b.clamp(LOG_B_MIN, LOG_B_MAX))                  # (B, 3, H, W)
+        lo = (1 - 2 * eps) * (x - half).clamp(min=0.0) + eps                    # bin edges, mapped
+        hi = (1 - 2 * eps) * (x + half).clamp(max=1.0) + eps
+        a = (torch.log(lo) - torch.log1p(-lo) - mu) * inv_b                     # standardised logit edges
+        c = (torch.log(hi) - torch.log1p(-hi) - mu) * inv_b
+        a = torch.where(x <= half, c.clamp(max=0.0) - _EDGE, a)  # level 0 takes the left tail (0, bin]
+        c = torch.where(x >= 1 - half, a.clamp(min=0.0) + _EDGE, c)  # level 255 the right tail [bin, 1)
+        # Reflect bins right of mu (a > 0) to the left: F(c) - F(a) = F(-a) - F(-c) for the Laplace.
+        right = a > 0
+        a, c = torch.where(right, -c, a), torch.where(right, -a, c)  # now a <= 0
+        tail = -_LN2 + c + _log1mexp(c - a)  # both ends left of mu (c <= 0)
+        inside = (-0.5 * (torch.expm1(a) + torch.expm1(-c.clamp(min=0.0)))).clamp_min(1e-30)  # a <= 0 < c
+        nll = -torch.where(c <= 0, tail, torch.log(inside))                   # (B, 3, H, W), >= 0
+    if reduction == "mean":
+        return nll.mean()
+    if reduction == "sum":
+        return nll.sum()
+    return nll
+
+
 def logit_laplace_mean(mu: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
     """The viewable reconstruction x̂ = unmap(sigmoid(mu)), float pixels in [0, 1] (paper, A.3).
 

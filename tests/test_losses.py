@@ -9,7 +9,8 @@ import torch
 
 from minidalle import data
 from minidalle.errors import DataError, MinidalleError
-from minidalle.losses import (LOG_B_MAX, LOG_B_MIN, LOGIT_LAPLACE_EPS, logit_laplace_mean, logit_laplace_nll,
+from minidalle.losses import (LOG_B_MAX, LOG_B_MIN, LOGIT_LAPLACE_EPS, binned_logit_laplace_nll, logit_laplace_mean,
+                              logit_laplace_nll,
                               map_pixels, mse_loss, split_decoder_output, to_unit, unmap_pixels)
 
 
@@ -187,3 +188,81 @@ def test_mse_loss_on_unit_pixels():
     assert mse_loss(x, x).item() == 0.0
     with pytest.raises(DataError, match="shape"):
         mse_loss(x, x[:1])
+
+
+# --- the same density per 8-bit level (the toy presets' likelihood) ------------------------------
+
+LEVELS = torch.arange(256, dtype=torch.float64) / 255  # every 8-bit value, as [0, 1] pixels
+
+
+def reference_level_probability(v, mu, b, eps=LOGIT_LAPLACE_EPS):
+    """P(level v) written independently, in float64: the Laplace CDF of logit(mapped bin edge),
+    with the end levels open to 0 and 1."""
+    lap = torch.distributions.Laplace(torch.tensor(mu, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
+    half = 0.5 / 255
+    lo = (1 - 2 * eps) * (v - half) + eps
+    hi = (1 - 2 * eps) * (v + half) + eps
+    cdf_lo = torch.where(v == 0, 0.0, lap.cdf(torch.logit(lo.clamp(1e-12, 1 - 1e-12))))
+    cdf_hi = torch.where(v == 1, 1.0, lap.cdf(torch.logit(hi.clamp(1e-12, 1 - 1e-12))))
+    return cdf_hi - cdf_lo
+
+
+@pytest.mark.parametrize("mu, log_b", [(0.0, 0.0), (-2.0, -3.0), (1.3, -8.0), (-9.0, LOG_B_MIN), (0.3, 5.0), (2.2, -1.0)])
+def test_binned_levels_are_a_distribution_matching_the_cdf(mu, log_b):
+    full = lambda value, dtype: torch.full((256,), value, dtype=dtype)  # noqa: E731
+    nll = binned_logit_laplace_nll(LEVELS, full(mu, torch.float64), full(log_b, torch.float64), reduction="none")
+    assert nll.dtype == torch.float64 and (nll >= 0).all()  # -log P >= 0: the loss cannot run off to -inf
+    assert torch.exp(-nll).sum().item() == pytest.approx(1.0, abs=1e-9)
+    ref = reference_level_probability(LEVELS, mu, math.exp(log_b))
+    ok = ref > 1e-9  # where float64 CDF differences are still meaningful
+    torch.testing.assert_close(nll[ok], -torch.log(ref[ok]), rtol=1e-7, atol=1e-7)
+    # float32, what training runs in: b = e^-8 spans 3e-4 logit units, so edge rounding shows at ~1e-3.
+    nll32 = binned_logit_laplace_nll(LEVELS.float(), full(mu, torch.float32), full(log_b, torch.float32), reduction="none")
+    assert torch.exp(-nll32.double()).sum().item() == pytest.approx(1.0, abs=2e-5)
+    torch.testing.assert_close(nll32.double()[ok], nll[ok], rtol=1e-3, atol=1e-3)
+
+
+def test_binned_is_the_continuous_nll_minus_log_bin_width_when_b_is_wide():
+    g = torch.Generator().manual_seed(3)
+    v = torch.randint(20, 236, (500,), generator=g).double() / 255  # interior levels
+    mu, log_b = torch.randn(500, generator=g, dtype=torch.float64), torch.full((500,), 0.5, dtype=torch.float64)
+    width = (1 - 2 * LOGIT_LAPLACE_EPS) / 255  # a level's bin after the map
+    binned = binned_logit_laplace_nll(v, mu, log_b, reduction="none").double()
+    cont = logit_laplace_nll(map_pixels(v), mu, log_b, reduction="none")
+    torch.testing.assert_close(binned, cont - math.log(width), rtol=0, atol=1e-3)
+
+
+def test_binned_nll_saturates_where_the_continuous_one_runs_away():
+    # Black pixels predicted black with a narrow b: the binned loss reaches 0 and stops pushing, the
+    # continuous one pays out -11.7 nats per pixel for sharpening (the failure issue 3 measured).
+    x = torch.zeros(4)
+    mu = torch.full((4,), -6.0, requires_grad=True)  # logit(eps) = -2.2; -6 is well inside level 0's tail
+    log_b = torch.full((4,), -3.0, requires_grad=True)
+    nll = binned_logit_laplace_nll(x, mu, log_b)
+    nll.backward()
+    assert nll.item() == pytest.approx(0.0, abs=1e-6)
+    assert mu.grad.abs().max().item() < 1e-6 and log_b.grad.abs().max().item() < 1e-6
+    at_black = torch.logit(map_pixels(x))  # mu exactly on the black level, ln b at its clamp
+    assert logit_laplace_nll(map_pixels(x), at_black, torch.full((4,), LOG_B_MIN)).item() < -11
+
+
+def test_binned_gradients_are_finite_at_the_extremes():
+    x = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.5, 0.5, 3 / 255, 252 / 255])
+    mu = torch.tensor([30.0, -30.0, -30.0, 30.0, 0.0, 25.0, -25.0, 0.0], requires_grad=True)
+    log_b = torch.tensor([LOG_B_MIN, LOG_B_MIN, LOG_B_MAX, -50.0, LOG_B_MIN, LOG_B_MIN, 0.0, 50.0], requires_grad=True)
+    nll = binned_logit_laplace_nll(x, mu, log_b, reduction="none")
+    assert torch.isfinite(nll).all() and (nll >= 0).all()
+    assert nll[0].item() > 1e4  # black predicted far white with a narrow b: a huge but finite loss
+    nll.sum().backward()
+    assert torch.isfinite(mu.grad).all() and torch.isfinite(log_b.grad).all()
+
+
+def test_binned_validation_and_reductions():
+    x, z = torch.full((1, 3, 2, 2), 0.5), torch.zeros(1, 3, 2, 2)
+    with pytest.raises(DataError, match="one shape"):
+        binned_logit_laplace_nll(x, torch.zeros(1, 6, 2, 2), z)
+    with pytest.raises(ValueError, match="reduction"):
+        binned_logit_laplace_nll(x, z, z, reduction="avg")
+    none = binned_logit_laplace_nll(x, z, z, reduction="none")
+    torch.testing.assert_close(binned_logit_laplace_nll(x, z, z, reduction="sum"), none.sum())
+    torch.testing.assert_close(binned_logit_laplace_nll(x, z, z), none.mean())
