@@ -68,6 +68,15 @@ def test_reconstruction_report_and_psnr(trained):
     r = reconstruction_report(model, "heldout", cfg.data.image_size, 8)
     assert r["original"]["overall"] == 1.0 and 0 <= r["reconstruction"]["overall"] <= 1
     assert 0 < r["psnr"] < 100 and 1 <= r["perplexity"] <= cfg.dvae.vocab_size
+    # The object cells, recounted by hand from the images: a cell holds an object if any pixel is not black.
+    images = ShapesWorld("heldout", cfg.data.image_size, 0, 8).batch(0, 8)[0]  # what the report drew (seed 0)
+    h = model.grid_size(cfg.data.image_size)
+    f = cfg.data.image_size // h
+    by_hand = [[bool(images[i, r_ * f:(r_ + 1) * f, c * f:(c + 1) * f].any()) for r_ in range(h) for c in range(h)]
+               for i in range(8)]
+    expected = sum(map(sum, by_hand)) / (8 * h * h)
+    assert r["object_cells"] == pytest.approx(expected) and 0 < expected < 1
+    assert 1 <= r["perplexity_objects"] <= cfg.dvae.vocab_size
     x = torch.rand(2, 3, 4, 4)
     assert psnr(x, x) == float("inf") and psnr(x, x + 0.1) == pytest.approx(20.0, abs=0.01)
     assert to_uint8(torch.ones(1, 3, 2, 2)).shape == (1, 2, 2, 3)
