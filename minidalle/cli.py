@@ -75,32 +75,41 @@ def cmd_bench(args, cfg: cfglib.Config) -> dict:
     return res
 
 
+def _dvae_reconstructions(model, cfg: cfglib.Config, out: Path, tag: str) -> dict:
+    """Judge and PSNR on `val` reconstructions, and a grid of 8 val images over their reconstructions."""
+    from .data import ShapesWorld
+    from .image_tokenizer import reconstruction_report, to_uint8
+    from .viz import save_grid
+
+    size = cfg.data.image_size
+    report = reconstruction_report(model, "val", size, min(cfg.data.n_val, 256), cfg.data.seed)
+    images, _ = ShapesWorld("val", size, cfg.data.seed).batch(0, 8)
+    recon = to_uint8(model.reconstruct(images.to(next(model.parameters()).device)).cpu())
+    grid = save_grid(list(images) + list(recon), out / "reconstructions.png", ncols=8,
+                     title="val images (top) and their dVAE reconstructions (bottom)")
+    print(f"{tag} judge on val: originals {report['original']['overall']:.3f}, reconstructions "
+          f"{report['reconstruction']['overall']:.3f}; PSNR {report['psnr']:.1f} dB -> {grid}")
+    return {"judge_original": report["original"]["overall"], "judge_reconstruction": report["reconstruction"]["overall"],
+            "psnr": report["psnr"], "perplexity": report["perplexity"]}
+
+
 def cmd_train(args, cfg: cfglib.Config) -> dict:
     """Train one stage; checkpoints and metrics.jsonl go to that stage's out_dir."""
-    from .image_tokenizer import reconstruction_report, to_uint8, train_dvae
-    from .viz import save_grid
+    from .image_tokenizer import train_dvae
 
     model, trainer = train_dvae(cfg, resume=args.resume)
     out = Path(cfg.dvae_train.out_dir)
     summary = {"stage": "dvae", "steps": trainer.step, "final_loss": trainer.loss,
                "checkpoint": str(trainer.last_checkpoint), "out": str(out)}
     if cfg.data.dataset == "shapes":
-        from .data import ShapesWorld
-
-        ds_images, _ = ShapesWorld("val", cfg.data.image_size, cfg.data.seed).batch(0, 8)
-        report = reconstruction_report(model, "val", cfg.data.image_size, min(cfg.data.n_val, 256), cfg.data.seed)
-        summary.update(judge_original=report["original"]["overall"], judge_reconstruction=report["reconstruction"]["overall"],
-                       psnr=report["psnr"], perplexity=report["perplexity"])
-        recon = to_uint8(model.reconstruct(ds_images.to(next(model.parameters()).device)).cpu())
-        grid = save_grid(list(ds_images) + list(recon), out / "reconstructions.png", ncols=8,
-                         title="val images (top) and their dVAE reconstructions (bottom)")
-        print(f"[train dvae] reconstructions -> {grid}")
+        summary.update(_dvae_reconstructions(model, cfg, out, "[train dvae]"))
     return summary
 
 
 def cmd_demo(args, cfg: cfglib.Config) -> dict:
     """The main job: everything the pipeline has so far, end to end, written to --out."""
     from .data import ShapesWorld
+    from .image_tokenizer import train_dvae
     from .judge import evaluate
     from .viz import save_grid
 
@@ -128,9 +137,19 @@ def cmd_demo(args, cfg: cfglib.Config) -> dict:
         summary["emoji_images"] = len(emoji)
     except DataError as e:
         print(f"[demo] emoji dataset skipped: {e}")
-    print("[demo] this demo runs the data stages (datasets + judge). The image tokenizer trains with "
-          "`python -m minidalle train dvae` but does not yet meet its quality bar; the text tokenizer, "
-          "transformer and sampler are not built yet.")
+    if cfg.data.dataset == "shapes":
+        # Stage 1. resume=True: a finished tokenizer in out/dvae is reused, an interrupted one continued.
+        cfg.dvae_train.out_dir = str(out / "dvae")
+        print(f"[demo] training the image tokenizer ({cfg.dvae_train.max_steps} updates; a finished run "
+              f"in {cfg.dvae_train.out_dir} is reused)")
+        model, trainer = train_dvae(cfg, resume=True)
+        summary["dvae_steps"] = trainer.step
+        summary.update({f"dvae_{k}": v for k, v in _dvae_reconstructions(model, cfg, out, "[demo]").items()})
+    else:
+        print(f"[demo] the image tokenizer for data.dataset={cfg.data.dataset!r} trains with "
+              f"`python -m minidalle train dvae --preset {cfg.preset}`")
+    print("[demo] this demo runs the stages built so far (datasets, judge, image tokenizer); the text "
+          "tokenizer, transformer and sampler are not built yet.")
     summary["seconds"] = round(time.time() - t0, 2)
     return summary
 
