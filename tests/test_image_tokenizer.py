@@ -9,7 +9,7 @@ from minidalle.cli import main
 from minidalle.config import get_config
 from minidalle.data import ShapesWorld
 from minidalle.errors import CheckpointError, DataError
-from minidalle.quantize import temperature_at
+from minidalle.quantize import perplexity, temperature_at
 from minidalle.image_tokenizer import (encode_dataset, load_dvae, psnr, reconstruction_report, to_uint8,
                                        tokenizer_id, train_dvae)
 
@@ -76,7 +76,9 @@ def test_reconstruction_report_and_psnr(trained):
                for i in range(8)]
     expected = sum(map(sum, by_hand)) / (8 * h * h)
     assert r["object_cells"] == pytest.approx(expected) and 0 < expected < 1
-    assert 1 <= r["perplexity_objects"] <= cfg.dvae.vocab_size
+    object_codes = model.encode(images)[torch.tensor(by_hand).reshape(8, h, h)]  # codes of those cells only
+    counts = torch.bincount(object_codes, minlength=cfg.dvae.vocab_size)
+    assert r["perplexity_objects"] == pytest.approx(float(perplexity(counts)))
     x = torch.rand(2, 3, 4, 4)
     assert psnr(x, x) == float("inf") and psnr(x, x + 0.1) == pytest.approx(20.0, abs=0.01)
     assert to_uint8(torch.ones(1, 3, 2, 2)).shape == (1, 2, 2, 3)
