@@ -6,6 +6,7 @@
     python -m minidalle bench judge [--n 1000] [--json]
     python -m minidalle train dvae --preset toy [--resume]        stage 1: the image tokenizer
     python -m minidalle bench dvae --preset toy [--out DIR]       train stage 1 from scratch and measure it
+    python -m minidalle train bpe --preset toy                    the text tokenizer, on the training captions
 
 Every command accepts config overrides as `--section.key=value` (e.g. `--data.seed=3`); they are
 type-checked against minidalle/config.py. Errors the user can fix print one line and exit 2.
@@ -93,9 +94,52 @@ def _dvae_reconstructions(model, cfg: cfglib.Config, out: Path, tag: str) -> dic
             "psnr": report["psnr"], "perplexity": report["perplexity"]}
 
 
+def training_captions(data: cfglib.DataConfig, n: int | None = None) -> list[str]:
+    """The captions of the first n training samples (all of data.n_train for ShapesWorld by default).
+
+    ShapesWorld captions are drawn without rendering images; other datasets are read item by item.
+    """
+    from .data import ShapesWorld, build_dataset
+
+    ds = build_dataset(data, "train")
+    if isinstance(ds, ShapesWorld):
+        return [ds.example(i)[1] for i in range(n or len(ds))]
+    captions = []
+    for _, text in ds:
+        captions.append(text)
+        if n and len(captions) >= n:
+            break
+    return captions
+
+
+def _train_bpe(cfg: cfglib.Config) -> dict:
+    """Stage 2's text tokenizer on the training captions: bpe.model, bpe.vocab and tokenizer.json."""
+    from .bpe import RegexTokenizer
+
+    tc = cfg.text
+    captions = training_captions(cfg.data)
+    t0 = time.time()
+    tok = RegexTokenizer(lowercase=tc.lowercase).train(captions, tc.vocab_size)
+    seconds = time.time() - t0
+    out = Path(tc.out_dir)
+    model, vocab = tok.save(out / "bpe")
+    hf = tok.export_hf(out / "tokenizer.json")
+    lengths = [len(tok.encode(c)) for c in captions]
+    over = sum(n > tc.text_len for n in lengths)
+    print(f"[train bpe] {len(captions)} captions, {len(tok.merges)} merges in {seconds:.1f} s -> {model}, {vocab}, {hf}")
+    print(f"[train bpe] tokens per caption: mean {sum(lengths) / len(lengths):.1f}, max {max(lengths)}; "
+          f"{over} of {len(captions)} longer than text.text_len={tc.text_len}")
+    return {"stage": "bpe", "captions": len(captions), "vocab_size": tok.vocab_size, "merges": len(tok.merges),
+            "seconds": round(seconds, 2), "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths),
+            "over_text_len": over, "model": str(model), "out": str(out)}
+
+
 def cmd_train(args, cfg: cfglib.Config) -> dict:
     """Train one stage; checkpoints and metrics.jsonl go to that stage's out_dir."""
     from .image_tokenizer import train_dvae
+
+    if args.what == "bpe":
+        return _train_bpe(cfg)
 
     model, trainer = train_dvae(cfg, resume=args.resume)
     out = Path(cfg.dvae_train.out_dir)
@@ -195,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("train", help="train a stage of the pipeline")
     common(d)
-    d.add_argument("what", choices=["dvae"], help="dvae: the image tokenizer (stage 1)")
+    d.add_argument("what", choices=["dvae", "bpe"], help="dvae: the image tokenizer (stage 1); bpe: the text tokenizer")
     d.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     d.set_defaults(func=cmd_train)
     return p

@@ -88,6 +88,17 @@ class DVAEConfig:
 
 
 @dataclass
+class TextConfig:
+    """Stage 2's text tokenizer (PAPER.md, Stage 2): a byte-level BPE trained on the captions."""
+
+    vocab_size: int = 16_384  # BPE vocabulary, the 256 bytes included (paper 16,384)
+    lowercase: bool = True  # the paper lowercases captions
+    dropout: float = 0.1  # BPE dropout while training the transformer (paper 10%); 0 at inference
+    text_len: int = 256  # caption tokens per sample (paper 256)
+    out_dir: str = "runs/default/bpe"  # where bpe.model, bpe.vocab and tokenizer.json go
+
+
+@dataclass
 class Config:
     """Everything one run needs. Each stage has its own section (and its own training section)."""
 
@@ -96,6 +107,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dvae: DVAEConfig = field(default_factory=DVAEConfig)
     dvae_train: TrainConfig = field(default_factory=TrainConfig)  # how stage 1 is trained
+    text: TextConfig = field(default_factory=TextConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -145,6 +157,9 @@ PRESETS: dict[str, dict[str, object]] = {
         "dvae.likelihood": "logit_laplace_binned",  # as in toy
         "dvae_train.log_every": 1,
         "dvae_train.out_dir": "runs/smoke/dvae",
+        "text.vocab_size": 384,  # as in toy
+        "text.text_len": 32,
+        "text.out_dir": "runs/smoke/bpe",
     },
     "toy": {  # ShapesWorld 32x32: minutes on a laptop CPU
         "data.image_size": 32,
@@ -169,6 +184,9 @@ PRESETS: dict[str, dict[str, object]] = {
         "dvae_train.min_lr": 8e-4,
         "dvae_train.beta2": 0.99,
         "dvae_train.out_dir": "runs/toy/dvae",
+        "text.vocab_size": 384,  # paper 16,384: ShapesWorld's captions run out of pairs after ~190 merges
+        "text.text_len": 32,  # paper 256: the longest toy captions are ~15 words
+        "text.out_dir": "runs/toy/bpe",
     },
     "small": {  # real captions (emoji or a folder) at 64x64: one GPU, under an hour
         "data.dataset": "emoji",
@@ -184,6 +202,9 @@ PRESETS: dict[str, dict[str, object]] = {
         "dvae.kl_max": 1.65,  # x4 downsampling as in toy: 6.6 * 48 / 192
         "dvae_train.max_steps": 20_000,
         "dvae_train.out_dir": "runs/small/dvae",
+        "text.vocab_size": 4_096,
+        "text.text_len": 64,
+        "text.out_dir": "runs/small/bpe",
     },
     "paper": {  # the paper's 256x256 images from user shards; many GPUs
         "data.dataset": "tar",
@@ -201,6 +222,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "dvae_train.weight_decay": 1e-4,
         "dvae_train.batch_size": 512,
         "dvae_train.out_dir": "runs/paper/dvae",
+        "text.out_dir": "runs/paper/bpe",
     },
 }
 

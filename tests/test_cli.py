@@ -103,3 +103,19 @@ def test_judge_names_an_unreadable_image(tmp_path, capsys):
     capsys.readouterr()
     assert main(["judge", str(out)]) == 2
     assert "00001.png" in capsys.readouterr().err
+
+
+def test_train_bpe_writes_a_tokenizer_that_reads_the_captions(tmp_path, capsys):
+    from minidalle.bpe import Tokenizer
+    from minidalle.data import ShapesWorld
+
+    out = tmp_path / "bpe"
+    assert main(["train", "bpe", "--preset", "smoke", f"--text.out_dir={out}"]) == 0
+    summary = _last_json(capsys)
+    cfg = get_config("smoke", smoke=True)
+    assert summary["captions"] == cfg.data.n_train and summary["vocab_size"] == 256 + summary["merges"]
+    assert (out / "bpe.model").is_file() and (out / "bpe.vocab").is_file() and (out / "tokenizer.json").is_file()
+    tok = Tokenizer.load(out / "bpe.model")
+    caption = ShapesWorld("heldout", 16, 0)[0][1]  # a caption from a split the tokenizer never read
+    assert tok.decode(tok.encode(caption)) == caption.lower()
+    assert summary["over_text_len"] == 0 and summary["max_tokens"] <= cfg.text.text_len

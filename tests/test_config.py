@@ -34,8 +34,8 @@ def test_smoke_switch_reads_environment(monkeypatch):
 
 
 def test_overrides_from_command_line_strings():
-    cfg = get_config("toy", parse_overrides(["--train.lr=1e-3", "--vocab_size=128", "--data.dataset=folder"]))
-    assert cfg.train.lr == 1e-3 and cfg.dvae.vocab_size == 128 and cfg.data.dataset == "folder"
+    cfg = get_config("toy", parse_overrides(["--train.lr=1e-3", "--code_dim=128", "--data.dataset=folder"]))
+    assert cfg.train.lr == 1e-3 and cfg.dvae.code_dim == 128 and cfg.data.dataset == "folder"
 
 
 @pytest.mark.parametrize("overrides, words", [
@@ -47,6 +47,7 @@ def test_overrides_from_command_line_strings():
     ({"train.batch_size": True}, "expects int"),
     ({"seed": "1"}, "ambiguous"),
     ({"batch_size": "8"}, "ambiguous"),  # train and dvae_train both have it
+    ({"vocab_size": "128"}, "ambiguous"),  # dvae (image codes) and text (BPE) both have it
 ])
 def test_bad_overrides_name_the_problem(overrides, words):
     with pytest.raises(ConfigError, match=words):
