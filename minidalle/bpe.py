@@ -38,6 +38,7 @@ from .errors import ConfigError, DataError
 GPT4_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|"""
                       r"""\s*[\r\n]|\s+(?!\S)|\s+""")
 FORMAT = "minidalle-bpe v1"  # first line of a .model file
+CHARS_PER_TOKEN_CAP = 64  # encode_to_length refuses (or cuts) text beyond this many characters per token
 
 
 def sanitize(text: str) -> str:
@@ -201,17 +202,25 @@ class Tokenizer:
                             f"(size {self.vocab_size})") from None
         return data.decode("utf-8", errors="replace")
 
-    def encode_to_length(self, text: str, length: int, pad_id: int, truncate: bool = False) -> tuple[list[int], bool]:
+    def encode_to_length(self, text: str, length: int, pad_id: int, truncate: bool = False,
+                         max_chars: int | None = None) -> tuple[list[int], bool]:
         """Ids padded with `pad_id` to exactly `length`, and whether the text was cut.
 
-        A caption longer than `length` tokens is an error unless `truncate=True`; then it is cut and
-        the flag says so (never a silent cut). Example: ("a red circle", 8, pad) -> ([.., pad, pad], False)
+        A caption longer than `length` tokens, or than `max_chars` characters (default: 64 per
+        token of `length`, so a runaway input is refused before it is encoded), is an error unless
+        `truncate=True`; then it is cut and the flag says so (never a silent cut).
+        Example: ("a red circle", 8, pad) -> ([.., pad, pad], False)
         """
         if length < 1:
             raise ConfigError(f"length must be at least 1 token; got {length}")
-        ids = self.encode(text)
-        cut = len(ids) > length
-        if cut and not truncate:
+        cap = CHARS_PER_TOKEN_CAP * length if max_chars is None else max_chars
+        too_long = len(text) > cap
+        if too_long and not truncate:
+            raise DataError(f"text has {len(text):,} characters, more than the cap of {cap:,}; "
+                            f"pass truncate=True to cut it: {text[:60]!r}")
+        ids = self.encode(text[:cap])
+        cut = too_long or len(ids) > length
+        if len(ids) > length and not truncate:
             raise DataError(f"text encodes to {len(ids)} tokens, more than the model's {length}; "
                             f"pass truncate=True to cut it: {text[:60]!r}")
         ids = ids[:length]

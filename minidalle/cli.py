@@ -7,6 +7,7 @@
     python -m minidalle train dvae --preset toy [--resume]        stage 1: the image tokenizer
     python -m minidalle bench dvae --preset toy [--out DIR]       train stage 1 from scratch and measure it
     python -m minidalle train bpe --preset toy                    the text tokenizer, on the training captions
+    python -m minidalle bench bpe [--mib 10] [--json]             BPE vs HF tokenizers, tiktoken, a naive trainer
 
 Every command accepts config overrides as `--section.key=value` (e.g. `--data.seed=3`); they are
 type-checked against minidalle/config.py. Errors the user can fix print one line and exit 2.
@@ -60,6 +61,12 @@ def _print_accuracy(title: str, result: dict) -> None:
 
 
 def cmd_bench(args, cfg: cfglib.Config) -> dict:
+    if args.what == "bpe":
+        from .bpe_bench import benchmark_bpe, format_bpe_benchmark
+
+        res = benchmark_bpe(mib=args.mib, n_captions=args.n or 20_000, progress=not args.json)  # the paper's 16,384
+        print(format_bpe_benchmark(res))
+        return res
     if args.what == "dvae":
         import tempfile
 
@@ -192,8 +199,11 @@ def cmd_demo(args, cfg: cfglib.Config) -> dict:
     else:
         print(f"[demo] the image tokenizer for data.dataset={cfg.data.dataset!r} trains with "
               f"`python -m minidalle train dvae --preset {cfg.preset}`")
-    print("[demo] this demo runs the stages built so far (datasets, judge, image tokenizer); the text "
-          "tokenizer, transformer and sampler are not built yet.")
+    cfg.text.out_dir = str(out / "bpe")
+    bpe = _train_bpe(cfg)
+    summary.update(bpe_vocab_size=bpe["vocab_size"], bpe_mean_tokens=bpe["mean_tokens"])
+    print("[demo] this demo runs the stages built so far (datasets, judge, image tokenizer, text tokenizer); "
+          "the transformer and sampler are not built yet.")
     summary["seconds"] = round(time.time() - t0, 2)
     return summary
 
@@ -232,8 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("bench", help="benchmarks that print measured figures")
     common(d)
-    d.add_argument("what", choices=["judge", "dvae"])
-    d.add_argument("--n", type=_positive_int, default=None, help="samples per split (judge: 1000, dvae: 500)")
+    d.add_argument("what", choices=["judge", "dvae", "bpe"])
+    d.add_argument("--n", type=_positive_int, default=None,
+                   help="samples per split (judge: 1000, dvae: 500); bpe: captions to encode (20000)")
+    d.add_argument("--mib", type=float, default=10.0, help="bpe: MiB of text to train the 16,384 vocabulary on")
     d.add_argument("--out", default=None, help="dvae: folder for the benchmark's training run (default: a temp folder)")
     d.set_defaults(func=cmd_bench)
 

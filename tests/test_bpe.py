@@ -164,6 +164,13 @@ def test_encode_to_length_pads_and_never_cuts_silently(trained):
         tok.encode_to_length(long, 8, pad)
     ids, cut = tok.encode_to_length(long, 8, pad, truncate=True)
     assert cut and ids == tok.encode(long)[:8]
+    # The character cap: a runaway input is refused before encoding, or cut with the flag set.
+    with pytest.raises(DataError, match="characters"):
+        tok.encode_to_length("x" * 100_000, 8, pad)
+    with pytest.raises(DataError, match="characters"):
+        tok.encode_to_length("a red circle", 16, pad, max_chars=5)
+    ids, cut = tok.encode_to_length("a red circle", 16, pad, truncate=True, max_chars=5)
+    assert cut and [i for i in ids if i != pad] == tok.encode("a red")
 
 
 def test_special_tokens_only_when_allowed(trained, tmp_path):
@@ -248,3 +255,14 @@ def test_property_padding_and_truncation(text, length):
     assert len(ids) == length and cut == (len(full) > length)
     kept = [i for i in ids if i != pad]
     assert kept == full[:length]
+
+
+def test_bench_bpe_runs_small_and_reports_every_figure(capsys):
+    pytest.importorskip("tiktoken")
+    pytest.importorskip("tokenizers")
+    from minidalle.bpe_bench import benchmark_bpe, source_corpus
+
+    assert len(source_corpus(0.25).encode("utf-8")) <= 2**18
+    r = benchmark_bpe(mib=0.25, vocab_size=600, n_captions=300, naive_kib=8, naive_merges_n=40, progress=False)
+    assert r["naive_merges"] == 40 and r["speedup_vs_naive"] > 0 and r["train_ratio_vs_hf"] > 0
+    assert r["captions"] == 300 and r["encode_captions_per_s"] > 0 and r["tiktoken_captions_per_s"] > 0

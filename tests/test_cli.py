@@ -64,6 +64,7 @@ def test_demo_writes_pictures(tmp_path, capsys):
     assert 0 <= summary["dvae_judge_reconstruction"] <= 1 and summary["dvae_psnr"] > 0
     assert (tmp_path / "demo" / "reconstructions.png").stat().st_size > 1000
     assert list((tmp_path / "demo" / "dvae" / "checkpoints").iterdir())
+    assert (tmp_path / "demo" / "bpe" / "bpe.model").is_file() and summary["bpe_vocab_size"] > 256
     # A second demo reuses the finished tokenizer instead of refusing the folder or training again.
     assert main(["demo", "--preset", "smoke", "--out", str(tmp_path / "demo")]) == 0
     again = _last_json(capsys)
