@@ -109,11 +109,12 @@ class Tokenizer:
         return dict(self.special_tokens)
 
     # --- chunks -------------------------------------------------------------------------------------
-    def _prepare(self, text: str) -> str:
+    def _prepare(self, text: str, fold: bool = True) -> str:
+        """Type check, the surrogate rule, and lowercasing when the tokenizer lowercases (and `fold`)."""
         if not isinstance(text, str):
             raise DataError(f"expected text (str), got {type(text).__name__}")
         text = sanitize(text)
-        return text.lower() if self.lowercase else text
+        return text.lower() if self.lowercase and fold else text
 
     def split(self, text: str) -> list[str]:
         """Text -> the chunks merges stay inside. The base class keeps the text whole."""
@@ -171,14 +172,14 @@ class Tokenizer:
         """
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1); got {dropout}")
-        text = self._prepare(text)
+        text = self._prepare(text, fold=False)  # special tokens are matched before lowercasing
         rng = random.Random(seed) if dropout > 0.0 else None
         ids: list[int] = []
         for part, special in self._split_special(text, allowed_special):
             if special:
                 ids.append(self.special_tokens[part])
                 continue
-            for chunk in self.split(part):
+            for chunk in self.split(part.lower() if self.lowercase else part):
                 ids.extend(self._encode_chunk(chunk, dropout, rng))
         return ids
 

@@ -181,6 +181,9 @@ def test_special_tokens_only_when_allowed(trained, tmp_path):
     assert tok.encode("red<|endoftext|>blue", allowed_special=True).count(eot) == 1
     assert eot not in tok.encode("red<|endoftext|>blue")  # plain text unless allowed
     assert tok.decode(tok.encode("red<|endoftext|>blue", allowed_special=True)) == "red<|endoftext|>blue"
+    lower = RegexTokenizer(lowercase=True).train(corpus(), 300, progress=False)
+    pad = lower.add_special_tokens(["<|PAD|>"])["<|PAD|>"]
+    assert lower.encode("Red<|PAD|>", allowed_special=True) == lower.encode("red") + [pad]  # matched before folding
     with pytest.raises(ConfigError, match="before adding special tokens"):
         tok.train("more text", 400, progress=False)
     with pytest.raises(DataError, match="not in this tokenizer"):
