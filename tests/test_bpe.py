@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from minidalle.bpe import (GPT4_SPLIT_PATTERN, BasicTokenizer, RegexTokenizer, Tokenizer, merge_pair, sanitize,
                            train_merges)
+from minidalle.bpe_bench import naive_merges
 from minidalle.data import ShapesWorld
 from minidalle.errors import ConfigError, DataError
 
@@ -30,24 +31,6 @@ def trained():
     return {cls: cls().train(text, 512, progress=False) for cls in CLASSES}
 
 
-def naive_train(chunk_counts: Counter, n_merges: int) -> dict:
-    """The textbook trainer: recount every pair of every chunk after each merge (slow, obviously right)."""
-    words = {chunk: list(chunk.encode("utf-8")) for chunk in chunk_counts}
-    merges = {}
-    for k in range(n_merges):
-        counts = Counter()
-        for chunk, ids in words.items():
-            for pair in zip(ids, ids[1:]):
-                counts[pair] += chunk_counts[chunk]
-        if not counts:
-            break
-        top = max(counts.values())
-        best = min(p for p, c in counts.items() if c == top)  # ties: the smaller pair
-        merges[best] = 256 + k
-        words = {chunk: merge_pair(ids, best, 256 + k) for chunk, ids in words.items()}
-    return merges
-
-
 # --- a hand-worked example -----------------------------------------------------------------------
 
 def test_hand_worked_example():
@@ -58,6 +41,8 @@ def test_hand_worked_example():
     assert tok.encode("aaabdaaabac") == [258, 100, 258, 97, 99]
     assert tok.vocab[258] == b"aaab" and tok.decode([258, 100]) == "aaabd"
     assert merge_pair([1, 2, 2, 2, 3], (2, 2), 9) == [1, 9, 2, 3]
+    # The naive reference trainer (bpe_bench.naive_merges) agrees with the hand-worked merges too.
+    assert naive_merges(Counter({"aaabdaaabac": 1}), 3) == tok.merges
 
 
 # --- round trips -----------------------------------------------------------------------------------
@@ -100,7 +85,7 @@ def test_incremental_trainer_matches_the_naive_one(cls):
     text = corpus()[:6000]
     tok = cls()
     chunk_counts = Counter(tok.split(text))
-    assert train_merges(chunk_counts, 150, progress=False) == naive_train(chunk_counts, 150)
+    assert train_merges(chunk_counts, 150, progress=False) == naive_merges(chunk_counts, 150)
 
 
 def test_training_stops_cleanly_when_the_corpus_runs_out():
