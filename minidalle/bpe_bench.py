@@ -81,7 +81,8 @@ def _hf_train_seconds(text: str, vocab_size: int) -> float:
 
 def benchmark_bpe(mib: float = 10.0, vocab_size: int = 16_384, n_captions: int = 20_000,
                   naive_kib: int = 64, naive_merges_n: int = 512, progress: bool = True) -> dict:
-    """Measure what issue 4 asks for; see the module docstring. Returns a dict of figures."""
+    """Train and encode side by side with HF tokenizers, tiktoken and a naive trainer (see the module
+    docstring). Returns a dict of figures."""
     try:
         import tiktoken
         import tokenizers  # noqa: F401

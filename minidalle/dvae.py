@@ -1,7 +1,7 @@
 """Stage 1, the image tokenizer: the discrete VAE's encoder, decoder and the model that joins them.
 
 Follows DALL·E (Ramesh et al., 2021), Appendix A ("Details for Discrete VAE"): A.1 the architecture,
-A.2 the training objective, A.3 the logit-Laplace likelihood (numbers in ../shared/PAPER.md, Stage 1),
+A.2 the training objective, A.3 the logit-Laplace likelihood (numbers in docs/paper.md, Stage 1),
 and the shapes of OpenAI's released dVAE (openai/DALL-E, `encoder.py` / `decoder.py`):
 
     image (B, 3, H, W) --Encoder--> logits (B, K, h, w) --GumbelQuantizer--> relaxed one-hot (B, K, h, w)

@@ -159,7 +159,7 @@ def logit_laplace_nll(x: torch.Tensor, mu: torch.Tensor, log_b: torch.Tensor,
 # there (measured ln b ~ -4.7 on background against ~ +0.3 on objects; only the clamp at -10 stops it,
 # where a black pixel scores -11.7 nats), and those pixels' gradient (sign / b: ~100 at -4.7) drowns
 # the object pixels in Adam's normalisation. Measured: reconstructions with every object in one
-# colour, judge accuracy 0.00 (issue 3). The paper trained on photos, where flat runs of
+# colour, judge accuracy 0.00 on toy runs. The paper trained on photos, where flat runs of
 # one value are rare. Scoring the *probability of the pixel's 8-bit level* -- the density integrated
 # over that level's bin, as PixelCNN++ does for its logistic mixture -- bounds the loss below by 0
 # and lets the gradient vanish once a pixel is predicted inside its bin. Where b is wide against a

@@ -1,6 +1,6 @@
 """The discrete bottleneck of the image tokenizer: the paper's Gumbel-softmax quantizer beside a VQ-VAE.
 
-DALL·E's stage 1 (Ramesh et al. 2021, section 2.1 and Appendix A; numbers in PAPER.md, Stage 1)
+DALL·E's stage 1 (Ramesh et al. 2021, section 2.1 and Appendix A; numbers in docs/paper.md, Stage 1)
 squeezes every image through a grid of discrete codes. This file holds the two ways of doing it,
 with one signature so a notebook swaps them in one line:
 

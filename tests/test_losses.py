@@ -234,7 +234,7 @@ def test_binned_is_the_continuous_nll_minus_log_bin_width_when_b_is_wide():
 
 def test_binned_nll_saturates_where_the_continuous_one_runs_away():
     # Black pixels predicted black with a narrow b: the binned loss reaches 0 and stops pushing, the
-    # continuous one pays out -11.7 nats per pixel for sharpening (the failure issue 3 measured).
+    # continuous one pays out -11.7 nats per pixel for sharpening (the failure toy runs showed).
     x = torch.zeros(4)
     mu = torch.full((4,), -6.0, requires_grad=True)  # logit(eps) = -2.2; -6 is well inside level 0's tail
     log_b = torch.full((4,), -3.0, requires_grad=True)
