@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import config as cfglib
 from .data import SPLITS
-from .errors import MinidalleError
+from .errors import DataError, MinidalleError
 
 
 def cmd_data(args, cfg: cfglib.Config) -> dict:
@@ -120,25 +120,43 @@ def training_captions(data: cfglib.DataConfig, n: int | None = None) -> list[str
 
 
 def _train_bpe(cfg: cfglib.Config) -> dict:
-    """Stage 2's text tokenizer on the training captions: bpe.model, bpe.vocab and tokenizer.json."""
+    """The text tokenizer on the training captions: bpe.model, bpe.vocab and tokenizer.json.
+
+    Refuses (DataError, nothing written) when a training caption would not fit `text.text_len`: the
+    transformer reads exactly that many text positions, so such a caption would be cut in training.
+    """
     from .bpe import RegexTokenizer
+    from .data import longest_caption
 
     tc = cfg.text
     captions = training_captions(cfg.data)
     t0 = time.time()
     tok = RegexTokenizer(lowercase=tc.lowercase).train(captions, tc.vocab_size)
     seconds = time.time() - t0
+    lengths = [len(tok.encode(c)) for c in captions]
+    over = [i for i, n in enumerate(lengths) if n > tc.text_len]
+    if over:
+        worst = max(over, key=lengths.__getitem__)
+        raise DataError(f"{len(over)} of {len(captions)} training captions are longer than text.text_len="
+                        f"{tc.text_len} tokens with this tokenizer ({len(tok.merges)} merges), e.g. "
+                        f"{captions[worst]!r} ({lengths[worst]} tokens); they would be cut in training. "
+                        f"Raise --text.text_len, or --text.vocab_size so that words merge into fewer tokens")
     out = Path(tc.out_dir)
     model, vocab = tok.save(out / "bpe")
     hf = tok.export_hf(out / "tokenizer.json")
-    lengths = [len(tok.encode(c)) for c in captions]
-    over = sum(n > tc.text_len for n in lengths)
+    summary = {"stage": "bpe", "captions": len(captions), "vocab_size": tok.vocab_size, "merges": len(tok.merges),
+               "seconds": round(seconds, 2), "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths),
+               "model": str(model), "out": str(out)}
     print(f"[train bpe] {len(captions)} captions, {len(tok.merges)} merges in {seconds:.1f} s -> {model}, {vocab}, {hf}")
-    print(f"[train bpe] tokens per caption: mean {sum(lengths) / len(lengths):.1f}, max {max(lengths)}; "
-          f"{over} of {len(captions)} longer than text.text_len={tc.text_len}")
-    return {"stage": "bpe", "captions": len(captions), "vocab_size": tok.vocab_size, "merges": len(tok.merges),
-            "seconds": round(seconds, 2), "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths),
-            "over_text_len": over, "model": str(model), "out": str(out)}
+    print(f"[train bpe] tokens per caption: mean {summary['mean_tokens']:.1f}, max {max(lengths)} "
+          f"(text.text_len={tc.text_len}): every training caption fits")
+    if cfg.data.dataset == "shapes":  # ShapesWorld's captions are finite: the longest any split can hold
+        longest = longest_caption(lambda text: len(tok.encode(text)))
+        summary["longest_possible_tokens"] = len(tok.encode(longest))
+        fits = "fits" if summary["longest_possible_tokens"] <= tc.text_len else "DOES NOT FIT: prompts may be cut"
+        print(f"[train bpe] the longest caption ShapesWorld can write takes {summary['longest_possible_tokens']} "
+              f"tokens ({fits}): {longest!r}")
+    return summary
 
 
 def cmd_train(args, cfg: cfglib.Config) -> dict:

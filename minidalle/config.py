@@ -67,7 +67,7 @@ class TrainConfig:
 
 @dataclass
 class DVAEConfig:
-    """Stage 1, the image tokenizer (PAPER.md, Stage 1). Paper values in comments where we differ."""
+    """Stage 1, the image tokenizer (docs/paper.md, Stage 1). Paper values in comments where we differ."""
 
     quantizer: str = "gumbel"  # gumbel (the paper's dVAE) | vq (VQ-VAE, for comparison)
     likelihood: str = "logit_laplace"  # logit_laplace (paper) | logit_laplace_binned (per 8-bit level) | mse
@@ -89,7 +89,7 @@ class DVAEConfig:
 
 @dataclass
 class TextConfig:
-    """Stage 2's text tokenizer (PAPER.md, Stage 2): a byte-level BPE trained on the captions."""
+    """The text tokenizer (docs/paper.md, "The text tokenizer"): a byte-level BPE trained on the captions."""
 
     vocab_size: int = 16_384  # BPE vocabulary, the 256 bytes included (paper 16,384)
     lowercase: bool = True  # the paper lowercases captions
@@ -157,7 +157,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "dvae.likelihood": "logit_laplace_binned",  # as in toy
         "dvae_train.log_every": 1,
         "dvae_train.out_dir": "runs/smoke/dvae",
-        "text.vocab_size": 384,  # as in toy
+        "text.vocab_size": 446,  # as in toy
         "text.text_len": 32,
         "text.out_dir": "runs/smoke/bpe",
     },
@@ -167,7 +167,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "dvae.vocab_size": 256,  # K (paper 8192): ShapesWorld's 4x4-pixel cells need far fewer codes
         "dvae.hidden": 32,  # paper 256
         "dvae.schedule_scale": 0.0067,  # tau over 1k updates, beta over 34 (paper: 150k and 5k)
-        # Deviations from the paper, measured in issue 3 (notebook 03 lists them):
+        # Deviations from the paper, each measured on toy runs (notebook 03 lists them):
         # - the likelihood is scored per 8-bit level: ShapesWorld's exact-black background makes the
         #   continuous density unbounded (losses.py says how); with it, every reconstruction came out in one colour.
         # - beta keeps the paper's KL weight per pixel-channel: a paper code covers 8x8x3 = 192 pixel-channels,
@@ -184,8 +184,12 @@ PRESETS: dict[str, dict[str, object]] = {
         "dvae_train.min_lr": 8e-4,
         "dvae_train.beta2": 0.99,
         "dvae_train.out_dir": "runs/toy/dvae",
-        "text.vocab_size": 384,  # paper 16,384: ShapesWorld's captions run out of pairs after ~190 merges
-        "text.text_len": 32,  # paper 256: the longest toy captions are ~15 words
+        # The text tokenizer (paper: 16,384 tokens, 256 positions). ShapesWorld's captions use ~50 words;
+        # 190 merges make each of them one token, and the training captions run out of pairs there (seed 0
+        # allows 191, seeds 1-3 190). Then the longest caption ShapesWorld can write (data.longest_caption)
+        # is 15 tokens. With 384 (128 merges) rare words stayed in pieces and a training caption took 33.
+        "text.vocab_size": 446,  # 256 bytes + 190 merges
+        "text.text_len": 32,  # twice the longest caption: room for prompts worded differently
         "text.out_dir": "runs/toy/bpe",
     },
     "small": {  # real captions (emoji or a folder) at 64x64: one GPU, under an hour

@@ -267,7 +267,41 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
         text = _pick(rng, TWO_TEMPLATES).format(a=_noun_phrase(rng, a, rng.random() < 0.7),
                                                 b=_noun_phrase(rng, b, rng.random() < 0.7),
                                                 rel=_pick(rng, RELATION_WORDS[scene.relation]))
+    return _articles(text)
+
+
+def _articles(text: str) -> str:
     return re.sub(r"\ba (?=[aeiou])", "an ", text)  # "a orange circle" -> "an orange circle"
+
+
+def longest_caption(count=len, templates=None) -> str:
+    """The caption, of all those `caption()` can write for any split, that `count` scores highest.
+
+    Every slot of a template ({obj}, {pos}, {a}, {rel}, {b}) is filled independently from its
+    choices (noun phrases with or without a size word, every synonym), so when `count` adds up over
+    the words of a caption -- `len`, a word count, or a tokenizer that splits text into words before
+    merging, like `bpe.RegexTokenizer` -- taking the best filler slot by slot gives the maximum over
+    all captions without writing each of them out (there are millions). Each filler is scored inside
+    its template with the other slots fixed, so a/an and the spaces around it are counted too.
+    Example: longest_caption(len) -> "two shapes: a little turquoise triangle to the right of a little turquoise triangle"
+    """
+    phrases = [" ".join(([size] if size else []) + [colour, shape])
+               for size in [None, *(w for words in SIZE_WORDS.values() for w in words)]
+               for colour in (w for words in COLOR_WORDS.values() for w in words)
+               for shape in (w for words in SHAPE_WORDS.values() for w in words)]
+    choices = {"obj": phrases, "a": phrases, "b": phrases,
+               "pos": [w for words in POSITION_WORDS.values() for w in words],
+               "rel": [w for words in RELATION_WORDS.values() for w in words]}
+    best, best_count = "", -1
+    for template in templates or ONE_TEMPLATES + TWO_TEMPLATES:
+        slots = re.findall(r"{(\w+)}", template)
+        picks = {s: choices[s][0] for s in slots}
+        for s in slots:  # the best filler for this slot, the other slots held fixed
+            picks[s] = max(choices[s], key=lambda f: count(_articles(template.format(**{**picks, s: f}))))
+        text = _articles(template.format(**picks))
+        if count(text) > best_count:
+            best, best_count = text, count(text)
+    return best
 
 
 # --- the dataset ----------------------------------------------------------------------------------

@@ -119,4 +119,25 @@ def test_train_bpe_writes_a_tokenizer_that_reads_the_captions(tmp_path, capsys):
     tok = Tokenizer.load(out / "bpe.model")
     caption = ShapesWorld("heldout", 16, 0)[0][1]  # a caption from a split the tokenizer never read
     assert tok.decode(tok.encode(caption)) == caption.lower()
-    assert summary["over_text_len"] == 0 and summary["max_tokens"] <= cfg.text.text_len
+    assert summary["max_tokens"] <= summary["longest_possible_tokens"] <= cfg.text.text_len
+
+
+def test_train_bpe_refuses_a_text_len_that_would_cut_training_captions(tmp_path, capsys):
+    out = tmp_path / "bpe"
+    assert main(["train", "bpe", "--preset", "smoke", "--text.text_len=8", f"--text.out_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "longer than text.text_len=8" in err and "--text.text_len" in err
+    assert not out.exists(), "a refused tokenizer must leave no files behind"
+
+
+def test_every_caption_shapesworld_can_write_fits_the_toy_text_length():
+    # The full toy recipe (50,000 training captions, not the smoke cap), as `make demo` trains it.
+    from minidalle.bpe import RegexTokenizer
+    from minidalle.cli import training_captions
+    from minidalle.data import longest_caption
+
+    cfg = get_config("toy", smoke=False)
+    tok = RegexTokenizer(lowercase=cfg.text.lowercase).train(training_captions(cfg.data), cfg.text.vocab_size,
+                                                            progress=False)
+    longest = longest_caption(lambda text: len(tok.encode(text)))
+    assert len(tok.encode(longest)) <= cfg.text.text_len, (longest, len(tok.encode(longest)))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from minidalle import data
+from minidalle.captions import parse_caption
 from minidalle.data import (COLORS, HELDOUT_ARRANGEMENTS, HELDOUT_PAIRS, Obj, Scene, ShapesWorld,
                             canonical_arrangement, is_heldout, read_split, render, sample_scene,
                             shape_mask, write_split)
@@ -208,3 +209,27 @@ def test_build_dataset_follows_the_config(tmp_path):
         build_dataset(get_config("smoke", {"data.dataset": "folder", "data.path": str(tmp_path)}).data, "val")
     with pytest.raises(DataError, match="unknown dataset 'imagenet'"):
         build_dataset(get_config("smoke", {"data.dataset": "imagenet"}).data)
+
+
+def _one_object_captions():
+    """Every caption the one-object templates can write (about 33,000), by brute force."""
+    words = lambda table: [w for ws in table.values() for w in ws]  # noqa: E731
+    phrases = [" ".join(([size] if size else []) + [colour, shape]) for size in [None, *words(data.SIZE_WORDS)]
+               for colour in words(data.COLOR_WORDS) for shape in words(data.SHAPE_WORDS)]
+    return [data._articles(t.format(obj=o, pos=p)) for t in data.ONE_TEMPLATES for o in phrases
+            for p in words(data.POSITION_WORDS)]
+
+
+@pytest.mark.parametrize("count", [len, lambda text: len(text.split()), lambda text: text.count("e")],
+                         ids=["characters", "words", "letter e"])
+def test_longest_caption_equals_brute_force_over_the_one_object_templates(count):
+    every = _one_object_captions()
+    assert count(data.longest_caption(count, data.ONE_TEMPLATES)) == max(map(count, every))
+
+
+def test_longest_caption_is_a_real_caption_no_sampled_caption_beats():
+    longest = data.longest_caption(len)
+    rng = np.random.default_rng(0)
+    sampled = [data.caption(ShapesWorld(split, 16, 0).scene(i), rng) for split in data.SPLITS for i in range(3000)]
+    assert max(map(len, sampled)) <= len(longest)
+    assert parse_caption(longest).objects, "the longest caption must parse like any other"
