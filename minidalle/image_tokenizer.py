@@ -141,6 +141,18 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
+def object_cells(images: torch.Tensor, grid: int) -> torch.Tensor:
+    """Which cells of a grid x grid code grid hold any non-black pixel: uint8 (n, H, W, 3) -> bool (n, grid, grid).
+
+    Example: a 32x32 image black but for pixel (5, 9), grid 8 -> True only at cell (1, 2)
+    """
+    n, H, W, _ = images.shape
+    if H % grid or W % grid:
+        raise DataError(f"images of {H}x{W} pixels do not split into a {grid}x{grid} grid of cells")
+    lit = images.amax(dim=-1) > 0  # (n, H, W) object pixels
+    return lit.reshape(n, grid, H // grid, grid, W // grid).any(dim=4).any(dim=2)  # (n, grid, grid)
+
+
 def reconstruction_report(model: DVAE, split: str, image_size: int, n: int, seed: int = 0) -> dict:
     """Judge accuracy on n originals and on their reconstructions, per attribute, plus PSNR and the
     code perplexity over those images, over all cells and over the cells that hold part of an object.
@@ -158,21 +170,18 @@ def reconstruction_report(model: DVAE, split: str, image_size: int, n: int, seed
     counts = torch.bincount(codes.flatten(), minlength=model.cfg.vocab_size)
     # ShapesWorld's background is exactly black, and most cells are only background: their codes
     # say little about the codebook. Also measure over the cells holding any object pixel.
-    h = codes.shape[-1]
-    f = image_size // h  # pixels per cell side
-    lit = images.amax(dim=-1) > 0  # (n, H, W) object pixels
-    object_cells = lit.reshape(n, h, f, h, f).any(dim=4).any(dim=2)  # (n, h, w)
-    object_counts = torch.bincount(codes[object_cells], minlength=model.cfg.vocab_size)
+    lit_cells = object_cells(images, codes.shape[-1])  # (n, h, w)
+    object_counts = torch.bincount(codes[lit_cells], minlength=model.cfg.vocab_size)
     return {"original": original, "reconstruction": rebuilt,
             "ratio": rebuilt["overall"] / max(original["overall"], 1e-9),
             "psnr": psnr(recon, to_unit(images)),
             "perplexity": float(perplexity(counts)), "codes_used": int((counts > 0).sum()),
-            "object_cells": float(object_cells.float().mean()),
+            "object_cells": float(lit_cells.float().mean()),
             "perplexity_objects": float(perplexity(object_counts))}
 
 
 def benchmark_dvae(cfg: Config, out_dir: str | os.PathLike, n_eval: int = 500, progress: bool = True) -> dict:
-    """Train stage 1 from scratch with `cfg`, then measure what issue 3 asks for.
+    """Train stage 1 from scratch with `cfg`, then measure the tokenizer.
 
     Reports wall time of training, judge accuracy on originals vs reconstructions of `val` and
     `heldout` (per attribute), PSNR, perplexity and dead codes at the end of training, encoding

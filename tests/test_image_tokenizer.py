@@ -10,8 +10,8 @@ from minidalle.config import get_config
 from minidalle.data import ShapesWorld
 from minidalle.errors import CheckpointError, DataError
 from minidalle.quantize import perplexity, temperature_at
-from minidalle.image_tokenizer import (encode_dataset, load_dvae, psnr, reconstruction_report, to_uint8,
-                                       tokenizer_id, train_dvae)
+from minidalle.image_tokenizer import (encode_dataset, load_dvae, object_cells, psnr, reconstruction_report,
+                                       to_uint8, tokenizer_id, train_dvae)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -97,3 +97,14 @@ def test_cli_train_and_bench_dvae(tmp_path, capsys):
     with pytest.raises(CheckpointError):
         from minidalle.image_tokenizer import benchmark_dvae
         benchmark_dvae(get_config("smoke"), tmp_path / "bench", n_eval=8, progress=False)
+
+
+def test_object_cells_marks_the_cells_with_any_lit_pixel():
+    images = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
+    images[0, 5, 9, 2] = 1      # one faint blue pixel: row 5, column 9 -> cell (1, 2) of an 8x8 grid
+    images[1, 31, 0] = 255      # the bottom-left corner -> cell (7, 0)
+    cells = object_cells(images, 8)
+    assert cells.shape == (2, 8, 8) and cells.dtype == torch.bool
+    assert cells.nonzero().tolist() == [[0, 1, 2], [1, 7, 0]]
+    with pytest.raises(DataError, match="5x5 grid"):
+        object_cells(images, 5)
