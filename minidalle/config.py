@@ -184,9 +184,9 @@ PRESETS: dict[str, dict[str, object]] = {
         "dvae_train.min_lr": 8e-4,
         "dvae_train.beta2": 0.99,
         "dvae_train.out_dir": "runs/toy/dvae",
-        # The text tokenizer (paper: 16,384 tokens, 256 positions). ShapesWorld's captions use ~50 words;
+        # The text tokenizer (paper: 16,384 tokens, 256 positions). ShapesWorld's captions use 55 words;
         # 190 merges make each of them one token, and the training captions run out of pairs there (seed 0
-        # allows 191, seeds 1-3 190). Then the longest caption ShapesWorld can write (data.longest_caption)
+        # allows 191, seeds 1 and 2 allow 190). Then the longest caption ShapesWorld can write (data.longest_caption)
         # is 15 tokens. With 384 (128 merges) rare words stayed in pieces and a training caption took 33.
         "text.vocab_size": 446,  # 256 bytes + 190 merges
         "text.text_len": 32,  # twice the longest caption: room for prompts worded differently
