@@ -285,23 +285,21 @@ def longest_caption(count=len, templates=None) -> str:
     its template with the other slots fixed, so a/an and the spaces around it are counted too.
     Example: longest_caption(len) -> "two shapes: a little turquoise triangle to the right of a little turquoise triangle"
     """
-    phrases = [" ".join(([size] if size else []) + [colour, shape])
-               for size in [None, *(w for words in SIZE_WORDS.values() for w in words)]
-               for colour in (w for words in COLOR_WORDS.values() for w in words)
-               for shape in (w for words in SHAPE_WORDS.values() for w in words)]
+    def synonyms(table):  # every word or phrase a table offers, e.g. SIZE_WORDS -> ["small", "little", ...]
+        return [w for words in table.values() for w in words]
+
+    phrases = [" ".join(([size] if size else []) + [colour, shape]) for size in [None, *synonyms(SIZE_WORDS)]
+               for colour in synonyms(COLOR_WORDS) for shape in synonyms(SHAPE_WORDS)]
     choices = {"obj": phrases, "a": phrases, "b": phrases,
-               "pos": [w for words in POSITION_WORDS.values() for w in words],
-               "rel": [w for words in RELATION_WORDS.values() for w in words]}
-    best, best_count = "", -1
+               "pos": synonyms(POSITION_WORDS), "rel": synonyms(RELATION_WORDS)}
+    candidates = []
     for template in templates or ONE_TEMPLATES + TWO_TEMPLATES:
         slots = re.findall(r"{(\w+)}", template)
         picks = {s: choices[s][0] for s in slots}
         for s in slots:  # the best filler for this slot, the other slots held fixed
             picks[s] = max(choices[s], key=lambda f: count(_articles(template.format(**{**picks, s: f}))))
-        text = _articles(template.format(**picks))
-        if count(text) > best_count:
-            best, best_count = text, count(text)
-    return best
+        candidates.append(_articles(template.format(**picks)))
+    return max(candidates, key=count)  # the first template's caption wins a tie, as before
 
 
 # --- the dataset ----------------------------------------------------------------------------------
