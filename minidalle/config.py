@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,13 @@ from dataclasses import dataclass, field
 from .errors import ConfigError
 
 SMOKE_ENV = "MINIDALLE_SMOKE"
+# The choices of the string fields (dvae.py, data.py and the datasets read them from here).
+DATASETS = ("shapes", "emoji", "folder", "tar")
+QUANTIZERS = ("gumbel", "vq")
+# logit_laplace: the paper's density; logit_laplace_binned: the same density scored per 8-bit level
+# (losses.binned_logit_laplace_nll; the toy presets use it, see why there); mse: for comparison.
+LIKELIHOODS = ("logit_laplace", "logit_laplace_binned", "mse")
+MAX_IMAGE_SIZE = 2048  # the paper trains at 256; 2048x2048x3 is already 12 MB a sample
 
 
 def smoke_mode() -> bool:
@@ -127,7 +135,7 @@ class Config:
                 raise ConfigError(f"config section {key!r} should be a mapping, got {value!r}")
             for sub, v in value.items():
                 _set(cfg, f"{key}.{sub}", v)
-        return cfg
+        return validate(cfg)
 
 
 # Compute knobs capped under MINIDALLE_SMOKE=1 (architecture numbers are never touched),
@@ -249,7 +257,70 @@ def get_config(preset: str = "toy", overrides: dict[str, object] | None = None,
                 _set(cfg, key, cap)
     for key, value in (overrides or {}).items():
         _set(cfg, resolve_key(key), value)
+    validate(cfg)
     return cfg
+
+
+# --- the values a run can be built from --------------------------------------------------------
+# One rule per field that can be out of range: (test, what it must be). A bad value is refused
+# when the config is built, naming the key as the user types it (`dvae_train.batch_size`), so no
+# run dies later in a torch call that has never heard of the config.
+def _at_least(n):
+    return (lambda v: v >= n), f">= {n}"
+
+
+_TRAIN_RULES = {
+    "max_steps": _at_least(1), "batch_size": _at_least(1), "warmup_steps": _at_least(0),
+    "lr": ((lambda v: v > 0), "> 0"), "min_lr": (None, "between 0 and lr"),
+    "weight_decay": _at_least(0), "beta1": ((lambda v: 0 <= v < 1), "in [0, 1)"),
+    "beta2": ((lambda v: 0 <= v < 1), "in [0, 1)"), "grad_clip": ((lambda v: v >= 0), ">= 0 (0 = off)"),
+    "eval_every": ((lambda v: v >= 0), ">= 0 (0 = never)"), "eval_batches": _at_least(1),
+    "ckpt_every": ((lambda v: v >= 0), ">= 0 (0 = only at the end)"),
+    "keep_last": ((lambda v: v >= 2), ">= 2, so a crash while writing the newest checkpoint still leaves a good one"),
+    "log_every": _at_least(1), "seed": _at_least(0), "device": ((lambda v: bool(v.strip())), "a device name or auto"),
+    "out_dir": ((lambda v: bool(v.strip())), "a folder name"),
+}
+RULES: dict[str, dict[str, tuple]] = {
+    "data": {"dataset": ((lambda v: v in DATASETS), f"one of {', '.join(DATASETS)}"),
+             "image_size": ((lambda v: 1 <= v <= MAX_IMAGE_SIZE), f"between 1 and {MAX_IMAGE_SIZE}"),
+             "seed": _at_least(0), "n_train": _at_least(1), "n_val": _at_least(1), "n_heldout": _at_least(1),
+             "max_skip_rate": ((lambda v: 0 <= v <= 1), "between 0 and 1 (0 = abort on the first bad file, 1 = never)")},
+    "train": _TRAIN_RULES,
+    "dvae_train": _TRAIN_RULES,
+    "dvae": {"quantizer": ((lambda v: v in QUANTIZERS), f"one of {', '.join(QUANTIZERS)}"),
+             "likelihood": ((lambda v: v in LIKELIHOODS), f"one of {', '.join(LIKELIHOODS)}"),
+             "vocab_size": _at_least(2), "hidden": ((lambda v: v >= 4 and v % 4 == 0), "a positive multiple of 4"),
+             "blocks_per_group": _at_least(1), "n_groups": ((lambda v: 1 <= v <= 8), "between 1 and 8"),
+             "code_dim": _at_least(1), "tau_start": ((lambda v: v > 0), "> 0"), "tau_end": ((lambda v: v > 0), "> 0"),
+             "tau_steps": _at_least(0), "kl_max": _at_least(0), "kl_steps": _at_least(0),
+             "schedule_scale": _at_least(0), "commitment": _at_least(0),
+             "ema_decay": ((lambda v: 0 <= v < 1), "in [0, 1)"), "dead_after": _at_least(1)},
+    "text": {"vocab_size": _at_least(256), "dropout": ((lambda v: 0 <= v < 1), "in [0, 1)"),
+             "text_len": _at_least(1), "out_dir": ((lambda v: bool(v.strip())), "a folder name")},
+}
+
+
+def validate(cfg: "Config") -> "Config":
+    """Refuse any field outside its range (every section), naming the key and what it must be.
+
+    Example: validate(get_config("toy", {"dvae_train.batch_size": 0}))
+             -> ConfigError("dvae_train.batch_size=0 is invalid: it must be >= 1")
+    """
+    for section in RULES:
+        check_section(getattr(cfg, section), section)
+    return cfg
+
+
+def check_section(values, section: str) -> None:
+    """`validate` for one section (a TrainConfig is checked under the name it has in the run config).
+
+    Example: check_section(TrainConfig(batch_size=0), "dvae_train") -> ConfigError("dvae_train.batch_size=0 ...")
+    """
+    for name, (test, need) in RULES[section].items():
+        value = getattr(values, name)
+        ok = (0 <= value <= values.lr) if name == "min_lr" else test(value)
+        if not ok:
+            raise ConfigError(f"{section}.{name}={value!r} is invalid: it must be {need}")
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:
@@ -326,11 +397,15 @@ def _coerce(key: str, value, typ):
         if typ is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # nan passes no comparison and inf breaks every schedule
+                raise ValueError
+            return number
         if typ is str:
             if not isinstance(value, str):
                 raise ValueError
             return value
-    except (TypeError, ValueError):
-        raise ConfigError(f"config key {key!r} expects {typ.__name__}, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"config key {key!r} expects {typ.__name__}"
+                          f"{' (a finite number)' if typ is float else ''}, got {value!r}") from None
     raise ConfigError(f"config key {key!r} has unsupported type {typ!r}")

@@ -26,14 +26,12 @@ import torch
 import torch.nn as nn
 
 from . import losses
-from .config import DVAEConfig, get_config
+from .config import LIKELIHOODS, QUANTIZERS, DVAEConfig, get_config
 from .errors import ConfigError
 from .quantize import make_quantizer, nearest_code, stats_to_floats
 
-QUANTIZERS = ("gumbel", "vq")
-# logit_laplace: the paper's density; logit_laplace_binned: the same density scored per 8-bit level
-# (losses.binned_logit_laplace_nll; the toy presets use it, see why there); mse: for comparison.
-LIKELIHOODS = ("logit_laplace", "logit_laplace_binned", "mse")
+# QUANTIZERS ("gumbel", "vq") and LIKELIHOODS ("logit_laplace", "logit_laplace_binned", "mse") are
+# the config's choices (config.py says what each is); imported here so dvae.QUANTIZERS still reads.
 # The released dVAE's sizes as published (about 54M encoder, 44M decoder parameters). Our `paper`
 # preset counts 53,786,240 and 43,829,766, which is also what counting the layers of the released
 # encoder.py / decoder.py gives; the rounded published figures are what we check against.

@@ -11,7 +11,7 @@ from minidalle.captions import parse_caption
 from minidalle.data import (COLORS, HELDOUT_ARRANGEMENTS, HELDOUT_PAIRS, Obj, Scene, ShapesWorld,
                             canonical_arrangement, is_heldout, read_split, render, sample_scene,
                             shape_mask, write_split)
-from minidalle.errors import DataError
+from minidalle.errors import ConfigError, DataError
 
 
 def test_items_are_pure_functions_of_seed_split_index():
@@ -207,8 +207,11 @@ def test_build_dataset_follows_the_config(tmp_path):
         build_dataset(get_config("smoke", {"data.dataset": "tar"}).data)
     with pytest.raises(DataError, match="no 'val' split"):
         build_dataset(get_config("smoke", {"data.dataset": "folder", "data.path": str(tmp_path)}).data, "val")
+    with pytest.raises(ConfigError, match="data.dataset='imagenet' is invalid: it must be one of shapes"):
+        get_config("smoke", {"data.dataset": "imagenet"})  # refused when the config is built
+    cfg.dataset = "imagenet"  # a DataConfig edited by hand after that
     with pytest.raises(DataError, match="unknown dataset 'imagenet'"):
-        build_dataset(get_config("smoke", {"data.dataset": "imagenet"}).data)
+        build_dataset(cfg)
 
 
 def _one_object_captions():
