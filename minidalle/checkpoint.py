@@ -29,18 +29,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
 import shutil
+import socket
+import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 
 from .errors import CheckpointError, ConfigError
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -168,9 +179,14 @@ def clean_stale_temp(root: str | Path) -> list[Path]:
 
 # --- verifying and loading -------------------------------------------------------------------------
 
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
 def verify_checkpoint(path: str | Path) -> dict:
     """Check the manifest, sizes and sha256 of every file; return the manifest or raise CheckpointError.
 
+    The manifest itself is checked field by field (a hand-edited or damaged one is refused with a
+    message, never a TypeError), and its step must match the folder's name.
     Example: verify_checkpoint("runs/x/checkpoints/step_0000500") -> {"format": 1, "step": 500, "files": {...}}
     """
     path = Path(path)
@@ -181,17 +197,27 @@ def verify_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{mpath} is missing: the checkpoint was never finished (a crash while "
                               "saving?) or was copied incompletely; use an older checkpoint")
     try:
-        manifest = json.loads(mpath.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{mpath} is not a valid manifest ({e}); the folder is damaged") from None
+        manifest = json.loads(mpath.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"{mpath} is not a valid manifest ({type(e).__name__}: {e}); the folder is damaged") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{mpath} is not a valid manifest (no 'files' table); the folder is damaged")
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{mpath} has format {manifest.get('format')!r}, this minidalle reads "
                               f"format {FORMAT}; it was written by a different version")
+    step, named = manifest.get("step"), _STEP_DIR.match(path.name)
+    if not isinstance(step, int) or isinstance(step, bool) or (named and int(named.group(1)) != step):
+        raise CheckpointError(f"{mpath} says step {step!r}, but the folder is {path.name}; the folder is damaged")
+    files = manifest["files"]
     for name in PAYLOAD:
-        if name not in files:
+        want = files.get(name)
+        if want is None:
             raise CheckpointError(f"{mpath} does not list {name}; the folder is damaged")
-        fpath, want = path / name, files[name]
+        if not (isinstance(want, dict) and isinstance(want.get("sha256"), str) and _SHA256.match(want["sha256"])
+                and isinstance(want.get("bytes"), int) and not isinstance(want["bytes"], bool)):
+            raise CheckpointError(f"{mpath}: the entry for {name} is not a checksum and a size ({want!r}); "
+                                  "the folder is damaged")
+        fpath = path / name
         if not fpath.is_file():
             raise CheckpointError(f"{fpath} is missing (the manifest lists it)")
         size = fpath.stat().st_size
@@ -213,47 +239,183 @@ def read_config(path: str | Path, verify: bool = True) -> dict:
         verify_checkpoint(path)
     cpath = Path(path) / CONFIG_FILE
     try:
-        return json.loads(cpath.read_text())
+        config = json.loads(cpath.read_bytes().decode("utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{cpath} cannot be read as JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cpath} holds a {type(config).__name__}, not a config mapping")
+    return config
+
+
+@dataclass
+class Loaded:
+    """Everything one checkpoint folder holds, read back and checked, before any of it is applied."""
+
+    path: Path
+    step: int
+    tensors: dict  # name -> tensor, as safetensors stored them (a tied tensor once)
+    state: dict  # what torch.load(weights_only=True) rebuilt from state.pt
+    config: dict  # config.json
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Loaded:
+    """Verify a checkpoint and read all of it back; raise CheckpointError if any part cannot be read.
+
+    A file can match its manifest and still be unreadable: the manifest was rewritten by hand, or
+    the file was damaged before the checksums were taken. Reading everything *first*, and only then
+    touching a model or optimizer, is what lets a resume fall back to an older checkpoint instead of
+    stopping half-way with a model that holds some new and some old weights.
+    Example: read_checkpoint(".../step_0000500").state["step"] -> 500
+    """
+    path = Path(path)
+    manifest = verify_checkpoint(path)
+    config = read_config(path, verify=False)
+    try:
+        tensors = load_file(str(path / MODEL_FILE), device=str(map_location))
+    except Exception as e:  # noqa: BLE001 -- SafetensorError, OSError, ...: all mean "not readable"
+        raise CheckpointError(f"{path / MODEL_FILE} cannot be read as safetensors ({type(e).__name__}: "
+                              f"{_first_line(e)})") from None
+    try:
+        state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- UnpicklingError, EOFError, RuntimeError, ... all mean the same here
+        raise CheckpointError(f"{path / STATE_FILE} cannot be loaded with weights_only=True ({type(e).__name__}: "
+                              f"{_first_line(e)}); refusing to unpickle it") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / STATE_FILE} holds a {type(state).__name__}, not a state mapping")
+    return Loaded(path, manifest["step"], tensors, state, config)
+
+
+def apply_weights(model: torch.nn.Module, tensors: dict, where: str | Path) -> None:
+    """Copy checkpoint tensors into `model`, strictly: every key and shape must match, or nothing is copied.
+
+    `save_model` stored each tied tensor once (say a token embedding shared with the output head);
+    its other names are filled by the copy into the shared storage.
+    Example: apply_weights(model, read_checkpoint(p).tensors, p)
+    """
+    own = model.state_dict()
+    stored_ptrs = {own[k].data_ptr() for k in tensors if k in own}
+    unexpected = sorted(set(tensors) - set(own))
+    missing = sorted(k for k in set(own) - set(tensors) if own[k].data_ptr() not in stored_ptrs)
+    wrong = [f"{k}: {tuple(tensors[k].shape)} stored, {tuple(own[k].shape)} here"
+             for k in tensors if k in own and tensors[k].shape != own[k].shape]
+    if unexpected or missing or wrong:
+        problems = [f"missing {', '.join(missing[:4])}" if missing else "",
+                    f"unexpected {', '.join(unexpected[:4])}" if unexpected else "", "; ".join(wrong[:4])]
+        raise CheckpointError(f"{where} does not fit this model ({'; '.join(p for p in problems if p)}); was it "
+                              "saved from a different architecture or config?")
+    model.load_state_dict(tensors, strict=False)  # strict=False only for the tied names checked above
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module | None = None,
                     map_location: str | torch.device = "cpu", verify: bool = True) -> tuple[dict, dict]:
     """Verify a checkpoint, load its weights into `model` (if given); return (state, config).
 
+    `verify` is kept for callers that name it; the checksums are always checked (they cost one read).
     Example: state, config = load_checkpoint(".../step_0000500", model); state["step"] -> 500
     """
-    path = Path(path)
-    if verify:
-        verify_checkpoint(path)
-    config = read_config(path, verify=False)
+    loaded = read_checkpoint(path, map_location)
     if model is not None:
+        apply_weights(model, loaded.tensors, Path(path) / MODEL_FILE)
+    return loaded.state, loaded.config
+
+
+def find_resumable(root: str | Path, map_location: str | torch.device = "cpu",
+                   check=None) -> tuple[Loaded | None, list[tuple[Path, str]]]:
+    """The newest checkpoint in `root` that reads back completely, and each newer one rejected, with why.
+
+    `check(loaded)` may raise CheckpointError to reject a checkpoint for what it holds (the trainer
+    checks that the state has a step, optimizer moments and RNG states).
+    Example: step_0000004 (tampered), step_0000002 (fine)
+             -> (Loaded(step=2, ...), [(Path(".../step_0000004"), "... fails its checksum ...")])
+    """
+    rejected = []
+    for _, p in reversed(list_checkpoints(root)):
         try:
-            load_model(model, str(path / MODEL_FILE))  # strict: every key must match
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise CheckpointError(f"{path / MODEL_FILE} does not fit this model ({e}); was it saved "
-                                  "from a different architecture or config?") from None
-    try:
-        state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
-    except Exception as e:  # UnpicklingError, EOFError, RuntimeError, ... all mean the same here
-        raise CheckpointError(f"{path / STATE_FILE} cannot be loaded with weights_only=True ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); refusing to unpickle it") from None
-    return state, config
+            loaded = read_checkpoint(p, map_location)
+            if check is not None:
+                check(loaded)
+            return loaded, rejected
+        except CheckpointError as e:
+            rejected.append((p, str(e)))
+    return None, rejected
 
 
 def latest_valid_checkpoint(root: str | Path) -> Path | None:
-    """The newest checkpoint in `root` that passes `verify_checkpoint`, warning about each newer one skipped.
+    """The newest checkpoint in `root` that reads back completely, warning about each newer one skipped.
 
     Example: step_0000004 (tampered), step_0000002 (fine) -> warns about step_0000004, returns .../step_0000002
     """
-    for step, p in reversed(list_checkpoints(root)):
+    loaded, rejected = find_resumable(root)
+    for p, why in rejected:
+        warnings.warn(f"skipping invalid checkpoint {p.name}: {why}", stacklevel=2)
+    return None if loaded is None else loaded.path
+
+
+# --- one writer per run folder ------------------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """An exclusive lock on `{out_dir}/.lock`, so two trainers never write one run's checkpoints at once.
+
+    The lock is the operating system's (`fcntl.flock`): it is released when its holder exits, even
+    by SIGKILL, so a lock left by a dead process is never an obstacle. The file also says who holds
+    it (pid, host, since when) for the error message; a stale one is logged and rewritten. The file
+    stays after release (deleting it would let a third process lock a new file while a second still
+    waits on the old one). Where `fcntl` is missing (Windows) no lock is taken, with a warning.
+    Example: with RunLock("runs/x", "train.out_dir"): ...  # a second holder -> CheckpointError
+    """
+
+    def __init__(self, out_dir: str | Path, key: str = "train.out_dir"):
+        self.path, self.key, self._fd = Path(out_dir) / LOCK_FILE, key, None
+
+    def acquire(self) -> "RunLock":
+        if fcntl is None:
+            warnings.warn(f"this platform has no fcntl: {self.path.parent} is not locked against a second "
+                          "trainer; do not run two on one folder", stacklevel=2)
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            verify_checkpoint(p)
-            return p
-        except CheckpointError as e:
-            warnings.warn(f"skipping invalid checkpoint {p.name}: {e}", stacklevel=2)
-    return None
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _holder(os.read(fd, 4096))
+            os.close(fd)
+            raise CheckpointError(f"{self.path.parent} is in use by another training run ({holder}); two "
+                                  f"writers would interleave their checkpoints. Wait for it to finish, stop it, "
+                                  f"or choose another --{self.key}") from None
+        previous = os.read(fd, 4096)
+        if previous.strip():  # a holder that died without releasing (a crash or SIGKILL)
+            logger.info("%s: replacing the stale lock of %s (it no longer holds it)", self.path, _holder(previous))
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        os.ftruncate(fd, 0)  # an empty file says "nobody holds this"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _holder(data: bytes) -> str:
+    """Example: b'{"pid": 42, "host": "gpu1", "since": "2026-12-01 10:00:00"}' -> "pid 42 on gpu1 since 2026-12-01 10:00:00" """
+    try:
+        who = json.loads(data.decode("utf-8"))
+        return f"pid {who['pid']} on {who['host']} since {who['since']}"
+    except (ValueError, KeyError, TypeError):
+        return "holder unknown"
 
 
 # --- RNG state as plain data -------------------------------------------------------------------------
@@ -311,6 +473,10 @@ def _check_plain(obj, where: str) -> None:
         return
     raise CheckpointError(f"{where} is a {type(obj).__module__}.{type(obj).__name__}, which "
                           "torch.load(weights_only=True) refuses; store it as a tensor, list or number")
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
 
 
 def _sha256(path: Path) -> str:

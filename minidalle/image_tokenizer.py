@@ -46,7 +46,8 @@ def image_batches(dataset, batch_size: int):
                                        collate_fn=lambda items: torch.stack([im for im, _ in items]))
 
 
-def train_dvae(cfg: Config, resume: bool | str = False, progress: bool = True) -> tuple[DVAE, Trainer]:
+def train_dvae(cfg: Config, resume: bool | str = False, progress: bool = True,
+               start_over: bool = False) -> tuple[DVAE, Trainer]:
     """Train stage 1 with `cfg.dvae` and `cfg.dvae_train`; checkpoints go to cfg.dvae_train.out_dir.
 
     The Gumbel temperature and KL weight follow the paper's cosine schedules (quantize.py), set
@@ -55,6 +56,7 @@ def train_dvae(cfg: Config, resume: bool | str = False, progress: bool = True) -
     tc = cfg.dvae_train
     seed_everything(tc.seed)
     model = DVAE(cfg.dvae)
+    model.grid_size(cfg.data.image_size)  # a size the encoder cannot divide is refused before any data is read
     if pick_device(tc.device).type == "cpu":
         # Channels-last weights let oneDNN skip layout reorders around every conv, and nearest
         # upsampling of channels-last maps is ~10x faster on CPU: a toy update costs ~13% less
@@ -66,7 +68,7 @@ def train_dvae(cfg: Config, resume: bool | str = False, progress: bool = True) -
     callback = schedule_callback(cfg.dvae)
     trainer.add_callback("on_fit_start", callback)
     trainer.add_callback("on_step_end", callback)
-    trainer.fit(resume=resume)
+    trainer.fit(resume=resume, start_over=start_over)
     return model, trainer
 
 

@@ -45,7 +45,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import Config, TrainConfig
+from .config import Config, TrainConfig, check_section
 from .errors import CheckpointError, ConfigError, DataError, MinidalleError
 
 EVENTS = ("on_fit_start", "on_before_optimizer_step", "on_step_end", "on_eval", "on_checkpoint", "on_fit_end")
@@ -167,7 +167,11 @@ class Trainer:
                  eval_data=None, config: Config | dict | None = None, progress: bool = True):
         if isinstance(cfg, Config):
             config, cfg = (cfg if config is None else config), cfg.train
-        _check_train_config(cfg)
+        # Which section of the run config these settings are (train, dvae_train, ...), so messages
+        # name the key the user types: --dvae_train.out_dir, not train.out_dir.
+        self.section = next((f.name for f in dataclasses.fields(Config) if isinstance(config, Config)
+                             and getattr(config, f.name) is cfg), "train")
+        check_section(cfg, self.section)
         self.cfg, self.config = cfg, _config_dict(cfg, config)
         self.device = pick_device(cfg.device)
         self.model = model.to(self.device)
@@ -193,28 +197,42 @@ class Trainer:
         """Finish the current update, save a checkpoint and return from fit (e.g. from a callback)."""
         self._stop = True
 
-    def fit(self, resume: bool | str | os.PathLike = False) -> dict[str, list[dict]]:
+    def fit(self, resume: bool | str | os.PathLike = False, start_over: bool = False) -> dict[str, list[dict]]:
         """Train up to cfg.max_steps and return this call's history {"train": [...], "eval": [...]}.
 
         resume=False starts fresh (and refuses an out_dir that already holds checkpoints);
-        resume=True continues from the newest valid checkpoint in out_dir (or starts fresh if there
-        is none, so one command serves both the first start and every restart); resume=<folder>
-        continues from that checkpoint and raises CheckpointError if it is damaged.
+        resume=True continues from the newest checkpoint in out_dir that reads back completely
+        (newer damaged ones are skipped with a warning each; with no checkpoints at all it starts
+        fresh, so one command serves the first start and every restart; when checkpoints exist but
+        none can be read it refuses, naming each one and why, and changes nothing);
+        resume=<folder> continues from that checkpoint and raises CheckpointError if it is damaged.
+        start_over=True moves the folder's checkpoints and metrics.jsonl into `set-aside-<time>/`
+        inside out_dir (nothing is deleted) and starts from step 0.
         Resuming with a config that differs from the checkpoint's config.json warns, naming each
         changed key (e.g. `train.max_steps: 100 -> 200`), and then trains with the new values.
+        The out_dir is locked for the whole call (checkpoint.RunLock): a second trainer is refused.
         """
+        with ckpt.RunLock(self.out_dir, f"{self.section}.out_dir"):
+            return self._fit(resume, start_over)
+
+    def _fit(self, resume, start_over: bool) -> dict[str, list[dict]]:
         cfg = self.cfg
         ckpt.clean_stale_temp(self.ckpt_root)
         seed_everything(cfg.seed)
-        start = self._resume_point(resume)
+        start = self._resume_point(resume, start_over)
         self.step, rng = 0, None
         if start is not None:
             # Compare configs before loading the weights: if a changed model size makes the load
             # fail, the warning has already said which setting changed.
             self._warn_if_config_changed(start)
-            state, _ = ckpt.load_checkpoint(start, self.model, verify=False)  # _resume_point verified it
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.step, rng = int(state["step"]), state["rng"]
+            ckpt.apply_weights(self.model, start.tensors, start.path / ckpt.MODEL_FILE)
+            try:
+                self.optimizer.load_state_dict(start.state["optimizer"])
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise CheckpointError(f"{start.path / ckpt.STATE_FILE}: its optimizer state does not fit this "
+                                      f"model's parameters ({e})") from None
+            self.step, rng = start.step, start.state["rng"]
+            self.loss, self.last_checkpoint = float(start.state.get("loss", math.nan)), start.path
         stream = _BatchStream(self.train_data, cfg.seed, start=self.step)  # fast-forwards an iterable
         if rng is not None:
             ckpt.restore_rng_state(rng)  # after the fast-forward, which must not disturb it
@@ -303,40 +321,69 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write checkpoints/step_{step:07d}/ (model, config, optimizer + RNG state, manifest) atomically."""
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": ckpt.capture_rng_state()}
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": ckpt.capture_rng_state(),
+                 "loss": self.loss}  # so a finished run, resumed, can still say where it ended
         self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_root, self.step, self.model, state, self.config,
                                                     self.cfg.keep_last)
         self._fire("on_checkpoint")
         return self.last_checkpoint
 
-    def _resume_point(self, resume) -> Path | None:
-        """Which checkpoint fit() starts from (None = from scratch); see fit() for the three cases."""
+    def _resume_point(self, resume, start_over: bool) -> ckpt.Loaded | None:
+        """The checkpoint fit() starts from, read back and checked (None = from scratch); see fit()."""
         existing = ckpt.list_checkpoints(self.ckpt_root)
+        if start_over:
+            self._set_aside()
+            return None
         if resume is False or resume is None:
             if existing:
                 raise CheckpointError(f"{self.ckpt_root} already holds checkpoints ({existing[-1][1].name}, ...); "
-                                      "pass resume=True to continue that run, or choose a new train.out_dir")
+                                      f"continue that run with --resume (resume=True in Python), start over with "
+                                      f"--start-over (start_over=True), or choose a new --{self.section}.out_dir")
             return None
         if resume is True:
-            return ckpt.latest_valid_checkpoint(self.ckpt_root)
-        path = Path(resume)
-        manifest = ckpt.verify_checkpoint(path)  # an explicitly named checkpoint must be intact
-        newer = [p.name for s, p in existing if s > manifest["step"]]
+            loaded, rejected = ckpt.find_resumable(self.ckpt_root, check=_check_state)
+            if loaded is None and rejected:
+                why = "; ".join(f"{p.name}: {reason.replace(str(p) + os.sep, '')}" for p, reason in rejected)
+                raise CheckpointError(f"cannot resume: none of the {len(rejected)} checkpoints in {self.ckpt_root} "
+                                      f"can be read ({why}). Nothing was changed. Start over with --start-over "
+                                      f"(start_over=True), which moves them into {self.out_dir}/set-aside-<time>/")
+            for p, reason in rejected:
+                warnings.warn(f"skipping invalid checkpoint {p.name}: {reason}", stacklevel=4)
+            return loaded
+        loaded = ckpt.read_checkpoint(resume)  # an explicitly named checkpoint must be intact
+        _check_state(loaded)
+        newer = [p.name for s, p in existing if s > loaded.step]
         if newer:
-            warnings.warn(f"resuming from step {manifest['step']} while newer checkpoints exist "
-                          f"({', '.join(newer)}); they are overwritten as training reaches their steps", stacklevel=3)
-        return path
+            warnings.warn(f"resuming from step {loaded.step} while newer checkpoints exist "
+                          f"({', '.join(newer)}); they are overwritten as training reaches their steps", stacklevel=4)
+        return loaded
 
-    def _warn_if_config_changed(self, start: Path) -> None:
+    def _set_aside(self) -> Path | None:
+        """Move this run's checkpoints and metrics into out_dir/set-aside-<time>/ (start_over=True)."""
+        parts = [p for p in (self.ckpt_root, self.out_dir / "metrics.jsonl") if p.exists()]
+        if not parts:
+            return None
+        aside = self.out_dir / f"set-aside-{time.strftime('%Y%m%d-%H%M%S')}"
+        n = 1
+        while aside.exists():  # two restarts in one second
+            aside, n = self.out_dir / f"set-aside-{time.strftime('%Y%m%d-%H%M%S')}-{n}", n + 1
+        aside.mkdir(parents=True)
+        for part in parts:
+            os.rename(part, aside / part.name)
+        warnings.warn(f"starting over: the previous run's {' and '.join(p.name for p in parts)} moved to {aside}",
+                      stacklevel=4)
+        return aside
+
+    def _warn_if_config_changed(self, start: ckpt.Loaded) -> None:
         """Warn, listing each key, when this run's config differs from the one saved at `start`.
 
         The LR schedule is a pure function of the config, so a changed train.max_steps or
         train.warmup_steps silently bends the rest of the curve. A warning, not an error: resuming
         with a larger max_steps to train longer is a normal thing to do.
         """
-        changes = _config_changes(ckpt.read_config(start, verify=False), self.config)
+        changes = _config_changes(start.config, self.config)
         if changes:
-            warnings.warn(f"resuming from {start.name} with a config that differs from the one it was saved "
+            warnings.warn(f"resuming from {start.path.name} with a config that differs from the one it was saved "
                           "with; the resumed run uses the new values:\n  " + "\n  ".join(changes), stacklevel=3)
 
     def _fire(self, event: str) -> None:
@@ -372,6 +419,7 @@ class _BatchStream:
         self.epoch += 1
         # Draw the first batch inside the pinned RNG too: a DataLoader picks its shuffle order on the
         # first next(), not in iter(), so pinning only iter() left resumed runs with another order.
+        set_epoch(self.data, self.epoch)
         with rng_isolated(self.seed + self.epoch):
             it = iter(self.data)
             first = next(it, _END)
@@ -379,6 +427,38 @@ class _BatchStream:
             raise DataError(f"train_data yielded no batches in epoch {self.epoch}; pass a re-iterable "
                             "(list, DataLoader) or a batch_at(i) callable, not a one-shot generator")
         return itertools.chain([first], it)
+
+
+def _check_state(loaded: ckpt.Loaded) -> None:
+    """Refuse a checkpoint whose state.pt lacks what an exact resume needs (a CheckpointError, so
+    a resume falls back to an older checkpoint rather than stopping)."""
+    state, where = loaded.state, loaded.path / ckpt.STATE_FILE
+    problems = []
+    if state.get("step") != loaded.step:
+        problems.append(f"step {state.get('step')!r} (the manifest says {loaded.step})")
+    opt = state.get("optimizer")
+    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)):
+        problems.append("no optimizer state")
+    rng = state.get("rng")
+    if not (isinstance(rng, dict) and {"python", "numpy", "torch"} <= set(rng)):
+        problems.append("no RNG states")
+    if problems:
+        raise CheckpointError(f"{where} is not a training state: {', '.join(problems)}")
+
+
+def set_epoch(data, epoch: int) -> None:
+    """Tell the data which epoch starts, wherever it listens: the data itself, a DataLoader's
+    dataset (the folder and tar datasets reshuffle by seed and epoch) or its sampler (a
+    DistributedSampler). Without this every epoch of those datasets had the same order.
+
+    Example: set_epoch(DataLoader(FolderDataset(...)), 3) -> dataset.epoch == 3
+    """
+    seen = []
+    for part in (data, getattr(data, "dataset", None), getattr(data, "sampler", None)):
+        fn = getattr(part, "set_epoch", None)
+        if callable(fn) and not any(part is s for s in seen):
+            fn(epoch)
+            seen.append(part)
 
 
 def _unpack_loss(out, where: str, need_grad: bool) -> tuple[torch.Tensor, float, dict[str, float]]:
@@ -404,21 +484,6 @@ def _unpack_loss(out, where: str, need_grad: bool) -> tuple[torch.Tensor, float,
         raise MinidalleError(f"{where}: loss_fn's extras must be a dict of name -> number whose names avoid "
                              f"{sorted(_RESERVED)}; got {extras!r}")
     return loss, value, {str(k): float(v) for k, v in extras.items()}
-
-
-def _check_train_config(cfg: TrainConfig) -> None:
-    """Refuse impossible training settings up front, before any compute is spent."""
-    rules = [("max_steps", cfg.max_steps >= 1, ">= 1"), ("keep_last", cfg.keep_last >= 2,
-              ">= 2, so a crash while writing the newest checkpoint still leaves a good one"),
-             ("lr", cfg.lr > 0, "> 0"), ("min_lr", 0 <= cfg.min_lr <= cfg.lr, "between 0 and train.lr"),
-             ("warmup_steps", cfg.warmup_steps >= 0, ">= 0"), ("grad_clip", cfg.grad_clip >= 0, ">= 0 (0 = off)"),
-             ("beta1", 0 <= cfg.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"),
-             ("weight_decay", cfg.weight_decay >= 0, ">= 0"), ("eval_every", cfg.eval_every >= 0, ">= 0 (0 = never)"),
-             ("eval_batches", cfg.eval_batches >= 1, ">= 1"), ("ckpt_every", cfg.ckpt_every >= 0, ">= 0"),
-             ("log_every", cfg.log_every >= 1, ">= 1")]
-    for name, ok, need in rules:
-        if not ok:
-            raise ConfigError(f"train.{name}={getattr(cfg, name)!r} is invalid: it must be {need}")
 
 
 def _config_dict(cfg: TrainConfig, config) -> dict:

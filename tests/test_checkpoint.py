@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from minidalle import checkpoint as ckpt
 from minidalle.config import TrainConfig
 from minidalle.errors import CheckpointError, ConfigError
-from minidalle.train import Trainer
+from minidalle.train import Trainer, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -381,3 +381,134 @@ def test_rng_state_round_trip():
     first = (random.random(), np.random.rand(), torch.rand(1).item())
     ckpt.restore_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+# --- 4. resume never wipes a run, and falls back past anything unreadable --------------------------
+
+def _forge_manifest(path: Path, name: str, data: bytes) -> None:
+    """Replace `name` in a checkpoint with `data` and rewrite the manifest so the checksums agree."""
+    (path / name).write_bytes(data)
+    manifest = json.loads((path / ckpt.MANIFEST_FILE).read_text())
+    manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (path / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def _snapshot(out_dir: Path) -> dict:
+    return {str(p.relative_to(out_dir)): p.read_bytes() for p in sorted(out_dir.rglob("*"))
+            if p.is_file() and p.name != ckpt.LOCK_FILE}
+
+
+def test_resume_refuses_when_no_checkpoint_can_be_read_and_changes_nothing(saved):
+    out, _ = saved
+    for _, p in ckpt.list_checkpoints(out / "checkpoints"):  # every manifest claims another format
+        m = p / ckpt.MANIFEST_FILE
+        m.write_text(m.read_text().replace('"format": 1', '"format": 2'))
+    before = _snapshot(out)
+    trainer = Trainer(make_model(), small_cfg(out), batch_at, loss_fn, progress=False)
+    with pytest.raises(CheckpointError, match=r"none of the 2 checkpoints.*step_0000006: manifest\.json has "
+                                              r"format 2.*step_0000004: .*format 2.*Nothing was changed.*--start-over"):
+        trainer.fit(resume=True)
+    assert _snapshot(out) == before  # not one byte rewritten: the old run can still be rescued by hand
+
+
+def test_start_over_moves_the_old_run_aside_and_trains_from_zero(saved):
+    out, _ = saved
+    before = _snapshot(out)
+    trainer = Trainer(make_model(), small_cfg(out), batch_at, loss_fn, progress=False)
+    with pytest.warns(UserWarning, match="starting over: the previous run's checkpoints and metrics.jsonl moved to"):
+        hist = trainer.fit(resume=True, start_over=True)
+    assert hist["train"][0]["step"] == 1 and steps_on_disk(out) == [4, 6]
+    (aside,) = out.glob("set-aside-*")
+    assert {k: v for k, v in _snapshot(aside).items()} == before  # all of it kept, byte for byte
+
+
+@pytest.mark.parametrize("victim, garbage, words", [
+    (ckpt.STATE_FILE, b"PK\x03\x04 not a torch zip file", r"state\.pt cannot be loaded with weights_only"),
+    (ckpt.STATE_FILE, None, r"state\.pt is not a training state: .*no optimizer state"),  # loads, but is no state
+    (ckpt.MODEL_FILE, b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage", r"model\.safetensors cannot be read as safetensors"),
+])
+def test_unreadable_file_with_a_matching_manifest_falls_back_to_the_previous_checkpoint(saved, tmp_path_factory, victim,
+                                                                                        garbage, words):
+    out, path = saved
+    if garbage is None:
+        import io
+        buf = io.BytesIO()
+        torch.save({"step": 6}, buf)
+        garbage = buf.getvalue()
+    _forge_manifest(path, victim, garbage)  # the checksums agree: only reading the file can tell
+    if victim == ckpt.MODEL_FILE:
+        with pytest.raises(CheckpointError, match=words):  # named explicitly, it is refused
+            ckpt.load_checkpoint(path, make_model())
+    trainer = Trainer(make_model(), small_cfg(out), batch_at, loss_fn, progress=False)
+    with pytest.warns(UserWarning, match="skipping invalid checkpoint step_0000006: .*" + words):
+        hist = trainer.fit(resume=True)
+    assert [r["step"] for r in hist["train"]] == [5, 6]  # resumed from step 4
+    _, straight = run(tmp_path_factory.mktemp("straight"))
+    assert [r["loss"] for r in hist["train"]] == [r["loss"] for r in straight["train"][4:]]
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: m["files"].__setitem__(ckpt.MODEL_FILE, "0" * 64), "entry for model.safetensors is not a checksum"),
+    (lambda m: m["files"][ckpt.STATE_FILE].__setitem__("sha256", 12345), "entry for state.pt is not a checksum"),
+    (lambda m: m["files"][ckpt.CONFIG_FILE].__setitem__("bytes", "many"), "entry for config.json is not a checksum"),
+    (lambda m: m.__setitem__("files", ["model.safetensors"]), "no 'files' table"),
+    (lambda m: m.__setitem__("step", 5), "says step 5, but the folder is step_0000006"),
+])
+def test_a_manifest_that_is_not_checksums_is_refused_with_a_message(saved, edit, words):
+    out, path = saved
+    manifest = json.loads((path / ckpt.MANIFEST_FILE).read_text())
+    edit(manifest)
+    (path / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=words):
+        ckpt.verify_checkpoint(path)
+    with pytest.warns(UserWarning, match="skipping invalid checkpoint step_0000006"):
+        assert ckpt.latest_valid_checkpoint(out / "checkpoints") == out / "checkpoints" / "step_0000004"
+
+
+def test_resuming_a_finished_run_reports_its_last_figures(saved):
+    out, path = saved
+    trainer = Trainer(make_model(), small_cfg(out), batch_at, loss_fn, progress=False)
+    hist = trainer.fit(resume=True)
+    assert hist["train"] == [] and trainer.step == 6 and trainer.last_checkpoint == path
+    last = [r for r in read_metrics(out) if r["split"] == "train"][-1]
+    assert last["step"] == 6 and trainer.loss == last["loss"]
+
+
+# --- 5. one writer per run folder ------------------------------------------------------------------
+
+def test_a_second_trainer_on_the_same_folder_is_refused(tmp_path):
+    first = Trainer(make_model(), small_cfg(tmp_path), batch_at, loss_fn, progress=False)
+    refused = []
+
+    def start_a_second_one(trainer):
+        if trainer.step == 3:
+            second = Trainer(make_model(), small_cfg(tmp_path), batch_at, loss_fn, progress=False)
+            with pytest.raises(CheckpointError, match=rf"{tmp_path} is in use by another training run \(pid "
+                                                      rf"{os.getpid()} on .*\).*choose another --train\.out_dir"):
+                second.fit(resume=True)
+            refused.append(trainer.step)
+
+    first.add_callback("on_step_end", start_a_second_one)
+    first.fit()
+    assert refused == [3] and steps_on_disk(tmp_path) == [4, 6]
+    with pytest.warns(UserWarning, match=r"train\.max_steps: 6 -> 8"):
+        run(tmp_path, resume=True, max_steps=8)  # released when fit returned: the next run goes ahead
+
+
+def test_a_lock_held_by_another_process_is_refused_and_a_dead_ones_lock_replaced(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from minidalle.checkpoint import RunLock; "
+                               f"RunLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(CheckpointError, match=rf"in use by another training run \(pid {holder.pid} on "):
+            run(tmp_path)
+        assert not (tmp_path / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    # SIGKILLed: its lock file still names it, but the kernel released the lock with the process
+    assert f'"pid": {holder.pid}' in (tmp_path / ckpt.LOCK_FILE).read_text()
+    _, hist = run(tmp_path)
+    assert len(hist["train"]) == 6 and (tmp_path / ckpt.LOCK_FILE).read_text() == ""  # released again

@@ -287,3 +287,46 @@ def test_unknown_callback_event(tmp_path):
     trainer = Trainer(make_model(), cfg_for(tmp_path), batch_at, loss_fn, progress=False)
     with pytest.raises(MinidalleError, match="on_step_end"):
         trainer.add_callback("on_step_ending", print)
+
+
+# --- real-data epochs: a new order each epoch, exact on resume ----------------------------------------
+
+def _numbered_folder(root, n=10):
+    """n 4x4 images whose pixels all equal 20 * index, each with a caption: a FolderDataset."""
+    from PIL import Image
+    root.mkdir()
+    for i in range(n):
+        Image.new("RGB", (4, 4), (20 * i,) * 3).save(root / f"{i:02d}.png")
+        (root / f"{i:02d}.txt").write_text(f"image {i}\n")
+    return root
+
+
+def test_folder_dataset_epochs_reshuffle_and_resume_exactly(tmp_path):
+    from minidalle.image_tokenizer import image_batches
+    from minidalle.realdata import FolderDataset
+
+    data = image_batches(FolderDataset(_numbered_folder(tmp_path / "imgs"), 4, seed=3), 4)  # 2 batches an epoch
+    seen = []
+
+    def record(model, batch):  # which images each update saw, and a loss that depends on them
+        seen.append([int(v) // 20 for v in batch[:, 0, 0, 0]])
+        return F.mse_loss(model(batch.float().mean((1, 2))[:, :1] / 255), torch.ones(len(batch), 1))
+
+    def train(out, resume=False, stop_at=None):
+        torch.manual_seed(0)
+        trainer = Trainer(torch.nn.Linear(1, 1), cfg_for(out, max_steps=8), data, record, progress=False)
+        if stop_at:
+            trainer.add_callback("on_step_end", lambda t: t.step == stop_at and t.request_stop())
+        return trainer.fit(resume=resume)
+
+    straight = train(tmp_path / "a")
+    epochs = [sorted(sum(seen[i:i + 2], [])) for i in range(0, 8, 2)]  # the 8 images of each of 4 epochs
+    assert len({tuple(e) for e in epochs}) > 1, f"every epoch trained on the same 8 images: {epochs}"
+    assert len(set(sum(seen, []))) == 10, "with drop_last, two images were never trained on"
+    order = list(seen)
+    seen.clear()
+    first = train(tmp_path / "b", stop_at=5)  # stop in epoch 2 (0-based), resume from its middle
+    second = train(tmp_path / "b", resume=True)
+    assert [r["step"] for r in second["train"]] == [6, 7, 8]
+    assert seen[:5] + seen[-3:] == order  # the resumed run read the same batches in the same order...
+    assert losses(first) + losses(second) == losses(straight)  # ...and trained bit for bit the same
