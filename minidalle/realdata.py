@@ -7,7 +7,8 @@ image_size, and `caption` a `str` -- or skips it, counts it by reason and says s
 a run, and nothing is dropped silently:
 
   one image   bytes -> load_image -> center square crop -> LANCZOS resize -> uint8 (H, W, 3)
-  captions    bytes -> read_captions (UTF-8 lines, stripped, empties dropped) -> pick one per epoch
+  captions    bytes -> read_captions (UTF-8 lines, stripped, empties dropped, cut to 1024 characters)
+              -> pick one per epoch
   bookkeeping SkipStats counts skips per reason; past `data.max_skip_rate` it raises DataError
 
 Two datasets here (the third, EmojiDataset, lives in emojiset.py and reuses SkipStats from here):
@@ -25,12 +26,17 @@ process holds the whole count only when `num_workers=0`.
 
 from __future__ import annotations
 
+import bz2
 import codecs
+import contextlib
 import glob
+import gzip
 import io
 import logging
+import lzma
 import os
 import random
+import statistics
 import tarfile
 import warnings
 import zlib
@@ -52,6 +58,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 # Pillow's own decompression-bomb threshold (about 9459 x 9459). A crafted PNG of 100 bytes can
 # claim 100000 x 100000 pixels and ask for 30 GB of RAM; we refuse before decoding anything that big.
 MAX_PIXELS = 89_478_485
+# Longest caption line kept, in characters. The paper gives the text 256 BPE tokens, which at roughly
+# 4 characters per token is about 1024 characters: far above any real caption, yet it stops one
+# scraped 1,000,000-character line (a whole web page) from reaching the tokenizer in one piece.
+MAX_CAPTION_CHARS = 1024
 SKIP_REASONS = {
     "empty_file": "zero-byte file",
     "unreadable_file": "the file could not be read from disk",
@@ -61,11 +71,16 @@ SKIP_REASONS = {
     "missing_caption": "no caption file (cat.jpg needs cat.txt) or no .txt member in the tar",
     "empty_caption": "the caption file has no usable line (all empty or invalid UTF-8)",
     "missing_image": "a tar sample with a caption but no image member",
-    "bad_shard": "a tar shard that could not be read to the end (the rest of it is lost)",
+    "bad_shard": "a tar shard that is cut short or corrupt; counts the samples it lost, an estimate from the "
+                 "sizes of the other shards (the rest of the shard is lost)",
     # raised by emojiset.py, which shares this bookkeeping
     "not_in_font": "the OpenMoji font has no glyph for this emoji",
     "blank_render": "the glyph rendered as nothing",
 }
+
+
+# Reasons whose count is partly guessed: how many samples a cut-short shard held is unknown.
+ESTIMATED = {"bad_shard": " samples lost (an estimate from the sizes of the other shards)"}
 
 
 # --- one image: bytes -> uint8 (H, W, 3) ----------------------------------------------------------
@@ -182,16 +197,19 @@ def _square_resize(im: Image.Image, size: int) -> Image.Image:
 # --- captions -------------------------------------------------------------------------------------
 
 
-def read_captions(data: bytes) -> tuple[list[str], int]:
-    """Split a caption file into usable lines; also return how many lines were not valid UTF-8.
+def read_captions(data: bytes) -> tuple[list[str], int, int]:
+    """Split a caption file into usable lines; also return how many lines were not valid UTF-8 and
+    how many were cut to MAX_CAPTION_CHARS.
 
     Lines are decoded one by one, so one bad byte costs one line, not the file. Whitespace is
-    stripped and runs of it collapsed; empty lines are dropped.
-    Example: b"a cat\\r\\n\\n  a  dog \\n\\xff\\xfe\\n" -> (["a cat", "a dog"], 1)
+    stripped and runs of it collapsed; empty lines are dropped; a line still longer than
+    MAX_CAPTION_CHARS (1024) characters keeps its first 1024.
+    Example: b"a cat\\r\\n\\n  a  dog \\n\\xff\\xfe\\n" -> (["a cat", "a dog"], 1, 0)
+             b"x" * 5000 -> (["x" * 1024], 0, 1)
     """
     if data.startswith(codecs.BOM_UTF8):  # Windows Notepad writes one
         data = data[len(codecs.BOM_UTF8):]
-    lines, invalid = [], 0
+    lines, invalid, cut = [], 0, 0
     for raw in data.splitlines():  # bytes.splitlines: \n, \r\n and \r only
         try:
             text = raw.decode("utf-8")
@@ -199,9 +217,11 @@ def read_captions(data: bytes) -> tuple[list[str], int]:
             invalid += 1
             continue
         text = " ".join(text.split())
+        if len(text) > MAX_CAPTION_CHARS:
+            text, cut = text[:MAX_CAPTION_CHARS].rstrip(), cut + 1
         if text:
             lines.append(text)
-    return lines, invalid
+    return lines, invalid, cut
 
 
 def pick_caption(lines: Sequence[str], seed: int, epoch: int, key: str) -> str:
@@ -258,14 +278,21 @@ class SkipStats:
     def keep(self) -> None:
         self.seen += 1
 
-    def skip(self, reason: str, where: object, error: object = None) -> None:
-        """Count one skipped item; may raise DataError when the rate is over the threshold."""
-        self.seen += 1
-        self.skipped[reason] += 1
-        self._remember(reason, where, error)
+    def skip(self, reason: str, where: object, error: object = None, n: int = 1) -> None:
+        """Count `n` skipped items (one file, or the n samples a bad shard lost); may raise DataError
+        when the rate is over the threshold.
+
+        Example: skip("bad_shard", "b.tar", "ReadError: ...", n=7) -> seen += 7, skipped["bad_shard"] += 7
+        """
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"SkipStats.skip({reason!r}, {where!r}): n={n!r} must be a positive int")
         # The first of each reason is a warning (the user sees it right away), the rest are debug.
-        log = logger.warning if self.skipped[reason] == 1 else logger.debug
-        log("%s: skipped %s (%s)%s", self.dataset, where, reason, f": {error}" if error else "")
+        log = logger.debug if self.skipped[reason] else logger.warning
+        self.seen += n
+        self.skipped[reason] += n
+        self._remember(reason, where, error)
+        log("%s: skipped %s%s (%s)%s", self.dataset, where, f" ({n} items)" if n > 1 else "", reason,
+            f": {error}" if error else "")
         self.check()
 
     def note(self, what: str, where: object, n: int = 1) -> None:
@@ -295,7 +322,7 @@ class SkipStats:
         return text + (f": {self._details()}" if self.skipped or self.notes else "")
 
     def _details(self) -> str:
-        parts = [f"{reason} {n} (e.g. {'; '.join(self.examples.get(reason, []))})"
+        parts = [f"{reason} {n}{ESTIMATED.get(reason, '')} (e.g. {'; '.join(self.examples.get(reason, []))})"
                  for reason, n in sorted(self.skipped.items())]
         parts += [f"dropped {what} {n} (e.g. {'; '.join(self.examples.get(what, []))})"
                   for what, n in sorted(self.notes.items())]
@@ -399,9 +426,11 @@ class _ShuffledStream(IterableDataset):
 
         Example: (stats, png bytes, b"a cat\\n", "k1", "a.tar:k1", "a.tar:k1") -> (uint8 (H, W, 3), "a cat")
         """
-        lines, invalid = read_captions(caption_bytes)
+        lines, invalid, cut = read_captions(caption_bytes)
         if invalid:
             stats.note("invalid_utf8_line", caption_at, invalid)
+        if cut:
+            stats.note("long_caption_cut", caption_at, cut)
         if not lines:
             stats.skip("empty_caption", caption_at)
             return None
@@ -524,8 +553,10 @@ class TarShardDataset(_ShuffledStream):
 
     Inside a shard, the members of one sample sit next to each other and share a key:
     0001.jpg, 0001.txt, 0002.png, 0002.txt, ... (`tar --sort=name` writes them like that). Shards are
-    read front to back in tarfile's streaming mode ("r|*", which also reads .tar.gz): nothing is
-    extracted to disk and no seeking happens, so shards can live on slow or network storage.
+    read front to back in tarfile's streaming mode, plain or gzip / bzip2 / xz compressed (told apart
+    by their first bytes): nothing is extracted to disk and nothing is seeked, so shards can live on
+    slow or network storage. A shard that is cut short or corrupt keeps the
+    samples read before the damage and counts the ones it lost as `bad_shard` (see `_ShardLosses`).
     Shards are shuffled per epoch and dealt to (rank, worker) consumers; samples are shuffled within
     a consumer through a buffer of `shuffle_buffer` samples (still-encoded bytes, so it is cheap).
     Example: TarShardDataset("shards/*.tar", 64) -> yields (uint8 tensor (64, 64, 3), "a red bus")
@@ -542,7 +573,8 @@ class TarShardDataset(_ShuffledStream):
     def iter_for(self, rank: int, world_size: int, worker_id: int, num_workers: int):
         """Yield this consumer's share of one epoch; `iter(dataset)` calls it with its own ids."""
         mine, stats = self._epoch_share(self.shards, rank, world_size, worker_id, num_workers, what="shards")
-        samples = (s for shard in mine for s in self._read_shard(shard, stats))
+        losses = _ShardLosses(stats)
+        samples = (s for shard in mine for s in self._read_shard(shard, stats, losses))
         if self.shuffle and self.shuffle_buffer > 1:
             rng = random.Random(f"{self.seed}/{self.epoch}/{rank}/{worker_id}")
             samples = _buffer_shuffle(samples, self.shuffle_buffer, rng)
@@ -550,38 +582,189 @@ class TarShardDataset(_ShuffledStream):
             sample = self._sample(stats, image_bytes, caption_bytes, where, image_at=where, caption_at=where)
             if sample is not None:
                 yield sample
+        losses.finish()  # bad shards still waiting for an estimate (no complete shard came after them)
         stats.finish()
 
-    def _read_shard(self, shard: str, stats: SkipStats) -> Iterator[tuple[str, bytes, bytes]]:
-        """(where, image bytes, caption bytes) per complete sample; incomplete ones are counted."""
-        key, group = None, {}
+    def _read_shard(self, shard: str, stats: SkipStats, losses: _ShardLosses) -> Iterator[tuple[str, bytes, bytes]]:
+        """(where, image bytes, caption bytes) per complete sample; incomplete ones are counted.
+
+        A shard that breaks (a cut, a corrupt header, bad compressed data) keeps what was read before
+        the damage, its last sample too when that one's image and caption were read whole, and tells
+        `losses` how many samples it gave so the lost ones can be estimated.
+        Example: a 12-sample shard cut after sample 5 -> yields 5, then losses.bad(shard, 5, "...")
+        """
+        key, group, n_samples, damage = None, {}, 0, None
         try:
-            with tarfile.open(shard, mode="r|*") as tar:
+            with contextlib.ExitStack() as stack:
+                tar, tail = _open_shard(shard, stack)
                 for member in tar:
                     if not member.isfile() or member.name.rpartition("/")[2].startswith("."):
                         continue
                     member_key, ext = _split_name(member.name)
                     if member_key != key:
+                        n_samples += key is not None
                         yield from self._complete(shard, key, group, stats)
                         key, group = member_key, {}
                     # Streaming mode: a member's bytes must be read before moving to the next one.
                     group[ext] = tar.extractfile(member).read()
+                # The end-of-archive marker must follow the last member: tarfile stops quietly on a cut
+                # or a garbage header too. A compressed shard that was itself cut raises EOFError from
+                # its decompressor above; one whose tar was cut before compressing is caught here.
+                damage = _end_marker_problem(tail, tar.offset)
+        except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as e:
+            damage = f"{type(e).__name__}: {e}"
+        if damage is None or (_image_ext(group) and "txt" in group):  # a whole last sample is kept
+            n_samples += key is not None
             yield from self._complete(shard, key, group, stats)
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-            stats.skip("bad_shard", shard, f"{type(e).__name__}: {e}")
+        if damage is None:
+            losses.complete(n_samples)
+        else:  # an incomplete last sample is not a missing_caption: it is part of the loss
+            losses.bad(shard, n_samples, damage)
 
     @staticmethod
     def _complete(shard: str, key: str | None, group: dict, stats: SkipStats):
         if key is None:
             return
         where = f"{shard}:{key}"
-        image_ext = next((ext for ext in group if f".{ext}" in IMAGE_EXTENSIONS), None)
+        image_ext = _image_ext(group)
         if image_ext is None:
             stats.skip("missing_image", where)
         elif "txt" not in group:
             stats.skip("missing_caption", where)
         else:
             yield where, group[image_ext], group["txt"]
+
+
+def _image_ext(group: dict) -> str | None:
+    """The first member type of a sample that is an image, or None.
+
+    Example: {"txt": b"..", "png": b".."} -> "png"; {"txt": b".."} -> None
+    """
+    return next((ext for ext in group if f".{ext}" in IMAGE_EXTENSIONS), None)
+
+
+# Magic bytes of the compressed tars we stream, and the decompressor for each. The decompressor
+# modules check that the stream ends properly (EOFError on a cut file); tarfile's own "r|gz" / "r|xz"
+# streaming does not, and stops early without a word when a cut lands between members.
+_COMPRESSED = ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open))
+
+
+def _open_shard(shard: str, stack: contextlib.ExitStack) -> tuple[tarfile.TarFile, "_TailReader"]:
+    """A streaming TarFile over the shard (plain, or decompressed on the way), and the reader under it.
+
+    Compression is told by the first bytes, not by the name. Everything opened is closed by `stack`.
+    Example: "a.tar" -> (TarFile, _TailReader(file)); "a.tar.gz" -> (TarFile, _TailReader(gzip.open(file)))
+    """
+    raw = stack.enter_context(open(shard, "rb"))
+    magic = raw.read(6)
+    raw.seek(0)
+    source = raw
+    for prefix, decompress in _COMPRESSED:
+        if magic.startswith(prefix):
+            source = stack.enter_context(decompress(raw, "rb"))
+            break
+    tail = _TailReader(source)
+    return stack.enter_context(tarfile.open(fileobj=tail, mode="r|")), tail
+
+
+class _TailReader(io.RawIOBase):
+    """A read-only stream over the tar bytes (decompressed ones for a compressed shard) that keeps the
+    last KEEP bytes it handed out, so the end-of-archive check can look at the block tarfile stopped
+    on without seeking, in plain and compressed shards alike.
+
+    Example: t = _TailReader(io.BytesIO(b"abcdef")); t.read(4); t.block_at(2, 2) -> b"cd"
+    """
+
+    KEEP = 64 * 1024  # tarfile's stream reads ahead one 10 KiB record at most
+
+    def __init__(self, source):
+        self.source, self.pos, self.tail = source, 0, bytearray()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.source.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self.pos += n
+        self.tail += data
+        if len(self.tail) > self.KEEP:
+            del self.tail[:-self.KEEP]
+        return n
+
+    def block_at(self, offset: int, size: int = tarfile.BLOCKSIZE) -> bytes:
+        """The bytes at [offset, offset + size) of the stream, as far as they exist."""
+        need_end = offset + size
+        while self.pos < need_end and self.read(need_end - self.pos):  # the block may not be read yet
+            pass
+        start = self.pos - len(self.tail)
+        if offset < start:
+            raise ValueError(f"byte {offset} is no longer kept (kept from {start})")
+        return bytes(self.tail[offset - start:need_end - start])
+
+
+def _end_marker_problem(tail: _TailReader, offset: int) -> str | None:
+    """None when the tar under `tail` has its end-of-archive marker at `offset`, else what is wrong.
+
+    tarfile's streaming mode ends the member loop quietly not only on the end-of-archive marker (a
+    block of zeros; writers put two, then pad) but also when the file ends, when it ends inside a
+    header, and on a garbage header; it raises for those only at the very start of the archive. After
+    the loop, `tar.offset` is where the block that stopped it starts: right after the last member's
+    data. So a complete shard has a full 512-byte block of zeros there.
+    Example: a shard cut after 5 of its 12 samples -> "the file ends at byte 10,240, where the ..."
+    """
+    block = tail.block_at(offset)
+    if block == bytes(tarfile.BLOCKSIZE):
+        return None
+    if not block:
+        return (f"the file ends at byte {offset:,}, where the end-of-archive marker or a member header "
+                "should be (cut short?)")
+    if len(block) < tarfile.BLOCKSIZE:
+        return f"the file ends {len(block)} bytes into the member header at byte {offset:,} (cut short?)"
+    return f"a corrupt member header at byte {offset:,}: not a tar header, nor the end-of-archive marker"
+
+
+class _ShardLosses:
+    """How many samples the bad shards of one pass lost, estimated from the complete ones.
+
+    A shard that is cut short does not say how many samples it held. Its loss is estimated as the
+    median number of samples in the shards this consumer has read to the end in this pass, minus the
+    samples the bad shard gave, and at least 1 (the sample it broke in). A bad shard met before any
+    complete one waits for the first complete one, or for the end of the pass (`finish`); when the
+    pass has no complete shard at all it counts 1 and the report says the loss is unknown.
+    Example: complete shards of 12, 12, 12 and a bad one that gave 5 -> stats.skip("bad_shard", .., n=7)
+    """
+
+    def __init__(self, stats: SkipStats):
+        self.stats = stats
+        self.sizes: list[int] = []  # samples in each complete shard
+        self.waiting: list[tuple[str, int, str]] = []  # (shard, samples it gave, what went wrong)
+
+    def complete(self, n_samples: int) -> None:
+        self.sizes.append(n_samples)
+        self._settle()
+
+    def bad(self, shard: str, n_given: int, problem: str) -> None:
+        self.waiting.append((shard, n_given, problem))
+        self._settle()
+
+    def finish(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for shard, n_given, problem in waiting:
+            self.stats.skip("bad_shard", shard, f"{problem}; it gave {n_given} samples, and how many it lost "
+                            "could not be estimated (no shard of this pass was read to the end): counted as 1")
+
+    def _settle(self) -> None:
+        if not (self.sizes and self.waiting):
+            return
+        typical = statistics.median_low(self.sizes)
+        waiting, self.waiting = self.waiting, []
+        for shard, n_given, problem in waiting:
+            lost = max(1, typical - n_given)
+            self.stats.skip("bad_shard", shard, f"{problem}; lost about {lost} samples (estimate: a complete "
+                            f"shard of this pass holds {typical}, the median of {len(self.sizes)}; this one "
+                            f"gave {n_given})", n=lost)
 
 
 def _buffer_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:

@@ -7,7 +7,10 @@ made (a red square, three bad files), never from running the code under test.
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
+import lzma
 import struct
 import tarfile
 import warnings
@@ -20,8 +23,9 @@ import torch
 from PIL import Image
 
 from minidalle.errors import DataError
-from minidalle.realdata import (BadImageError, FolderDataset, SkipStats, SkipWarning, TarShardDataset,
-                                expand_shards, load_image, pick_caption, read_captions, split_for_consumer)
+from minidalle.realdata import (MAX_CAPTION_CHARS, SKIP_REASONS, BadImageError, FolderDataset, SkipStats,
+                                SkipWarning, TarShardDataset, expand_shards, load_image, pick_caption,
+                                read_captions, split_for_consumer)
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -213,9 +217,29 @@ def test_load_image_missing_path(tmp_path):
 
 def test_read_captions():
     data = b"\xef\xbb\xbfa cat\r\n\n  a \t dog  \n\xff\xfe bad\n   \nlast\rone"
-    assert read_captions(data) == (["a cat", "a dog", "last", "one"], 1)
-    assert read_captions(b"") == ([], 0)
-    assert read_captions("caf\u00e9 \u2615\n".encode()) == (["caf\u00e9 \u2615"], 0)
+    assert read_captions(data) == (["a cat", "a dog", "last", "one"], 1, 0)
+    assert read_captions(b"") == ([], 0, 0)
+    assert read_captions("caf\u00e9 \u2615\n".encode()) == (["caf\u00e9 \u2615"], 0, 0)
+
+
+def test_read_captions_cuts_very_long_lines():
+    assert MAX_CAPTION_CHARS == 1024
+    huge = b"x" * 1_000_000
+    lines, invalid, cut = read_captions(huge + b"\nshort\n" + b"ab " * 400 + b"\n" + b"y" * 1024)
+    assert lines == ["x" * 1024, "short", ("ab " * 400)[:1024].rstrip(), "y" * 1024]
+    assert (invalid, cut) == (0, 2)  # 1024 characters exactly is not cut
+    spaced = read_captions(b"a" + b" " * 5000 + b"b")  # whitespace runs collapse before the cut
+    assert spaced == (["a b"], 0, 0)
+
+
+def test_a_huge_caption_is_cut_and_noted_not_skipped(tmp_path):
+    write(tmp_path / "a.png", encode(solid(RED, (8, 8))))
+    write(tmp_path / "a.txt", "a red square " * 100_000)  # one 1.3M-character line
+    ds = FolderDataset(tmp_path, 8)
+    with pytest.warns(SkipWarning, match="long_caption_cut 1"):
+        [(image, caption)] = list(ds)
+    assert len(caption) <= MAX_CAPTION_CHARS and caption.startswith("a red square a red square")
+    assert ds.skip_stats.notes["long_caption_cut"] == 1 and ds.skip_stats.n_skipped == 0
 
 
 def test_pick_caption_is_deterministic_and_varies():
@@ -235,6 +259,20 @@ def test_skip_stats_rate_threshold_and_report():
     assert "test dataset" in report and "truncated_image 1" in report and "a.jpg" in report
     with pytest.raises(DataError, match=r"1 of 4 .*data\.max_skip_rate"):
         stats.finish()  # at the end of a pass the rate is exact, so it counts
+
+
+def test_skip_stats_one_skip_can_count_many_items():
+    stats = SkipStats("test dataset", max_skip_rate=0.5, min_files=5)
+    for _ in range(4):
+        stats.keep()
+    stats.skip("bad_shard", "b.tar", "ReadError: unexpected end of data", n=3)
+    assert (stats.seen, stats.kept, stats.n_skipped) == (7, 4, 3) and stats.skipped["bad_shard"] == 3
+    assert "bad_shard 3" in stats.report() and "estimate" in stats.report()
+    assert "estimate" in SKIP_REASONS["bad_shard"]
+    with pytest.raises(DataError, match=r"5 of 9 items"):  # 5 of 9 = 56% > 50%, and 9 >= min_files
+        stats.skip("bad_shard", "c.tar", n=2)
+    with pytest.raises(ValueError, match="n=0"):
+        stats.skip("bad_shard", "d.tar", n=0)
 
 
 # --- FolderDataset ------------------------------------------------------------------------------
@@ -492,9 +530,132 @@ def test_tar_counts_bad_members_and_survives_a_truncated_shard(tmp_path):
     with pytest.warns(SkipWarning, match="bad_shard"):
         captions = sorted(c for _, c in ds)
     assert captions == ["good one", "good two", "trunc 1", "trunc 2"]
+    # b.tar lost t3 and whatever followed: estimated as a.tar's 6 samples (k1-k5, k7) - the 2 it gave
     assert dict(ds.skip_stats.skipped) == {"unreadable_image": 1, "missing_caption": 1, "missing_image": 1,
-                                           "empty_caption": 1, "bad_shard": 1}
+                                           "empty_caption": 1, "bad_shard": 4}
     assert ds.skip_stats.notes["invalid_utf8_line"] == 1
+
+
+def _padded(n: int) -> int:
+    return -(-n // 512) * 512  # tar stores member data in whole 512-byte blocks
+
+
+def _cut(at):
+    return lambda data, members: data[: at(members)]
+
+
+# How to damage shard-002 (12 samples: members[2 * i] is s2_i.png, members[2 * i + 1] is s2_i.txt),
+# and (samples it still gives, samples it lost). 12 - 5 = 7 lost when s2_0 .. s2_4 survive.
+END = lambda m: m[-1].offset_data + _padded(m[-1].size)  # noqa: E731 -- where the end-of-archive marker starts
+DAMAGE = [
+    ("cut on the header of s2_5 (like head -c)", _cut(lambda m: m[10].offset), 5, 7),
+    ("cut inside the header of s2_5", _cut(lambda m: m[10].offset + 100), 5, 7),
+    ("cut between s2_5.png and s2_5.txt", _cut(lambda m: m[11].offset), 5, 7),
+    ("cut inside the data of s2_5.txt", _cut(lambda m: m[11].offset_data + 3), 5, 7),
+    ("garbage header for s2_5", lambda d, m: d[:m[10].offset] + b"garbage!" * 64 + d[m[10].offset + 512:], 5, 7),
+    ("no end-of-archive marker", _cut(END), 12, 1),  # nothing known lost, but the end is missing: at least 1
+    ("end-of-archive marker cut inside", _cut(lambda m: END(m) + 100), 12, 1),
+]
+
+
+def damaged_shards(root, damage):
+    """Four shards of 12 samples; shard-002 damaged by `damage(data, members) -> data`."""
+    make_shards(root, n_shards=4, per_shard=12)
+    bad = root / "shard-002.tar"
+    with tarfile.open(bad) as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members[10:12]] == ["s2_5.png", "s2_5.txt"]
+    bad.write_bytes(damage(bad.read_bytes(), members))
+    return bad
+
+
+@pytest.mark.parametrize("name, damage, gives, lost", DAMAGE, ids=[case[0] for case in DAMAGE])
+def test_tar_damaged_shard_counts_the_samples_it_lost(tmp_path, name, damage, lost, gives):
+    bad = damaged_shards(tmp_path, damage)
+    ds = TarShardDataset(tmp_path, 6, shuffle=False, max_skip_rate=0.2)
+    with pytest.warns(SkipWarning) as record:
+        captions = [c for _, c in ds]
+    assert len(captions) == 36 + gives and sum(c.startswith("caption s2_") for c in captions) == gives
+    stats = ds.skip_stats
+    assert dict(stats.skipped) == {"bad_shard": lost}, name
+    assert (stats.seen, stats.kept) == (36 + gives + lost, 36 + gives)
+    report = str(record[0].message)
+    assert f"bad_shard {lost}" in report and "estimate" in report and str(bad) in report
+
+
+def test_tar_truncated_shard_loss_trips_max_skip_rate(tmp_path):
+    # 4 shards x 12, one cut like `head -c` on a block boundary: 7 of 48 = 14.6% lost, over 5%
+    damaged_shards(tmp_path, DAMAGE[0][1])
+    ds = TarShardDataset(tmp_path, 6, shuffle=False)  # default max_skip_rate=0.05
+    yielded = []
+    with pytest.raises(DataError, match=r"7 of 48 items skipped .*bad_shard 7.*shard-002\.tar"):
+        for sample in ds:
+            yielded.append(sample)
+    assert len(yielded) == 41  # min_files=100: only the end-of-pass check can abort this small pass
+
+
+def test_tar_truncated_shard_read_first_gives_the_same_counts(tmp_path):
+    damaged_shards(tmp_path, DAMAGE[0][1])
+    bad_first = []
+    for seed in range(40):
+        first = next(iter(TarShardDataset(tmp_path, 6, seed=seed, shuffle_buffer=0, max_skip_rate=1.0)))[1]
+        if first.startswith("caption s2_"):
+            bad_first.append(seed)
+    assert bad_first, "no seed reads the damaged shard first"
+    for seed in bad_first[:3]:
+        for buffer in (0, 16):
+            ds = TarShardDataset(tmp_path, 6, seed=seed, shuffle_buffer=buffer, max_skip_rate=0.2)
+            with pytest.warns(SkipWarning, match="bad_shard 7"):
+                assert len(list(ds)) == 41
+            assert (ds.skip_stats.seen, ds.skip_stats.kept, dict(ds.skip_stats.skipped)) == (48, 41, {"bad_shard": 7})
+
+
+def test_tar_lone_truncated_shard_says_the_loss_is_unknown(tmp_path):
+    bad = damaged_shards(tmp_path, DAMAGE[0][1])
+    ds = TarShardDataset(bad, 6, max_skip_rate=1.0)
+    with pytest.warns(SkipWarning, match="could not be estimated") as record:
+        assert len(list(ds)) == 5
+    assert (ds.skip_stats.seen, dict(ds.skip_stats.skipped)) == (6, {"bad_shard": 1})
+    assert "bad_shard 1" in str(record[0].message)
+
+
+def test_tar_complete_shard_with_short_padding_is_fine(tmp_path):
+    # tar writers pad the end to 10 KiB; one zero block after the last member is enough to be complete
+    damaged_shards(tmp_path, _cut(lambda m: END(m) + 512))
+    ds = TarShardDataset(tmp_path, 6, shuffle=False)
+    assert len(list(ds)) == 48 and ds.skip_stats.n_skipped == 0
+
+
+def write_compressed_shard(path, opener, members):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with opener(path, "wb") as f:
+        f.write(buf.getvalue())
+    return path
+
+
+@pytest.mark.parametrize("suffix, opener", [("gz", gzip.open), ("bz2", bz2.open), ("xz", lzma.open)])
+def test_tar_truncated_compressed_shard_is_caught_by_the_decompressor(tmp_path, suffix, opener):
+    rng = np.random.default_rng(0)  # noise images do not compress, so a cut lands inside the samples
+    for s in ("a", "b"):
+        write_compressed_shard(tmp_path / f"{s}.tar.{suffix}", opener, [
+            (f"{s}{i:02d}.{ext}", encode(Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)))
+             if ext == "png" else f"caption {s}{i}".encode()) for i in range(12) for ext in ("png", "txt")])
+    data = (tmp_path / f"b.tar.{suffix}").read_bytes()
+    shards = [tmp_path / f"a.tar.{suffix}", tmp_path / f"b.tar.{suffix}"]
+    ds = TarShardDataset(shards, 6, shuffle=False, max_skip_rate=1.0)
+    assert len(list(ds)) == 24 and ds.skip_stats.n_skipped == 0  # intact, compressed shards are read
+    for cut in range(len(data) // 10, len(data) * 9 // 10, len(data) // 15):
+        (tmp_path / f"b.tar.{suffix}").write_bytes(data[:cut])
+        with pytest.warns(SkipWarning, match="bad_shard"):
+            kept = len(list(ds))
+        stats = ds.skip_stats
+        assert (stats.seen, stats.kept, list(stats.skipped)) == (24, kept, ["bad_shard"]), (cut, stats.report())
+        assert "EOFError" in stats.report(), cut
 
 
 def test_tar_too_few_shards_and_bad_specs(tmp_path):
@@ -521,3 +682,27 @@ def test_load_image_can_keep_the_native_size(tmp_path):
 def test_skip_rate_must_be_a_fraction(rate):
     with pytest.raises(DataError, match="max_skip_rate"):
         SkipStats("test", max_skip_rate=rate)
+
+
+@pytest.mark.parametrize("suffix, opener", [("gz", gzip.open), ("xz", lzma.open)])
+def test_tar_cut_before_it_was_compressed_is_caught_by_the_end_marker(tmp_path, suffix, opener):
+    """A compressed stream that ends properly but holds a cut tar: the decompressor is happy, the
+    missing end-of-archive marker is not."""
+    members = [(f"{i:02d}.{ext}", encode(Image.new("RGB", (8, 8), (20 * i, 0, 0))) if ext == "png"
+                else f"caption {i}".encode()) for i in range(12) for ext in ("png", "txt")]
+    write_compressed_shard(tmp_path / f"a.tar.{suffix}", opener, members)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    whole = buf.getvalue()
+    at = whole.index(b"05.png") // 512 * 512  # the header of sample 5: a cut on a block boundary
+    with opener(tmp_path / f"b.tar.{suffix}", "wb") as f:
+        f.write(whole[:at])
+    ds = TarShardDataset([tmp_path / f"a.tar.{suffix}", tmp_path / f"b.tar.{suffix}"], 6, shuffle=False,
+                         max_skip_rate=1.0)
+    with pytest.warns(SkipWarning, match=r"bad_shard 7 samples lost.*the file ends at byte"):
+        assert len(list(ds)) == 17
+    assert (ds.skip_stats.seen, ds.skip_stats.kept) == (24, 17)
