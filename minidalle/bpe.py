@@ -19,11 +19,30 @@ Ties between equally frequent pairs go to the smaller (left id, right id): deter
 Encoding applies merges by rank (lowest first) inside each chunk, with a cache of chunk -> ids.
 `decode(encode(s)) == s` for every valid Unicode string; lone surrogates (not valid Unicode, but
 Python strings can hold them) are replaced by U+FFFD before encoding -- the documented rule.
+
+`save` writes a `.model` file that `load` reads back, one item a line (UTF-8, "\\n" line ends):
+
+    minidalle-bpe v2              the format
+    RegexTokenizer                the class
+    "'(?i:[sdmt]|ll|ve|re)|..."   the pre-split pattern, as a Python string literal ('' for Basic)
+    lowercase 1                   1 if the tokenizer lowercases, else 0
+    merges 128                    how many merge lines follow the special tokens
+    special 1                     how many special token lines follow
+    '<|pad|>' 384                 each special token: name (string literal) and id, ids after the merges
+    97 97                         each merge: left id, right id; merge line k (from 0) makes id 256 + k
+    sha256 3f1c...                the sha256 of every byte above this line
+
+The file is written to a temporary file beside it and renamed, so it is whole or absent. `load`
+checks the checksum, the counts and every id (a merge uses only bytes and earlier merges; special
+tokens take exactly the ids after the merges), so a cut, damaged or hand-edited file is refused
+with a message that names it -- it never loads as a slightly different tokenizer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
+import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -37,7 +56,8 @@ from .errors import ConfigError, DataError
 # leading non-letter, numbers of at most 3 digits, punctuation runs, newlines, other whitespace.
 GPT4_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|"""
                       r"""\s*[\r\n]|\s+(?!\S)|\s+""")
-FORMAT = "minidalle-bpe v1"  # first line of a .model file
+FORMAT = "minidalle-bpe v2"  # first line of a .model file; bump when the layout changes
+RETRAIN = "retrain it with `python -m minidalle train bpe` (or save the tokenizer again)"
 CHARS_PER_TOKEN_CAP = 64  # encode_to_length refuses (or cuts) text beyond this many characters per token
 
 
@@ -229,15 +249,21 @@ class Tokenizer:
 
     # --- files --------------------------------------------------------------------------------------
     def save(self, prefix: str | Path) -> tuple[Path, Path]:
-        """Write `prefix.model` (what `load` reads) and `prefix.vocab` (for people: one token a line)."""
+        """Write `prefix.model` (what `load` reads) and `prefix.vocab` (for people: one token a line).
+
+        Each file goes to a temporary file beside it and is renamed into place: a crash or a full disk
+        leaves the previous files (or none), never half of one, and no temporary file behind.
+        Example: tok.save("runs/toy/bpe/bpe") -> (Path(".../bpe.model"), Path(".../bpe.vocab"))
+        """
+        self._check_ids()
         prefix = Path(prefix)
         prefix.parent.mkdir(parents=True, exist_ok=True)
         model = prefix.with_name(prefix.name + ".model")
         lines = [FORMAT, type(self).__name__, repr(self.pattern), f"lowercase {int(self.lowercase)}",
-                 f"special {len(self.special_tokens)}"]
+                 f"merges {len(self.merges)}", f"special {len(self.special_tokens)}"]
         lines += [f"{name!r} {i}" for name, i in self.special_tokens.items()]
         lines += [f"{a} {b}" for a, b in self.merges]
-        model.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        body = "".join(line + "\n" for line in lines).encode("utf-8")
         vocab_file = prefix.with_name(prefix.name + ".vocab")
         parents = {new: pair for pair, new in self.merges.items()}
         rows = []
@@ -248,8 +274,21 @@ class Tokenizer:
                 rows.append(f"[{_printable(self.vocab[a])}][{_printable(self.vocab[b])}] -> [{shown}] {i}")
             else:
                 rows.append(f"[{shown}] {i}")
-        vocab_file.write_text("\n".join(rows) + "\n", encoding="utf-8")
+        _write_atomic(model, body + f"sha256 {hashlib.sha256(body).hexdigest()}\n".encode("ascii"))
+        _write_atomic(vocab_file, ("\n".join(rows) + "\n").encode("utf-8"))
         return model, vocab_file
+
+    def _check_ids(self) -> None:
+        """Refuse to save what `load` would refuse: merge ids 256.. in order, special ids right after."""
+        if list(self.merges.values()) != list(range(256, 256 + len(self.merges))):
+            raise ConfigError("merge ids must be 256, 257, ... in rank order; this tokenizer's are not")
+        for j, (name, i) in enumerate(self.special_tokens.items()):
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"special token names must be non-empty strings; got {name!r}")
+            if i != 256 + len(self.merges) + j:
+                raise ConfigError(f"special token {name!r} has id {i}, but special tokens take the ids after "
+                                  f"the merges: it must be {256 + len(self.merges) + j}; add them with "
+                                  f"add_special_tokens")
 
     def export_hf(self, path: str | Path) -> Path:
         """Write a Hugging Face `tokenizer.json` (byte-level BPE) that gives the same ids.
@@ -287,36 +326,184 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
-        """Read a `.model` file written by `save` (the class is taken from the file)."""
-        import ast
+        """Read a `.model` file written by `save` (the class is taken from the file).
 
+        Refuses (DataError naming the file and the fix) anything but a whole, unchanged file: a
+        missing file or a folder, another format, a cut file, a failed checksum, ids that do not fit.
+        Example: Tokenizer.load(tok.save("runs/toy/bpe/bpe")[0]).merges == tok.merges -> True
+        """
         path = Path(path)
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except OSError as e:
+            if path.is_dir():
+                raise DataError(f"cannot read tokenizer file {path}: it is a folder; pass the .model file in "
+                                f"it (e.g. {path / 'bpe.model'})")
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise DataError(f"cannot read tokenizer file {path}: no such file; train one with "
+                            f"`python -m minidalle train bpe`") from None
+        except (OSError, ValueError) as e:  # ValueError: a path with a NUL character in it
             raise DataError(f"cannot read tokenizer file {path}: {e}") from None
-        if not lines or lines[0] != FORMAT:
-            raise DataError(f"{path} is not a minidalle BPE model (first line {lines[0][:40] if lines else ''!r})")
+        first = data.split(b"\n", 1)[0].removesuffix(b"\r")  # CRLF: the checksum says what happened
+        if first != FORMAT.encode("ascii"):
+            if first == b"minidalle-bpe v1":
+                raise DataError(f"{path} is a minidalle-bpe v1 file, an old format without a merge count or "
+                                f"checksum, which this version no longer reads; {RETRAIN}")
+            if first.startswith(b"minidalle-bpe "):
+                raise DataError(f"{path} has format {first[:40].decode('utf-8', 'replace')!r}, this minidalle "
+                                f"reads {FORMAT!r}; it was written by a different version: {RETRAIN}")
+            raise DataError(f"{path} is not a minidalle BPE model (first line "
+                            f"{first[:40].decode('utf-8', 'replace')!r})")
+        body, digest = _split_checksum(data)
+        if digest is None:
+            raise DataError(f"{path} {_why_unsummed(data)}; {RETRAIN}")
+        if hashlib.sha256(body).hexdigest() != digest:
+            crlf = " (its line ends were changed to CRLF, e.g. by a text-mode copy or git on Windows)" \
+                if b"\r\n" in body else ""
+            raise DataError(f"{path} fails its checksum: its bytes changed after it was written{crlf}; {RETRAIN}")
         try:
-            kind = {"BasicTokenizer": BasicTokenizer, "RegexTokenizer": RegexTokenizer}[lines[1]]
-            pattern = ast.literal_eval(lines[2])
-            lowercase = bool(int(lines[3].split()[1]))
-            n_special = int(lines[4].split()[1])
-            special = {}
-            for line in lines[5:5 + n_special]:
-                name, i = line.rsplit(" ", 1)
-                special[ast.literal_eval(name)] = int(i)
-            merges = {}
-            for k, line in enumerate(lines[5 + n_special:]):
-                a, b = map(int, line.split())
-                merges[(a, b)] = 256 + k
-        except (KeyError, IndexError, ValueError, SyntaxError) as e:
-            raise DataError(f"{path} is damaged ({type(e).__name__}: {e})") from None
-        tok = kind(pattern=pattern, lowercase=lowercase) if kind is RegexTokenizer else kind(lowercase=lowercase)
-        tok.merges = merges
-        tok.special_tokens = special
-        tok.vocab = tok._build_vocab()
-        return tok
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} is damaged: byte {e.start} is not UTF-8 text; {RETRAIN}") from None
+        return _parse_model(text.split("\n")[:-1], path)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, push it to the disk, then rename it to `path`.
+
+    Example: _write_atomic(Path("bpe.model"), b"...") leaves bpe.model whole (old or new), nothing else
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+_CHECKSUM_LINE = regex.compile(rb"sha256 ([0-9a-f]{64})\r?\n?")  # a CRLF copy gets the checksum message
+# Numbers of at most 12 digits: int() refuses very long digit strings with a ValueError of its own.
+_COUNT_LINE = {key: regex.compile(key + r" (0|[1-9][0-9]{0,11})", regex.ASCII) for key in ("merges", "special")}
+_MERGE_LINE = regex.compile(r"(-?[0-9]{1,12}) (-?[0-9]{1,12})", regex.ASCII)
+_SPECIAL_LINE = regex.compile(r"(.+) (-?[0-9]{1,12})", regex.ASCII | regex.DOTALL)
+_HEADER_LINES = 6  # format, class, pattern, lowercase, merges N, special N
+
+
+def _split_checksum(data: bytes) -> tuple[bytes, str | None]:
+    """The bytes before the last line, and the hex digest that line holds (None: not a checksum line).
+
+    Example: b"a\\nsha256 <64 hex>\\n" -> (b"a\\n", "<64 hex>")
+    """
+    end = len(data) - 1 if data.endswith(b"\n") else len(data)
+    start = data.rfind(b"\n", 0, end) + 1
+    m = _CHECKSUM_LINE.fullmatch(data, start)
+    return data[:start], (m.group(1).decode("ascii") if m else None)
+
+
+def _why_unsummed(data: bytes) -> str:
+    """Say why a file has no checksum line: cut short (and how far it got) or damaged at the end.
+
+    Example: a 128-merge file cut after 53 merge lines -> "is truncated: 53 of 128 merges (...)"
+    """
+    complete = data.decode("utf-8", errors="replace").split("\n")[:-1]  # lines that ended with "\n"
+    if len(complete) < _HEADER_LINES:
+        return "is truncated: it ends inside its header, and the final sha256 line is missing"
+    merges, special = (_COUNT_LINE[key].fullmatch(line) for key, line in zip(("merges", "special"), complete[4:6]))
+    if not (merges and special):
+        return "is damaged: its header is not readable and the final sha256 line is missing"
+    n, m = int(merges.group(1)), int(special.group(1))
+    got = len(complete) - _HEADER_LINES - m
+    if got < n:
+        return f"is truncated: {max(got, 0)} of {n} merges, and the final sha256 line is missing"
+    return "is truncated or damaged at its end: the last line is not the `sha256 <hex>` checksum"
+
+
+def _parse_model(lines: list[str], path: Path) -> "Tokenizer":
+    """Checksummed `.model` lines -> a tokenizer, checking every line and every id on the way.
+
+    Even a file whose checksum was recomputed after editing cannot load as something inconsistent.
+    Example: the lines `save` wrote -> a tokenizer equal to the one saved
+    """
+    import ast
+
+    def damaged(line_no: int, what: str) -> DataError:
+        return DataError(f"{path} is damaged: line {line_no}: {what}; {RETRAIN}")
+
+    def literal(line_no: int, line: str, what: str):
+        try:
+            return ast.literal_eval(line)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            raise damaged(line_no, f"{what} is not a string literal: {line[:60]!r}") from None
+
+    if len(lines) < _HEADER_LINES:
+        raise DataError(f"{path} is damaged: its header has {len(lines)} of {_HEADER_LINES} lines; {RETRAIN}")
+    kinds = {"BasicTokenizer": BasicTokenizer, "RegexTokenizer": RegexTokenizer}
+    if lines[1] not in kinds:
+        raise damaged(2, f"unknown tokenizer class {lines[1][:40]!r} (expected one of {', '.join(kinds)})")
+    kind = kinds[lines[1]]
+    pattern = literal(3, lines[2], "the pattern")
+    if not isinstance(pattern, str):
+        raise damaged(3, f"the pattern is not a string literal: {lines[2][:60]!r}")
+    if kind is BasicTokenizer and pattern:
+        raise damaged(3, f"a BasicTokenizer has no pattern, but the file gives {pattern[:40]!r}")
+    if kind is RegexTokenizer:
+        try:
+            regex.compile(pattern)
+        except (regex.error, ValueError, TypeError, OverflowError, MemoryError, RecursionError) as e:
+            raise damaged(3, f"the pattern is not a valid regex ({e})") from None
+    if lines[3] not in ("lowercase 0", "lowercase 1"):
+        raise damaged(4, f"expected 'lowercase 0' or 'lowercase 1', got {lines[3][:40]!r}")
+    counts = {}
+    for line_no, key in ((5, "merges"), (6, "special")):
+        m = _COUNT_LINE[key].fullmatch(lines[line_no - 1])
+        if not m:
+            raise damaged(line_no, f"expected '{key} <count>', got {lines[line_no - 1][:40]!r}")
+        counts[key] = int(m.group(1))
+    n_merges, n_special = counts["merges"], counts["special"]
+    expected = _HEADER_LINES + n_special + n_merges
+    if len(lines) != expected:
+        got = max(len(lines) - _HEADER_LINES - n_special, 0)
+        raise DataError(f"{path} is damaged: its header promises {n_special} special tokens and {n_merges} "
+                        f"merges ({expected} lines before the checksum), but it has {len(lines)} lines "
+                        f"({got} of {n_merges} merges); {RETRAIN}")
+    special: dict[str, int] = {}
+    for j, line in enumerate(lines[_HEADER_LINES:_HEADER_LINES + n_special]):
+        line_no = _HEADER_LINES + j + 1
+        m = _SPECIAL_LINE.fullmatch(line)
+        if not m:
+            raise damaged(line_no, f"expected a special token as '<name literal> <id>', got {line[:60]!r}")
+        name, i = literal(line_no, m.group(1), "the special token name"), int(m.group(2))
+        if not isinstance(name, str) or not name:
+            raise damaged(line_no, f"a special token name must be a non-empty string, got {name!r:.60}")
+        if name in special:
+            raise damaged(line_no, f"special token {name!r:.60} appears twice")
+        if i != 256 + n_merges + j:
+            raise damaged(line_no, f"special token {name!r:.60} has id {i}, but special tokens take the ids "
+                                   f"after the {n_merges} merges: it must be {256 + n_merges + j}")
+        special[name] = i
+    merges: dict[tuple[int, int], int] = {}
+    for k, line in enumerate(lines[_HEADER_LINES + n_special:]):
+        line_no = _HEADER_LINES + n_special + k + 1
+        m = _MERGE_LINE.fullmatch(line)
+        if not m:
+            raise damaged(line_no, f"merge {k} is {line[:40]!r}, not two ids 'left right'")
+        pair = int(m.group(1)), int(m.group(2))
+        for i in pair:
+            if not 0 <= i < 256 + k:
+                raise damaged(line_no, f"merge {k} ({line}) refers to id {i}, but it may only use the bytes and "
+                                       f"earlier merges, ids 0..{256 + k - 1}")
+        if pair in merges:
+            raise damaged(line_no, f"merge {k} repeats the pair {pair} of merge {merges[pair] - 256}")
+        merges[pair] = 256 + k
+    lowercase = lines[3] == "lowercase 1"
+    tok = RegexTokenizer(pattern=pattern, lowercase=lowercase) if kind is RegexTokenizer else kind(lowercase=lowercase)
+    tok.merges = merges
+    tok.special_tokens = special
+    tok.vocab = tok._build_vocab()
+    return tok
 
 
 def byte_to_char() -> dict[int, str]:

@@ -1,7 +1,12 @@
 """The BPE text tokenizer: a hand-worked example, round trips, the incremental trainer against a naive
 one, files, dropout, padding to the model's length, special tokens, and ids identical to tiktoken."""
 
+import builtins
+import hashlib
+import io
 from collections import Counter
+from contextlib import contextmanager
+from functools import lru_cache
 
 import pytest
 from hypothesis import given, settings
@@ -16,6 +21,7 @@ from minidalle.errors import ConfigError, DataError
 CLASSES = [BasicTokenizer, RegexTokenizer]
 
 
+@lru_cache(maxsize=None)
 def corpus() -> str:
     """Captions, prose, code, numbers and several scripts: the text the tokenizers train on here."""
     captions = [c for _, c in (ShapesWorld("train", 16, 0)[i] for i in range(300))]
@@ -117,11 +123,239 @@ def test_damaged_or_foreign_files_are_refused(tmp_path):
     bad.write_text("something else\n")
     with pytest.raises(DataError, match="not a minidalle BPE model"):
         Tokenizer.load(bad)
-    bad.write_text("minidalle-bpe v1\nRegexTokenizer\n'x'\nlowercase 0\nspecial 0\n1 two\n")
-    with pytest.raises(DataError, match="damaged"):
-        Tokenizer.load(bad)
     with pytest.raises(DataError, match="cannot read"):
         Tokenizer.load(tmp_path / "missing.model")
+
+
+@pytest.fixture(scope="module")
+def tok128():
+    """A lowercasing RegexTokenizer with 128 merges and two special tokens (ids 384 and 385)."""
+    tok = RegexTokenizer(lowercase=True).train(corpus(), 256 + 128, progress=False)
+    tok.add_special_tokens(["<|pad|>", "<|endoftext|>"])
+    return tok
+
+
+@contextmanager
+def refused(path, match):
+    """pytest.raises(DataError, match=...) whose message must also name `path`."""
+    with pytest.raises(DataError, match=match) as info:
+        yield info
+    assert str(path) in str(info.value), str(info.value)
+
+
+def merges_start(lines: list[bytes]) -> int:
+    """Index of the first merge line: right after the special token lines (in every format so far)."""
+    k = next(i for i, line in enumerate(lines) if line.startswith(b"special "))
+    return k + 1 + int(lines[k].split()[1])
+
+
+def rewrite(model, edit) -> None:
+    """Edit the lines of a saved .model by hand and store them back, with the sha256 line recomputed
+    when the file has one: damage that a checksum alone cannot catch."""
+    lines = model.read_bytes().split(b"\n")[:-1]
+    summed = lines[-1].startswith(b"sha256 ")
+    lines = edit(lines[:-1] if summed else lines)
+    body = b"".join(line + b"\n" for line in lines)
+    if summed:
+        body += b"sha256 " + hashlib.sha256(body).hexdigest().encode() + b"\n"
+    model.write_bytes(body)
+
+
+def test_model_file_layout_has_counts_and_a_checksum(tok128, tmp_path):
+    model, _ = tok128.save(tmp_path / "bpe")
+    data = model.read_bytes()
+    lines = data.decode("utf-8").split("\n")
+    assert lines[:8] == ["minidalle-bpe v2", "RegexTokenizer", repr(GPT4_SPLIT_PATTERN), "lowercase 1",
+                         "merges 128", "special 2", "'<|pad|>' 384", "'<|endoftext|>' 385"]
+    assert lines[8:136] == [f"{a} {b}" for a, b in tok128.merges] and lines[137:] == [""]
+    body = data[:data.rindex(b"sha256 ")]
+    assert lines[136] == "sha256 " + hashlib.sha256(body).hexdigest()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bpe.model", "bpe.vocab"]  # no temp file left
+
+
+@pytest.mark.parametrize("where", ["at a line end", "inside a line"])
+def test_truncated_model_file_is_refused(tok128, tmp_path, where):
+    model, _ = tok128.save(tmp_path / "bpe")
+    data = model.read_bytes()
+    lines = data.split(b"\n")
+    cut = len(b"\n".join(lines[:merges_start(lines) + 53])) + 1  # just after the 53rd merge line
+    model.write_bytes(data[:cut + (len(lines[merges_start(lines) + 53]) - 1 if where == "inside a line" else 0)])
+    with refused(model, "truncated: 53 of 128 merges"):
+        Tokenizer.load(model)
+
+
+def test_changed_byte_fails_the_checksum(tok128, tmp_path):
+    model, _ = tok128.save(tmp_path / "bpe")
+    data = model.read_bytes()
+    lines = data.split(b"\n")
+    i = merges_start(lines) + 40
+    a, b = lines[i].split()
+    lines[i] = a + b" " + (b"32" if b != b"32" else b"33")  # still two valid ids: parses fine
+    model.write_bytes(b"\n".join(lines))
+    with refused(model, "fails its checksum"):
+        Tokenizer.load(model)
+    model.write_bytes(data.replace(b"\n", b"\r\n"))  # what a line-ending conversion does
+    with refused(model, "fails its checksum.*CRLF"):
+        Tokenizer.load(model)
+
+
+def test_format_v1_file_is_refused_with_a_retrain_hint(tmp_path):
+    model = tmp_path / "bpe.model"
+    model.write_text("minidalle-bpe v1\nRegexTokenizer\n'\\\\w+'\nlowercase 0\nspecial 0\n97 98\n")
+    with refused(model, r"v1.*python -m minidalle train bpe"):
+        Tokenizer.load(model)
+
+
+def set_line(where, value: bytes):
+    """An edit for `rewrite`: the line at `where(lines)` becomes `value` (bytes, or a function of the lines)."""
+    def edit(lines):
+        lines[where(lines)] = value(lines) if callable(value) else value
+        return lines
+    return edit
+
+
+def merge(k):
+    return lambda lines: merges_start(lines) + k
+
+
+def special(j):  # the file has two special tokens, right before the merges
+    return lambda lines: merges_start(lines) - 2 + j
+
+
+def pattern_line(lines):
+    return 2
+
+HAND_EDITS = {  # name -> (edit, what the refusal says); without the checks each loads, or fails with a bare error
+    "merge pointing ahead": (set_line(merge(3), b"300 97"), "refers to id 300"),
+    "merge pointing at itself": (set_line(merge(3), b"259 97"), "refers to id 259"),
+    "negative merge id": (set_line(merge(3), b"-1 97"), "refers to id -1"),
+    "repeated merge": (set_line(merge(5), lambda lines: lines[merge(2)(lines)]), "repeats the pair"),
+    "special id on a merge": (set_line(special(0), b"'<|pad|>' 300"), "must be 384"),
+    "special id gap": (set_line(special(0), b"'<|pad|>' 390"), "must be 384"),
+    "special id repeated": (set_line(special(1), b"'<|endoftext|>' 384"), "must be 385"),
+    "special name repeated": (set_line(special(1), b"'<|pad|>' 385"), "appears twice"),
+    "empty special name": (set_line(special(0), b"'' 384"), "non-empty string"),
+    "special name not a string": (set_line(special(0), b"5 384"), "non-empty string"),
+    "pattern not UTF-8": (set_line(pattern_line, b"'a\xffb'"), "not UTF-8"),
+    "pattern not a valid regex": (set_line(pattern_line, b"'(unclosed'"), "not a valid regex"),
+    "pattern a list": (set_line(pattern_line, b"['a']"), "string literal"),
+    "pattern a number": (set_line(pattern_line, b"12"), "string literal"),
+}
+
+
+@pytest.mark.parametrize("name", HAND_EDITS)
+def test_hand_edited_model_with_a_valid_checksum_is_refused(tok128, tmp_path, name):
+    edit, match = HAND_EDITS[name]
+    model, _ = tok128.save(tmp_path / "bpe")
+    rewrite(model, edit)
+    with refused(model, match):
+        Tokenizer.load(model)
+
+
+def test_special_token_on_a_merge_id_would_decode_wrongly(tok128, tmp_path):
+    # Why the ids are checked: loaded anyway, "<|pad|>" would replace a merge in the vocabulary and
+    # " circle" would decode with "<|pad|>" inside it.
+    merge_id = tok128.encode(" circle")[-1]
+    assert merge_id < 384
+    model, _ = tok128.save(tmp_path / "bpe")
+    rewrite(model, set_line(special(0), f"'<|pad|>' {merge_id}".encode()))
+    with refused(model, f"has id {merge_id}"):
+        Tokenizer.load(model)
+
+
+def test_missing_file_or_a_folder_is_refused_naming_it(tmp_path):
+    with refused(tmp_path / "nope.model", "no such file.*python -m minidalle train bpe"):
+        Tokenizer.load(tmp_path / "nope.model")
+    with refused(tmp_path, "is a folder"):
+        Tokenizer.load(tmp_path)
+
+
+def test_save_is_atomic_when_a_write_fails(tok128, tmp_path, monkeypatch):
+    model, vocab = tok128.save(tmp_path / "bpe")
+    before = model.read_bytes(), vocab.read_bytes()
+    real_open = builtins.open
+
+    class HalfWriter:  # writes half of what it is given, then the disk is "full"
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[:len(data) // 2])
+            self.f.flush()
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def failing_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        writing = any(c in mode for c in "wxa") and str(file).startswith(str(tmp_path))
+        return HalfWriter(f) if writing else f
+
+    other = RegexTokenizer().train("a different corpus, a different model", 270, progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "open", failing_open)
+        m.setattr(io, "open", failing_open)
+        with pytest.raises(OSError, match="No space"):
+            other.save(tmp_path / "bpe")
+    assert (model.read_bytes(), vocab.read_bytes()) == before  # the old files, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bpe.model", "bpe.vocab"]  # no temp file left
+    assert Tokenizer.load(model).merges == tok128.merges
+
+
+def test_save_refuses_special_ids_that_load_would_refuse(tmp_path):
+    tok = RegexTokenizer(special_tokens={"<|pad|>": 5})
+    with pytest.raises(ConfigError, match="special token"):
+        tok.save(tmp_path / "bpe")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def fuzz_model(tmp_path_factory):
+    """A small saved tokenizer (64 merges, two special tokens, lowercasing) to damage, trained once."""
+    tok = RegexTokenizer(lowercase=True).train(corpus()[:4000], 320, progress=False)
+    tok.add_special_tokens(["<|pad|>", "<|endoftext|>"])
+    folder = tmp_path_factory.mktemp("fuzz")
+    model, _ = tok.save(folder / "bpe")
+    return tok, model.read_bytes(), folder / "damaged.model"
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_fuzz_damaged_model_is_refused_or_loads_identical(fuzz_model, data):
+    tok, original, path = fuzz_model
+    damaged = bytearray(original)
+    for _ in range(data.draw(st.integers(1, 3), label="damages")):
+        kind = data.draw(st.sampled_from(["flip", "replace", "truncate", "insert", "delete"]), label="kind")
+        if not damaged and kind != "insert":
+            continue
+        at = data.draw(st.integers(0, max(len(damaged) - 1, 0)), label="offset")
+        if kind == "flip":
+            damaged[at] ^= 1 << data.draw(st.integers(0, 7), label="bit")
+        elif kind == "replace":
+            damaged[at] = data.draw(st.integers(0, 255), label="byte")
+        elif kind == "truncate":
+            del damaged[at:]
+        elif kind == "insert":
+            damaged.insert(data.draw(st.integers(0, len(damaged)), label="at"), data.draw(st.integers(0, 255)))
+        else:
+            del damaged[at]
+    path.write_bytes(bytes(damaged))
+    try:
+        back = Tokenizer.load(path)
+    except DataError as e:
+        assert str(path) in str(e)
+        return
+    # Loaded: then it must be the very same tokenizer, never one with different contents.
+    assert type(back) is type(tok) and back.pattern == tok.pattern and back.lowercase == tok.lowercase
+    assert list(back.merges.items()) == list(tok.merges.items())
+    assert list(back.special_tokens.items()) == list(tok.special_tokens.items())
 
 
 # --- dropout, padding, special tokens -------------------------------------------------------------------
