@@ -4,7 +4,7 @@
     python -m minidalle data  --preset toy --split heldout --n 500 --out DIR
     python -m minidalle judge DIR [--json]
     python -m minidalle bench judge [--n 1000] [--json]
-    python -m minidalle train dvae --preset toy [--resume]        stage 1: the image tokenizer
+    python -m minidalle train dvae --preset toy [--resume | --start-over]   stage 1: the image tokenizer
     python -m minidalle bench dvae --preset toy [--out DIR]       train stage 1 from scratch and measure it
     python -m minidalle train bpe --preset toy                    the text tokenizer, on the training captions
     python -m minidalle bench bpe [--mib 10] [--json]             BPE vs HF tokenizers, tiktoken, a naive trainer
@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 from . import config as cfglib
 from .data import SPLITS
-from .errors import DataError, MinidalleError
+from .errors import ConfigError, DataError, MinidalleError
 
 
 def cmd_data(args, cfg: cfglib.Config) -> dict:
@@ -164,10 +165,14 @@ def cmd_train(args, cfg: cfglib.Config) -> dict:
     from .image_tokenizer import train_dvae
 
     if args.what == "bpe":
+        check_out_folder(cfg.text.out_dir, "--text.out_dir")
         return _train_bpe(cfg)
 
-    model, trainer = train_dvae(cfg, resume=args.resume)
-    out = Path(cfg.dvae_train.out_dir)
+    out = check_out_folder(cfg.dvae_train.out_dir, "--dvae_train.out_dir")
+    model, trainer = train_dvae(cfg, resume=args.resume, start_over=args.start_over)
+    if not trainer.history["train"]:  # resumed at max_steps: nothing left to train
+        print(f"[train dvae] the run in {out} already finished at step {trainer.step}; nothing was trained "
+              f"(raise --dvae_train.max_steps to train longer)")
     summary = {"stage": "dvae", "steps": trainer.step, "final_loss": trainer.loss,
                "checkpoint": str(trainer.last_checkpoint), "out": str(out)}
     if cfg.data.dataset == "shapes":
@@ -182,7 +187,7 @@ def cmd_demo(args, cfg: cfglib.Config) -> dict:
     from .judge import evaluate
     from .viz import save_grid
 
-    out = Path(args.out or f"runs/demo-{cfg.preset}")
+    out = check_out_folder(args.out or f"runs/demo-{cfg.preset}", "--out")
     size, n = cfg.data.image_size, min(cfg.data.n_val, 256)
     t0 = time.time()
     summary = {"preset": cfg.preset, "image_size": size, "out": str(out)}
@@ -226,6 +231,29 @@ def cmd_demo(args, cfg: cfglib.Config) -> dict:
     return summary
 
 
+def check_out_folder(path: str | Path, flag: str) -> Path:
+    """Refuse an output folder that cannot be one (it, or a folder above it, is a file), naming the flag.
+
+    Example: check_out_folder("notes.txt/run", "--out") -> ConfigError("--out=notes.txt/run: notes.txt is a file ...")
+    """
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            raise ConfigError(f"{flag}={path}: {part} is a file, not a folder; choose another folder")
+    return path
+
+
+def _strict_json(value):
+    """NaN and infinity are not JSON (strict parsers refuse them): they are written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -233,8 +261,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one `error:` line naming the input (not usage + error)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minidalle", description=__doc__.split("\n")[0])
+    p = _Parser(prog="python -m minidalle", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp):
@@ -271,13 +306,33 @@ def build_parser() -> argparse.ArgumentParser:
     common(d)
     d.add_argument("what", choices=["dvae", "bpe"], help="dvae: the image tokenizer (stage 1); bpe: the text tokenizer")
     d.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    d.add_argument("--start-over", action="store_true", dest="start_over",
+                   help="move the folder's checkpoints and metrics into set-aside-<time>/ and train from step 0")
     d.set_defaults(func=cmd_train)
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one `warning: ...` line on stderr, not Python's file:line plus a source line."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    shown, warnings.showwarning = warnings.showwarning, _show_warning
+    try:
+        return _main(argv)
+    finally:
+        warnings.showwarning = shown  # main() called from Python (tests, notebooks) leaves no trace
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+    except SystemExit as e:  # a usage error (one line already printed) or --help: a status, not an exit
+        return e.code if isinstance(e.code, int) else 2
     try:
         # Overrides are checked for every command, so a typo never passes silently.
         cfg = cfglib.get_config(args.preset, cfglib.parse_overrides(extra))
@@ -292,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     except MinidalleError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a folder we cannot write, a full disk: the message names the path
-        print(f"error: {e}", file=sys.stderr)
+    except OSError as e:  # a folder we cannot write, a full disk: say which path
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}" + (f" -> {e.filename2}" if e.filename2 else ""), file=sys.stderr)
         return 2
-    print(json.dumps(result, sort_keys=True, default=str))
+    print(json.dumps(_strict_json(result), sort_keys=True, default=str, allow_nan=False))
     return 0

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import DATASETS
 from .errors import DataError
 
 # --- the world's vocabulary ---------------------------------------------------------------------
@@ -372,9 +373,9 @@ def write_split(out_dir: str | Path, split: str = "train", n: int = 100, image_s
         raise DataError(f"n={n}: write at least one sample")
     ds = ShapesWorld(split, image_size, seed, n)
     out = Path(out_dir)
+    tmp = out / "captions.jsonl.tmp"
     try:
         _prepare_output_folder(out)
-        tmp = out / "captions.jsonl.tmp"
         width = max(5, len(str(n - 1)))  # names sort in sample order
         with open(tmp, "w", encoding="utf-8") as f:
             for i in tqdm(range(n), desc=f"writing {split}", disable=not progress):
@@ -386,6 +387,9 @@ def write_split(out_dir: str | Path, split: str = "train", n: int = 100, image_s
         tmp.replace(out / "captions.jsonl")  # the index appears only once every image is on disk
     except OSError as e:
         raise DataError(f"cannot write ShapesWorld samples to {out}: {e}") from None
+    finally:
+        if tmp.is_file():  # anything went wrong (Ctrl-C too): no half index is left behind
+            tmp.unlink()
     return out
 
 
@@ -421,15 +425,18 @@ def read_split(folder: str | Path) -> list[dict]:
             continue
         try:
             row = json.loads(line)
-            row["file"], row["caption"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f"{path}, line {k}: expected a JSON object with 'file' and 'caption'") from None
+        except json.JSONDecodeError:
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get("file"), str) and isinstance(row.get("caption"), str)
+                and row["file"]):
+            raise DataError(f"{path}, line {k}: expected a JSON object whose 'file' (an image name) and "
+                            f"'caption' are strings, got {line[:80]!r}")
         rows.append(row)
     return rows
 
 
 # --- one entry point for every dataset ------------------------------------------------------------
-DATASETS = ("shapes", "emoji", "folder", "tar")
+# DATASETS (shapes, emoji, folder, tar) is imported from config.py, which checks data.dataset against it.
 
 
 def build_dataset(cfg, split: str = "train"):

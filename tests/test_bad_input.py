@@ -1,0 +1,316 @@
+"""Every command, fed wrong types, sizes, paths and damaged files, answers like a tool, not a crash.
+
+The contract checked for each case: exit status 2, the last line on stderr is one `error: ...`
+line that names the input (the flag or the file), there is no traceback, nothing was trained or
+written, and no temporary file is left behind. Damaged checkpoint files are fuzzed at random offsets
+with hypothesis: each damaged checkpoint is refused with a message, or the resume falls back to an
+older intact one, and is never loaded with contents other than the ones saved.
+"""
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from minidalle import checkpoint as ckpt
+from minidalle.cli import main
+from minidalle.errors import CheckpointError
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in tests/conftest.py
+
+
+# --- inputs the cases need, made in the test's folder -------------------------------------------------
+
+def a_file(d: Path) -> None:
+    (d / "notes.txt").write_text("not a folder\n")
+
+
+def bad_captions(line: str):
+    def make(d: Path) -> None:
+        main(["data", "--preset", "smoke", "--n", "2", "--out", str(d / "split"), "--json"])
+        (d / "split" / "captions.jsonl").write_text(line + "\n")
+    return make
+
+
+def non_utf8_captions(d: Path) -> None:
+    (d / "split").mkdir()
+    (d / "split" / "captions.jsonl").write_bytes(b'{"file": "a.png", "caption": "caf\xe9"}\n')
+
+
+def missing_image(d: Path) -> None:
+    bad_captions('{"file": "gone.png", "caption": "a red circle"}')(d)
+
+
+def broken_images(d: Path) -> None:
+    (d / "imgs").mkdir()
+    for i in range(4):
+        (d / "imgs" / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))  # a header, then garbage
+        (d / "imgs" / f"{i}.txt").write_text("a picture\n")
+
+
+def truncated_shard(d: Path) -> None:
+    from PIL import Image
+    import io
+
+    (d / "shards").mkdir()
+    with tarfile.open(d / "shards" / "000.tar", "w") as tar:
+        for i in range(8):
+            buf = io.BytesIO()
+            Image.new("RGB", (8, 8), (30 * i, 0, 0)).save(buf, format="PNG")
+            for name, data in ((f"{i:04d}.png", buf.getvalue()), (f"{i:04d}.txt", b"a red square\n")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    whole = (d / "shards" / "000.tar").read_bytes()
+    (d / "shards" / "000.tar").write_bytes(whole[: len(whole) // 3 // 512 * 512])  # cut on a block boundary
+
+
+def every_checkpoint_claims_format_2(d: Path) -> None:
+    shutil.copytree(_smoke_run(), d / "run")
+    for m in (d / "run" / "checkpoints").glob("step_*/manifest.json"):
+        m.write_text(m.read_text().replace('"format": 1', '"format": 2'))
+
+
+def used_out_dir(d: Path) -> None:
+    shutil.copytree(_smoke_run(), d / "run")
+
+
+def no_setup(d: Path) -> None:
+    pass
+
+
+TRAIN = ["train", "dvae", "--preset", "smoke"]
+CASES = {
+    # config values: wrong type, out of range, not finite, unknown
+    "batch_size=0": (TRAIN + ["--dvae_train.batch_size=0"], no_setup, "dvae_train.batch_size=0 is invalid"),
+    "batch_size<0": (TRAIN + ["--dvae_train.batch_size=-3"], no_setup, "dvae_train.batch_size=-3 is invalid"),
+    "batch_size=2.5": (TRAIN + ["--dvae_train.batch_size=2.5"], no_setup, "'dvae_train.batch_size' expects int"),
+    "lr=fast": (TRAIN + ["--dvae_train.lr=fast"], no_setup, "'dvae_train.lr' expects float"),
+    "lr=nan": (TRAIN + ["--dvae_train.lr=nan"], no_setup, "'dvae_train.lr' expects float (a finite number)"),
+    "lr=inf": (TRAIN + ["--dvae_train.lr=inf"], no_setup, "'dvae_train.lr' expects float (a finite number)"),
+    "max_steps=0": (TRAIN + ["--dvae_train.max_steps=0"], no_setup, "dvae_train.max_steps=0 is invalid"),
+    "keep_last=1": (TRAIN + ["--dvae_train.keep_last=1"], no_setup, "dvae_train.keep_last=1 is invalid"),
+    "min_lr>lr": (TRAIN + ["--dvae_train.min_lr=1"], no_setup, "dvae_train.min_lr=1.0 is invalid"),
+    "hidden=6": (TRAIN + ["--dvae.hidden=6"], no_setup, "dvae.hidden=6 is invalid"),
+    "quantizer": (TRAIN + ["--dvae.quantizer=kmeans"], no_setup, "dvae.quantizer='kmeans' is invalid"),
+    "tau_end=0": (TRAIN + ["--dvae.tau_end=0"], no_setup, "dvae.tau_end=0.0 is invalid"),
+    "skip_rate=2": (TRAIN + ["--data.max_skip_rate=2"], no_setup, "data.max_skip_rate=2.0 is invalid"),
+    "image_size=30": (TRAIN + ["--data.image_size=30"], no_setup, "image size 30 is not divisible"),
+    "dataset": (TRAIN + ["--data.dataset=imagenet"], no_setup, "data.dataset='imagenet' is invalid"),
+    "unknown key": (TRAIN + ["--dvae_train.lrr=1"], no_setup, "unknown config key 'dvae_train.lrr'"),
+    "bare word": (TRAIN + ["oops"], no_setup, "override 'oops' should look like --key=value"),
+    "preset": (["train", "dvae", "--preset", "huge"], no_setup, "unknown preset 'huge'"),
+    "text_len=0": (["train", "bpe", "--preset", "smoke", "--text.text_len=0"], no_setup, "text.text_len=0 is invalid"),
+    "vocab<256": (["train", "bpe", "--preset", "smoke", "--text.vocab_size=100"], no_setup,
+                  "text.vocab_size=100 is invalid"),
+    "image_size=1e9": (["data", "--preset", "smoke", "--data.image_size=1e9", "--out", "{d}/out"], no_setup,
+                       "data.image_size=1000000000 is invalid"),
+    # argparse: one line too, naming the argument
+    "n=0": (["data", "--n", "0", "--out", "{d}/out"], no_setup, "argument --n: 0 is not a positive number"),
+    "n=abc": (["bench", "judge", "--n", "abc"], no_setup, "argument --n: invalid _positive_int value: 'abc'"),
+    "split": (["data", "--split", "test", "--out", "{d}/out"], no_setup, "argument --split: invalid choice: 'test'"),
+    "command": (["trian", "dvae"], no_setup, "argument command: invalid choice: 'trian'"),
+    # paths: a file where a folder belongs, a folder that is not there
+    "dvae out is a file": (TRAIN + ["--dvae_train.out_dir={d}/notes.txt/run"], a_file,
+                           "--dvae_train.out_dir={d}/notes.txt/run: {d}/notes.txt is a file"),
+    "bpe out is a file": (["train", "bpe", "--preset", "smoke", "--text.out_dir={d}/notes.txt"], a_file,
+                          "--text.out_dir={d}/notes.txt: {d}/notes.txt is a file"),
+    "demo out is a file": (["demo", "--preset", "smoke", "--out", "{d}/notes.txt"], a_file,
+                           "--out={d}/notes.txt: {d}/notes.txt is a file"),
+    "data out is a file": (["data", "--preset", "smoke", "--n", "2", "--out", "{d}/notes.txt"], a_file,
+                           "{d}/notes.txt is a file"),
+    "judge no folder": (["judge", "{d}/nowhere"], no_setup, "{d}/nowhere/captions.jsonl not found"),
+    "folder no path": (TRAIN + ["--data.dataset=folder"], no_setup, "the folder dataset needs data.path"),
+    "folder missing": (TRAIN + ["--data.dataset=folder", "--data.path={d}/nowhere"], no_setup,
+                       "folder dataset {d}/nowhere: not a folder"),
+    "tar none": (TRAIN + ["--data.dataset=tar", "--data.path={d}"], no_setup, "no .tar files matched"),
+    # damaged inputs
+    "captions types": (["judge", "{d}/split"], bad_captions('{"file": 123, "caption": 5}'),
+                       "{d}/split/captions.jsonl, line 1: expected a JSON object whose 'file'"),
+    "captions list": (["judge", "{d}/split"], bad_captions('["a.png", "a red circle"]'),
+                      "{d}/split/captions.jsonl, line 1"),
+    "captions utf8": (["judge", "{d}/split"], non_utf8_captions, "{d}/split/captions.jsonl is not UTF-8"),
+    "captions image gone": (["judge", "{d}/split"], missing_image, "{d}/split/gone.png"),
+    "broken images": (TRAIN + ["--data.dataset=folder", "--data.path={d}/imgs"], broken_images,
+                      "4 of 4 items skipped"),
+    "truncated shard": (TRAIN + ["--data.dataset=tar", "--data.path={d}/shards"], truncated_shard, "bad_shard"),
+    "no valid checkpoint": (TRAIN + ["--dvae_train.out_dir={d}/run", "--resume"], every_checkpoint_claims_format_2,
+                            "cannot resume: none of the 2 checkpoints in {d}/run/checkpoints can be read"),
+    "used out_dir": (TRAIN + ["--dvae_train.out_dir={d}/run"], used_out_dir,
+                     "continue that run with --resume (resume=True in Python)"),
+}
+
+
+def _files(d: Path) -> dict:
+    return {str(p.relative_to(d)): p.stat().st_size for p in d.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_error_line_and_exit_2(name, tmp_path, capsys, monkeypatch):
+    argv, setup, needle = CASES[name]
+    monkeypatch.chdir(tmp_path)  # default out_dirs (runs/...) land here, not in the repository
+    setup(tmp_path)
+    before = _files(tmp_path)
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # skip reports may warn on the way to the error
+        assert main([a.format(d=tmp_path) for a in argv]) == 2
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), err
+    assert sum(line.startswith("error:") for line in lines) == 1 and "Traceback" not in err, err
+    assert needle.format(d=tmp_path) in lines[-1], lines[-1]
+    assert not out.strip(), f"a failed command printed a result: {out}"
+    after = _files(tmp_path)
+    left = [f for f in after if ".tmp" in f]
+    assert not left, f"temporary files left behind: {left}"
+    new = sorted(set(after) - set(before) - {f for f in after if f.endswith(ckpt.LOCK_FILE)})
+    assert not new or name in {"broken images", "truncated shard"}, f"a refused command wrote {new}"
+
+
+def test_errors_are_one_line_from_the_real_command_line(tmp_path):
+    """The same contract through `python -m minidalle` (the module entry point, a fresh interpreter)."""
+    for args, needle in ((["train", "dvae", "--preset", "smoke", "--dvae_train.batch_size=0"], "dvae_train.batch_size=0"),
+                         (["judge", str(tmp_path)], "captions.jsonl not found")):
+        proc = subprocess.run([sys.executable, "-m", "minidalle", *args], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+        assert proc.stderr.startswith("error: ") and needle in proc.stderr and not proc.stdout
+
+
+def test_a_finished_run_reports_its_last_figures_as_strict_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(_smoke_run(), tmp_path / "run")
+    capsys.readouterr()
+    assert main(TRAIN + [f"--dvae_train.out_dir={tmp_path / 'run'}", "--resume"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "already finished at step 20; nothing was trained" in "\n".join(out)
+    result = json.loads(out[-1], parse_constant=lambda c: pytest.fail(f"{c} is not strict JSON"))
+    last = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == "train"][-1]
+    assert result["final_loss"] == last["loss"] and result["steps"] == 20
+    assert result["checkpoint"] == str(tmp_path / "run" / "checkpoints" / "step_0000020")
+
+
+# --- damaged checkpoints, fuzzed ---------------------------------------------------------------------
+
+_RUN = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _run_folder(tmp_path_factory):
+    _RUN["factory"] = tmp_path_factory  # where _smoke_run trains, if a case asks for it
+
+
+def _smoke_run() -> Path:
+    """One finished smoke dVAE run (checkpoints at steps 10 and 20), trained once per module."""
+    if "path" not in _RUN:
+        out = _RUN["factory"].mktemp("smoke-run") / "run"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert main(TRAIN + [f"--dvae_train.out_dir={out}", "--json"]) == 0
+        _RUN["path"] = out
+    return _RUN["path"]
+
+
+def _tiny_run(root: Path) -> Path:
+    """A 4-step run of a 4->1 linear model with checkpoints at steps 2 and 4 (milliseconds to make)."""
+    from minidalle.config import TrainConfig
+    from minidalle.train import Trainer
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(max_steps=4, ckpt_every=2, warmup_steps=1, eval_every=0, lr=1e-2, min_lr=1e-3, out_dir=str(root))
+    Trainer(torch.nn.Linear(4, 1), cfg, lambda i: torch.full((2, 4), float(i)), lambda m, b: m(b).pow(2).mean(),
+            progress=False).fit()
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = _tiny_run(tmp_path_factory.mktemp("tiny") / "run")
+    saved = {s: ckpt.read_checkpoint(p) for s, p in ckpt.list_checkpoints(root / "checkpoints")}
+    return root, saved
+
+
+def _same(a: ckpt.Loaded, b: ckpt.Loaded) -> bool:
+    def flat(x):
+        return json.dumps(x, sort_keys=True, default=lambda t: t.tolist())
+    return (a.step == b.step and a.tensors.keys() == b.tensors.keys()
+            and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+            and flat(a.state) == flat(b.state) and a.config == b.config)
+
+
+DAMAGE = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 10**9), st.integers(1, 255)),
+    st.tuples(st.just("truncate"), st.integers(0, 10**9), st.just(0)),
+    st.tuples(st.just("insert"), st.integers(0, 10**9), st.integers(0, 255)),
+    st.tuples(st.just("delete"), st.integers(0, 10**9), st.just(0)),
+)
+
+
+def _damage(path: Path, how) -> None:
+    kind, at, value = how
+    data = bytearray(path.read_bytes())
+    at = at % (len(data) + 1) if kind in ("truncate", "insert") else at % max(len(data), 1)
+    if kind == "flip" and data:
+        data[at] ^= value
+    elif kind == "truncate":
+        del data[at:]
+    elif kind == "insert":
+        data.insert(at, value)
+    elif kind == "delete" and data:
+        del data[at]
+    path.write_bytes(bytes(data))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(victims=st.lists(st.tuples(st.sampled_from([2, 4]), st.sampled_from([*ckpt.PAYLOAD, ckpt.MANIFEST_FILE]),
+                                  DAMAGE), min_size=1, max_size=3))
+def test_damaged_checkpoints_are_refused_or_skipped_never_loaded_wrong(tiny_run, tmp_path_factory, victims):
+    root, saved = tiny_run
+    work = tmp_path_factory.mktemp("fuzz") / "run"
+    shutil.copytree(root, work)
+    for step, name, how in victims:
+        _damage(work / "checkpoints" / ckpt.step_dir_name(step) / name, how)
+    # every folder alone: refused with a CheckpointError naming its folder, or read back exactly
+    for step in (2, 4):
+        folder = work / "checkpoints" / ckpt.step_dir_name(step)
+        try:
+            loaded = ckpt.read_checkpoint(folder)
+        except CheckpointError as e:
+            assert folder.name in str(e)
+        else:
+            assert _same(loaded, saved[step]), f"{folder.name} loaded with contents other than those saved"
+    # a resume: falls back to the newest intact checkpoint, or refuses when there is none
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded, rejected = ckpt.find_resumable(work / "checkpoints")
+    if loaded is None:
+        assert [p.name for p, _ in rejected] == ["step_0000004", "step_0000002"]
+    else:
+        assert _same(loaded, saved[loaded.step]) and len(rejected) == (4 - loaded.step) // 2
+
+
+def test_fuzz_damage_helper_really_damages():
+    """The fuzz above is only as good as `_damage`: every kind of damage changes the bytes."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "x"
+        for how in (("flip", 3, 1), ("truncate", 3, 0), ("insert", 3, 7), ("delete", 3, 0)):
+            f.write_bytes(b"abcdefgh")
+            _damage(f, how)
+            assert f.read_bytes() != b"abcdefgh", how
+        digest = hashlib.sha256(b"abcdefgh").hexdigest()
+        assert hashlib.sha256(f.read_bytes()).hexdigest() != digest
