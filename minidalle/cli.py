@@ -73,7 +73,7 @@ def cmd_bench(args, cfg: cfglib.Config) -> dict:
 
         from .image_tokenizer import benchmark_dvae, format_dvae_benchmark
 
-        out = args.out or tempfile.mkdtemp(prefix="minidalle-bench-dvae-")
+        out = check_out_folder(args.out, "--out") if args.out else tempfile.mkdtemp(prefix="minidalle-bench-dvae-")
         res = benchmark_dvae(cfg, out, n_eval=args.n or 500)
         print(format_dvae_benchmark(res))
         return res
@@ -216,7 +216,7 @@ def cmd_demo(args, cfg: cfglib.Config) -> dict:
         cfg.dvae_train.out_dir = str(out / "dvae")
         print(f"[demo] training the image tokenizer ({cfg.dvae_train.max_steps} updates; a finished run "
               f"in {cfg.dvae_train.out_dir} is reused)")
-        model, trainer = train_dvae(cfg, resume=True)
+        model, trainer = train_dvae(cfg, resume=True, start_over=args.start_over)
         summary["dvae_steps"] = trainer.step
         summary.update({f"dvae_{k}": v for k, v in _dvae_reconstructions(model, cfg, out, "[demo]").items()})
     else:
@@ -254,6 +254,13 @@ def _strict_json(value):
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -279,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the pipeline's existing stages and write pictures")
     common(d)
     d.add_argument("--out", default=None, help="output folder (default runs/demo-<preset>)")
+    d.add_argument("--start-over", action="store_true", dest="start_over",
+                   help="set the image tokenizer's earlier run in OUT/dvae aside and train it again")
     d.set_defaults(func=cmd_demo)
 
     d = sub.add_parser("data", help="write ShapesWorld samples to a folder")
@@ -298,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("what", choices=["judge", "dvae", "bpe"])
     d.add_argument("--n", type=_positive_int, default=None,
                    help="samples per split (judge: 1000, dvae: 500); bpe: captions to encode (20000)")
-    d.add_argument("--mib", type=float, default=10.0, help="bpe: MiB of text to train the 16,384 vocabulary on")
+    d.add_argument("--mib", type=_positive_float, default=10.0, help="bpe: MiB of text to train the 16,384 vocabulary on")
     d.add_argument("--out", default=None, help="dvae: folder for the benchmark's training run (default: a temp folder)")
     d.set_defaults(func=cmd_bench)
 

@@ -53,7 +53,7 @@ _RESERVED = {"step", "split", "loss", "lr", "grad_norm", "step_ms"}  # keys a lo
 _END = object()  # sentinel for "iterator exhausted"
 
 
-def pick_device(pref: str = "auto") -> torch.device:
+def pick_device(pref: str = "auto", key: str = "train.device") -> torch.device:
     """`auto` picks cuda, then mps, then cpu; anything else must name an available device.
 
     Example: pick_device() -> device(type='cpu') on a laptop without a GPU
@@ -64,9 +64,9 @@ def pick_device(pref: str = "auto") -> torch.device:
     try:
         dev = torch.device(pref)
     except RuntimeError:
-        raise ConfigError(f"train.device={pref!r} is not a device; use auto, cpu, cuda, cuda:1 or mps") from None
+        raise ConfigError(f"{key}={pref!r} is not a device; use auto, cpu, cuda, cuda:1 or mps") from None
     if (dev.type == "cuda" and not torch.cuda.is_available()) or (dev.type == "mps" and not mps_ok):
-        raise ConfigError(f"train.device={pref!r} is not available on this machine; use train.device=auto")
+        raise ConfigError(f"{key}={pref!r} is not available on this machine; use {key}=auto")
     return dev
 
 
@@ -173,7 +173,7 @@ class Trainer:
                              and getattr(config, f.name) is cfg), "train")
         check_section(cfg, self.section)
         self.cfg, self.config = cfg, _config_dict(cfg, config)
-        self.device = pick_device(cfg.device)
+        self.device = pick_device(cfg.device, f"{self.section}.device")
         self.model = model.to(self.device)
         self.optimizer = configure_optimizer(self.model, cfg)
         self.train_data, self.loss_fn, self.eval_data, self.progress = train_data, loss_fn, eval_data, progress
