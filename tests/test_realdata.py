@@ -626,15 +626,21 @@ def test_tar_complete_shard_with_short_padding_is_fine(tmp_path):
     assert len(list(ds)) == 48 and ds.skip_stats.n_skipped == 0
 
 
-def write_compressed_shard(path, opener, members):
+def tar_bytes(members) -> bytes:
+    """An uncompressed tar archive of (name, bytes) members, in memory."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def write_compressed_shard(path, opener, members, cut_at=None):
+    """Compress the tar of `members` (its first `cut_at` bytes, if given: a tar cut before compressing)."""
     with opener(path, "wb") as f:
-        f.write(buf.getvalue())
+        f.write(tar_bytes(members)[:cut_at])
     return path
 
 
@@ -691,16 +697,8 @@ def test_tar_cut_before_it_was_compressed_is_caught_by_the_end_marker(tmp_path, 
     members = [(f"{i:02d}.{ext}", encode(Image.new("RGB", (8, 8), (20 * i, 0, 0))) if ext == "png"
                 else f"caption {i}".encode()) for i in range(12) for ext in ("png", "txt")]
     write_compressed_shard(tmp_path / f"a.tar.{suffix}", opener, members)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    whole = buf.getvalue()
-    at = whole.index(b"05.png") // 512 * 512  # the header of sample 5: a cut on a block boundary
-    with opener(tmp_path / f"b.tar.{suffix}", "wb") as f:
-        f.write(whole[:at])
+    at = tar_bytes(members).index(b"05.png") // 512 * 512  # the header of sample 5: a cut on a block boundary
+    write_compressed_shard(tmp_path / f"b.tar.{suffix}", opener, members, cut_at=at)
     ds = TarShardDataset([tmp_path / f"a.tar.{suffix}", tmp_path / f"b.tar.{suffix}"], 6, shuffle=False,
                          max_skip_rate=1.0)
     with pytest.warns(SkipWarning, match=r"bad_shard 7 samples lost.*the file ends at byte"):
