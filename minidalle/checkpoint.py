@@ -27,6 +27,7 @@ Why each rule (the DESIGN.md checkpoint convention):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -113,7 +114,7 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, state: 
     if final.exists():  # re-saving a step (after resuming from an older one): move the old one aside
         _remove_dir(final)
     os.rename(tmp, final)
-    _fsync_dir(root)  # make the rename itself durable
+    fsync_dir(root)  # make the rename itself durable
     prune_checkpoints(root, keep_last, newest=step)
     return final
 
@@ -134,7 +135,7 @@ def _write_folder(tmp: Path, step: int, model: torch.nn.Module, state: dict, con
     files = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in PAYLOAD}
     manifest = {"format": FORMAT, "step": step, "files": files}
     _write_text(tmp / MANIFEST_FILE, _json_text(manifest, MANIFEST_FILE))  # last: "everything above is done"
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
 
 
 def prune_checkpoints(root: str | Path, keep_last: int, newest: int | None = None) -> list[Path]:
@@ -307,10 +308,9 @@ def apply_weights(model: torch.nn.Module, tensors: dict, where: str | Path) -> N
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module | None = None,
-                    map_location: str | torch.device = "cpu", verify: bool = True) -> tuple[dict, dict]:
+                    map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
     """Verify a checkpoint, load its weights into `model` (if given); return (state, config).
 
-    `verify` is kept for callers that name it; the checksums are always checked (they cost one read).
     Example: state, config = load_checkpoint(".../step_0000500", model); state["step"] -> 500
     """
     loaded = read_checkpoint(path, map_location)
@@ -360,44 +360,58 @@ class RunLock:
     """An exclusive lock on `{out_dir}/.lock`, so two trainers never write one run's checkpoints at once.
 
     The lock is the operating system's (`fcntl.flock`): it is released when its holder exits, even
-    by SIGKILL, so a lock left by a dead process is never an obstacle. The file also says who holds
-    it (pid, host, since when) for the error message; a stale one is logged and rewritten. The file
-    stays after release (deleting it would let a third process lock a new file while a second still
-    waits on the old one). Where `fcntl` is missing (Windows) no lock is taken, with a warning.
-    Example: with RunLock("runs/x", "train.out_dir"): ...  # a second holder -> CheckpointError
+    by SIGKILL, so a lock left by a dead process is never an obstacle. (A forked child, such as a
+    DataLoader worker, would share the lock and keep it after its parent dies; children close their
+    copy at fork, see `_close_in_child`.) The file also says who holds it (pid, host, since when) for
+    the error message; a stale one is logged and rewritten. The file stays after release (deleting it
+    would let a third process lock a new file while a second still waits on the old one). Where
+    locks cannot be taken (no `fcntl` on Windows; a network filesystem without locking) the run goes
+    on unlocked, with a warning. `flag` names the setting that chooses the folder, for the message.
+    Example: with RunLock("runs/x", "--train.out_dir"): ...  # a second holder -> CheckpointError
     """
 
-    def __init__(self, out_dir: str | Path, key: str = "train.out_dir"):
-        self.path, self.key, self._fd = Path(out_dir) / LOCK_FILE, key, None
+    def __init__(self, out_dir: str | Path, flag: str = "--train.out_dir"):
+        self.path, self.flag, self._fd = Path(out_dir) / LOCK_FILE, flag, None
 
     def acquire(self) -> "RunLock":
         if fcntl is None:
-            warnings.warn(f"this platform has no fcntl: {self.path.parent} is not locked against a second "
-                          "trainer; do not run two on one folder", stacklevel=2)
-            return self
+            return self._unlocked("this platform has no fcntl")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = _holder(os.read(fd, 4096))
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # ENOLCK, EOPNOTSUPP, ...
+                os.close(fd)
+                return self._unlocked(f"its filesystem cannot lock files ({e.strerror})")
+            holder = os.pread(fd, 4096, 0)
+            if not holder.strip():  # the winner has the lock but has not written its name yet
+                time.sleep(0.2)
+                holder = os.pread(fd, 4096, 0)
             os.close(fd)
-            raise CheckpointError(f"{self.path.parent} is in use by another training run ({holder}); two "
-                                  f"writers would interleave their checkpoints. Wait for it to finish, stop it, "
-                                  f"or choose another --{self.key}") from None
-        previous = os.read(fd, 4096)
+            raise CheckpointError(f"{self.path.parent} is in use by another training run ({_holder(holder)}); "
+                                  f"two writers would interleave their checkpoints. Wait for it to finish, stop "
+                                  f"it, or choose another folder ({self.flag})") from None
+        previous = os.pread(fd, 4096, 0)
         if previous.strip():  # a holder that died without releasing (a crash or SIGKILL)
             logger.info("%s: replacing the stale lock of %s (it no longer holds it)", self.path, _holder(previous))
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
         self._fd = fd
+        _HELD.add(fd)
+        return self
+
+    def _unlocked(self, why: str) -> "RunLock":
+        warnings.warn(f"{self.path.parent} is not locked against a second trainer: {why}; do not run two "
+                      "on one folder", stacklevel=3)
         return self
 
     def release(self) -> None:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
+        _HELD.discard(fd)
         os.ftruncate(fd, 0)  # an empty file says "nobody holds this"
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
@@ -407,6 +421,23 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+_HELD: set[int] = set()  # file descriptors of the RunLocks this process holds
+
+
+def _close_in_child() -> None:
+    """In a forked child: close (never unlock: that would free the parent's lock) every held lock fd."""
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
 
 
 def _holder(data: bytes) -> str:
@@ -507,7 +538,7 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Persist a directory's entries (new files, renames). POSIX only; Windows cannot open folders."""
     if os.name != "posix":
         return

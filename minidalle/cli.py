@@ -32,7 +32,7 @@ def cmd_data(args, cfg: cfglib.Config) -> dict:
     from .data import write_split
 
     size = cfg.data.image_size
-    out = write_split(args.out, args.split, args.n, size, cfg.data.seed)
+    out = write_split(check_out_folder(args.out, "--out"), args.split, args.n, size, cfg.data.seed)
     print(f"wrote {args.n} {args.split} samples ({size}x{size}) to {out}/ (PNG + .txt per sample, captions.jsonl)")
     return {"out": str(out), "split": args.split, "n": args.n, "image_size": size}
 
@@ -165,6 +165,10 @@ def cmd_train(args, cfg: cfglib.Config) -> dict:
     from .image_tokenizer import train_dvae
 
     if args.what == "bpe":
+        flag = "--resume" if args.resume else "--start-over" if args.start_over else None
+        if flag:  # the tokenizer trains in seconds from the captions: there is nothing to resume
+            raise ConfigError(f"{flag} applies to `train dvae` only; `train bpe` always trains from the "
+                              "captions and replaces the files in --text.out_dir")
         check_out_folder(cfg.text.out_dir, "--text.out_dir")
         return _train_bpe(cfg)
 
@@ -216,7 +220,7 @@ def cmd_demo(args, cfg: cfglib.Config) -> dict:
         cfg.dvae_train.out_dir = str(out / "dvae")
         print(f"[demo] training the image tokenizer ({cfg.dvae_train.max_steps} updates; a finished run "
               f"in {cfg.dvae_train.out_dir} is reused)")
-        model, trainer = train_dvae(cfg, resume=True, start_over=args.start_over)
+        model, trainer = train_dvae(cfg, resume=True, start_over=args.start_over, out_flag="--out")
         summary["dvae_steps"] = trainer.step
         summary.update({f"dvae_{k}": v for k, v in _dvae_reconstructions(model, cfg, out, "[demo]").items()})
     else:
@@ -255,14 +259,20 @@ def _strict_json(value):
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
     return value
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive number")
     return value
@@ -314,9 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("train", help="train a stage of the pipeline")
     common(d)
     d.add_argument("what", choices=["dvae", "bpe"], help="dvae: the image tokenizer (stage 1); bpe: the text tokenizer")
-    d.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
-    d.add_argument("--start-over", action="store_true", dest="start_over",
-                   help="move the folder's checkpoints and metrics into set-aside-<time>/ and train from step 0")
+    either = d.add_mutually_exclusive_group()
+    either.add_argument("--resume", action="store_true", help="dvae: continue from the newest valid checkpoint")
+    either.add_argument("--start-over", action="store_true", dest="start_over",
+                        help="dvae: move the folder's checkpoints and metrics into set-aside-<time>/, train from step 0")
     d.set_defaults(func=cmd_train)
     return p
 

@@ -271,7 +271,7 @@ def _at_least(n):
 
 _TRAIN_RULES = {
     "max_steps": _at_least(1), "batch_size": _at_least(1), "warmup_steps": _at_least(0),
-    "lr": ((lambda v: v > 0), "> 0"), "min_lr": (None, "between 0 and lr"),
+    "lr": ((lambda v: v > 0), "> 0"), "min_lr": (None, "between 0 and the section's lr"),
     "weight_decay": _at_least(0), "beta1": ((lambda v: 0 <= v < 1), "in [0, 1)"),
     "beta2": ((lambda v: 0 <= v < 1), "in [0, 1)"), "grad_clip": ((lambda v: v >= 0), ">= 0 (0 = off)"),
     "eval_every": ((lambda v: v >= 0), ">= 0 (0 = never)"), "eval_batches": _at_least(1),
@@ -320,6 +320,7 @@ def check_section(values, section: str) -> None:
         value = getattr(values, name)
         ok = (0 <= value <= values.lr) if name == "min_lr" else test(value)
         if not ok:
+            need = f"between 0 and {section}.lr={values.lr!r}" if name == "min_lr" else need
             raise ConfigError(f"{section}.{name}={value!r} is invalid: it must be {need}")
 
 

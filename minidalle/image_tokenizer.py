@@ -47,7 +47,7 @@ def image_batches(dataset, batch_size: int):
 
 
 def train_dvae(cfg: Config, resume: bool | str = False, progress: bool = True,
-               start_over: bool = False) -> tuple[DVAE, Trainer]:
+               start_over: bool = False, out_flag: str | None = None) -> tuple[DVAE, Trainer]:
     """Train stage 1 with `cfg.dvae` and `cfg.dvae_train`; checkpoints go to cfg.dvae_train.out_dir.
 
     The Gumbel temperature and KL weight follow the paper's cosine schedules (quantize.py), set
@@ -64,7 +64,7 @@ def train_dvae(cfg: Config, resume: bool | str = False, progress: bool = True,
         model = model.to(memory_format=torch.channels_last)
     train = image_batches(build_dataset(cfg.data, "train"), tc.batch_size)
     val = image_batches(build_dataset(cfg.data, "val"), tc.batch_size) if cfg.data.dataset == "shapes" else None
-    trainer = Trainer(model, tc, train, dvae_loss_fn, eval_data=val, config=cfg, progress=progress)
+    trainer = Trainer(model, tc, train, dvae_loss_fn, eval_data=val, config=cfg, progress=progress, out_flag=out_flag)
     callback = schedule_callback(cfg.dvae)
     trainer.add_callback("on_fit_start", callback)
     trainer.add_callback("on_step_end", callback)
@@ -74,9 +74,10 @@ def train_dvae(cfg: Config, resume: bool | str = False, progress: bool = True,
 
 def load_dvae(path: str | os.PathLike) -> tuple[DVAE, Config]:
     """Rebuild a trained tokenizer from a checkpoint folder (weights verified, no pickle)."""
-    cfg = Config.from_dict(ckpt.read_config(path))
+    loaded = ckpt.read_checkpoint(path)
+    cfg = Config.from_dict(loaded.config)
     model = DVAE(cfg.dvae)
-    ckpt.load_checkpoint(path, model)
+    ckpt.apply_weights(model, loaded.tensors, Path(path) / ckpt.MODEL_FILE)
     return model.eval(), cfg
 
 
@@ -195,7 +196,7 @@ def benchmark_dvae(cfg: Config, out_dir: str | os.PathLike, n_eval: int = 500, p
     cfg = copy.deepcopy(cfg)  # the caller's config keeps its own out_dir
     cfg.dvae_train.out_dir = str(out)
     t0 = time.perf_counter()
-    model, trainer = train_dvae(cfg, progress=progress)
+    model, trainer = train_dvae(cfg, progress=progress, out_flag="--out")
     train_seconds = time.perf_counter() - t0
     model.eval()
     size, K = cfg.data.image_size, cfg.dvae.vocab_size

@@ -656,13 +656,16 @@ def _open_shard(shard: str, stack: contextlib.ExitStack) -> tuple[tarfile.TarFil
     Example: "a.tar" -> (TarFile, _TailReader(file)); "a.tar.gz" -> (TarFile, _TailReader(gzip.open(file)))
     """
     raw = stack.enter_context(open(shard, "rb"))
-    magic = raw.read(6)
+    head = raw.read(tarfile.BLOCKSIZE)
     raw.seek(0)
     source = raw
-    for prefix, decompress in _COMPRESSED:
-        if magic.startswith(prefix):
-            source = stack.enter_context(decompress(raw, "rb"))
-            break
+    # A plain tar starts with its first member's name, which may well begin "BZh": the "ustar" mark
+    # every POSIX tar header carries at byte 257 settles it first.
+    if head[257:262] != b"ustar":
+        for prefix, decompress in _COMPRESSED:
+            if head.startswith(prefix):
+                source = stack.enter_context(decompress(raw, "rb"))
+                break
     tail = _TailReader(source)
     return stack.enter_context(tarfile.open(fileobj=tail, mode="r|")), tail
 

@@ -159,12 +159,15 @@ class Trainer:
         config: what to store as `config.json` in each checkpoint (Config or JSON-able dict);
             default: the Config passed as cfg, else {"train": cfg}.
         progress: show a tqdm bar with the live loss.
+        out_flag: the command-line setting that chose cfg.out_dir, named in messages about the folder
+            (default `--<section>.out_dir`; `demo` passes `--out`).
     Example: Trainer(model, TrainConfig(max_steps=100), batch_at, loss_fn).fit()
              -> {"train": [100 dicts like {"step": 1, "loss": 5.4, "lr": ...}], "eval": [...]}
     """
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig | Config, train_data, loss_fn: Callable,
-                 eval_data=None, config: Config | dict | None = None, progress: bool = True):
+                 eval_data=None, config: Config | dict | None = None, progress: bool = True,
+                 out_flag: str | None = None):
         if isinstance(cfg, Config):
             config, cfg = (cfg if config is None else config), cfg.train
         # Which section of the run config these settings are (train, dvae_train, ...), so messages
@@ -172,6 +175,7 @@ class Trainer:
         self.section = next((f.name for f in dataclasses.fields(Config) if isinstance(config, Config)
                              and getattr(config, f.name) is cfg), "train")
         check_section(cfg, self.section)
+        self.out_flag = out_flag or f"--{self.section}.out_dir"
         self.cfg, self.config = cfg, _config_dict(cfg, config)
         self.device = pick_device(cfg.device, f"{self.section}.device")
         self.model = model.to(self.device)
@@ -184,7 +188,7 @@ class Trainer:
         self.history: dict[str, list[dict]] = {"train": [], "eval": []}
         self._stop = False
         if cfg.eval_every and eval_data is None:
-            warnings.warn(f"train.eval_every={cfg.eval_every} but no eval_data was given; evaluation is skipped",
+            warnings.warn(f"{self.section}.eval_every={cfg.eval_every} but no eval_data was given; evaluation is skipped",
                           stacklevel=2)
 
     def add_callback(self, event: str, fn: Callable[["Trainer"], Any]) -> None:
@@ -212,25 +216,32 @@ class Trainer:
         changed key (e.g. `train.max_steps: 100 -> 200`), and then trains with the new values.
         The out_dir is locked for the whole call (checkpoint.RunLock): a second trainer is refused.
         """
-        with ckpt.RunLock(self.out_dir, f"{self.section}.out_dir"):
+        if start_over and resume not in (False, True, None):
+            raise ConfigError(f"resume={resume!r} names a checkpoint to continue, start_over=True sets the run "
+                              "aside: choose one")
+        with ckpt.RunLock(self.out_dir, self.out_flag):
             return self._fit(resume, start_over)
 
     def _fit(self, resume, start_over: bool) -> dict[str, list[dict]]:
         cfg = self.cfg
-        ckpt.clean_stale_temp(self.ckpt_root)
         seed_everything(cfg.seed)
         start = self._resume_point(resume, start_over)
+        # Only now, with the run's checkpoints accounted for, remove what dead savers left behind.
+        ckpt.clean_stale_temp(self.ckpt_root)
         self.step, rng = 0, None
         if start is not None:
             # Compare configs before loading the weights: if a changed model size makes the load
             # fail, the warning has already said which setting changed.
             self._warn_if_config_changed(start)
-            ckpt.apply_weights(self.model, start.tensors, start.path / ckpt.MODEL_FILE)
+            # The optimizer first: its load checks the parameter counts before changing anything,
+            # and apply_weights checks every name and shape before copying, so a checkpoint that
+            # does not fit leaves the model exactly as it was.
             try:
                 self.optimizer.load_state_dict(start.state["optimizer"])
             except (ValueError, KeyError, RuntimeError) as e:
                 raise CheckpointError(f"{start.path / ckpt.STATE_FILE}: its optimizer state does not fit this "
                                       f"model's parameters ({e})") from None
+            ckpt.apply_weights(self.model, start.tensors, start.path / ckpt.MODEL_FILE)
             self.step, rng = start.step, start.state["rng"]
             self.loss, self.last_checkpoint = float(start.state.get("loss", math.nan)), start.path
         stream = _BatchStream(self.train_data, cfg.seed, start=self.step)  # fast-forwards an iterable
@@ -263,7 +274,7 @@ class Trainer:
         for group in self.optimizer.param_groups:  # the schedule is a pure function: no scheduler state
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)  # None, not 0: saves memory, and skips unused params
-        loss, value, extras = _unpack_loss(self.loss_fn(self.model, batch), f"step {step}", need_grad=True)
+        loss, value, extras = _unpack_loss(self.loss_fn(self.model, batch), f"step {step}", self.section, need_grad=True)
         loss.backward()
         # clip_grad_norm_ returns the norm *before* clipping, the number worth logging: a spike there
         # warns of divergence before the loss shows it. With clipping off we pass inf, which only measures.
@@ -272,7 +283,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
         if not math.isfinite(grad_norm):
             raise MinidalleError(f"step {step}: gradient norm is {grad_norm} (loss {value:.4g}); the weights were "
-                                 "not updated. Lower train.lr or look for a log(0) / division by 0 in loss_fn")
+                                 "not updated. Lower {self.section}.lr or look for a log(0) / division by 0 in loss_fn")
         self._fire("on_before_optimizer_step")  # grads are final here: clipped, not yet applied
         self.optimizer.step()
         return {"step": step, "split": "train", "loss": value, "lr": lr, "grad_norm": grad_norm, **extras,
@@ -308,14 +319,14 @@ class Trainer:
                     else itertools.islice(self.eval_data, self.cfg.eval_batches)
                 for batch in batches:
                     out = self.loss_fn(self.model, _to_device(batch, self.device))
-                    _, value, extras = _unpack_loss(out, f"eval at step {self.step}", need_grad=False)
+                    _, value, extras = _unpack_loss(out, f"eval at step {self.step}", self.section, need_grad=False)
                     for k, v in {"loss": value, **extras}.items():
                         sums[k] = sums.get(k, 0.0) + v
                     n += 1
         finally:
             self.model.train(was_training)
         if n == 0:
-            raise DataError("eval_data yielded no batches; give it at least one (train.eval_batches of them)")
+            raise DataError(f"eval_data yielded no batches; give it at least one ({self.section}.eval_batches of them)")
         self.last_eval = {"step": self.step, "split": "eval", **{k: v / n for k, v in sums.items()}}
         return self.last_eval
 
@@ -338,7 +349,7 @@ class Trainer:
             if existing:
                 raise CheckpointError(f"{self.ckpt_root} already holds checkpoints ({existing[-1][1].name}, ...); "
                                       f"continue that run with --resume (resume=True in Python), start over with "
-                                      f"--start-over (start_over=True), or choose a new --{self.section}.out_dir")
+                                      f"--start-over (start_over=True), or choose another folder ({self.out_flag})")
             return None
         if resume is True:
             loaded, rejected = ckpt.find_resumable(self.ckpt_root, check=_check_state)
@@ -363,15 +374,19 @@ class Trainer:
         parts = [p for p in (self.ckpt_root, self.out_dir / "metrics.jsonl") if p.exists()]
         if not parts:
             return None
-        aside = self.out_dir / f"set-aside-{time.strftime('%Y%m%d-%H%M%S')}"
-        n = 1
-        while aside.exists():  # two restarts in one second
-            aside, n = self.out_dir / f"set-aside-{time.strftime('%Y%m%d-%H%M%S')}-{n}", n + 1
-        aside.mkdir(parents=True)
+        stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0
+        while True:  # mkdir, not exists() then mkdir: two restarts in one second get two folders
+            aside = self.out_dir / (f"set-aside-{stamp}" + (f"-{n}" if n else ""))
+            try:
+                aside.mkdir(parents=True)
+                break
+            except FileExistsError:
+                n += 1
         for part in parts:
             os.rename(part, aside / part.name)
+        ckpt.fsync_dir(self.out_dir)  # the moves survive a power cut
         warnings.warn(f"starting over: the previous run's {' and '.join(p.name for p in parts)} moved to {aside}",
-                      stacklevel=4)
+                      stacklevel=5)
         return aside
 
     def _warn_if_config_changed(self, start: ckpt.Loaded) -> None:
@@ -384,7 +399,7 @@ class Trainer:
         changes = _config_changes(start.config, self.config)
         if changes:
             warnings.warn(f"resuming from {start.path.name} with a config that differs from the one it was saved "
-                          "with; the resumed run uses the new values:\n  " + "\n  ".join(changes), stacklevel=3)
+                          "with; the resumed run uses the new values:\n  " + "\n  ".join(changes), stacklevel=4)
 
     def _fire(self, event: str) -> None:
         for fn in self.callbacks[event]:
@@ -461,7 +476,7 @@ def set_epoch(data, epoch: int) -> None:
             seen.append(part)
 
 
-def _unpack_loss(out, where: str, need_grad: bool) -> tuple[torch.Tensor, float, dict[str, float]]:
+def _unpack_loss(out, where: str, section: str, need_grad: bool) -> tuple[torch.Tensor, float, dict[str, float]]:
     """Check what loss_fn returned; give (loss tensor, its float, extras as floats) or a clear error.
 
     Example: (tensor(0.5, grad_fn=...), {"acc": 0.9}) -> (tensor(0.5, ...), 0.5, {"acc": 0.9})
@@ -478,7 +493,7 @@ def _unpack_loss(out, where: str, need_grad: bool) -> tuple[torch.Tensor, float,
                              "or detached?")
     value = loss.item()
     if not math.isfinite(value):
-        raise MinidalleError(f"{where}: loss is {value} (not finite); nothing was updated. Lower train.lr, "
+        raise MinidalleError(f"{where}: loss is {value} (not finite); nothing was updated. Lower {section}.lr, "
                              "check the batch for NaNs, or look for log(0) in loss_fn")
     if not isinstance(extras, dict) or _RESERVED & set(extras):
         raise MinidalleError(f"{where}: loss_fn's extras must be a dict of name -> number whose names avoid "

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -403,6 +404,8 @@ def test_resume_refuses_when_no_checkpoint_can_be_read_and_changes_nothing(saved
     for _, p in ckpt.list_checkpoints(out / "checkpoints"):  # every manifest claims another format
         m = p / ckpt.MANIFEST_FILE
         m.write_text(m.read_text().replace('"format": 1', '"format": 2'))
+    dead_saver = out / "checkpoints" / ".tmp-step_0000008-4999999"  # a save that died; maybe worth rescuing
+    shutil.copytree(out / "checkpoints" / "step_0000006", dead_saver)
     before = _snapshot(out)
     trainer = Trainer(make_model(), small_cfg(out), batch_at, loss_fn, progress=False)
     with pytest.raises(CheckpointError, match=r"none of the 2 checkpoints.*step_0000006: manifest\.json has "
@@ -484,7 +487,7 @@ def test_a_second_trainer_on_the_same_folder_is_refused(tmp_path):
         if trainer.step == 3:
             second = Trainer(make_model(), small_cfg(tmp_path), batch_at, loss_fn, progress=False)
             with pytest.raises(CheckpointError, match=rf"{tmp_path} is in use by another training run \(pid "
-                                                      rf"{os.getpid()} on .*\).*choose another --train\.out_dir"):
+                                                      rf"{os.getpid()} on .*\).*choose another folder \(--train\.out_dir\)"):
                 second.fit(resume=True)
             refused.append(trainer.step)
 
@@ -512,3 +515,55 @@ def test_a_lock_held_by_another_process_is_refused_and_a_dead_ones_lock_replaced
     assert f'"pid": {holder.pid}' in (tmp_path / ckpt.LOCK_FILE).read_text()
     _, hist = run(tmp_path)
     assert len(hist["train"]) == 6 and (tmp_path / ckpt.LOCK_FILE).read_text() == ""  # released again
+
+
+def test_a_checkpoint_that_does_not_fit_leaves_the_model_untouched(saved):
+    """Weights that fit but an optimizer state that does not (a layer frozen since): nothing is copied."""
+    out, _ = saved
+    torch.manual_seed(5)
+    model = make_model()
+    model[0].weight.requires_grad_(False)  # one matrix fewer for AdamW; the state_dict is the same
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = Trainer(model, small_cfg(out), batch_at, loss_fn, progress=False)
+    with pytest.raises(CheckpointError, match="optimizer state does not fit"):
+        trainer.fit(resume=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_start_over_and_an_explicit_checkpoint_together_are_refused(saved):
+    out, path = saved
+    trainer = Trainer(make_model(), small_cfg(out), batch_at, loss_fn, progress=False)
+    with pytest.raises(ConfigError, match="choose one"):
+        trainer.fit(resume=path, start_over=True)
+    assert steps_on_disk(out) == [4, 6] and not list(out.glob("set-aside-*"))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs POSIX fork")
+def test_a_forked_child_does_not_keep_its_parents_lock(tmp_path):
+    """DataLoader workers are forked: if they inherited the lock, it would outlive a killed trainer."""
+    script = (f"import os, sys, time; from minidalle.checkpoint import RunLock; RunLock({str(tmp_path)!r}).acquire()\n"
+              "if os.fork() == 0:\n    time.sleep(30); os._exit(0)\n"
+              "print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO,
+                              start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        holder.kill()  # the parent dies; its forked child lives on for 30 s
+        holder.wait()
+        _, hist = run(tmp_path)  # the lock went with the parent
+        assert len(hist["train"]) == 6
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.stdout.close()
+
+
+def test_a_filesystem_without_locks_warns_and_trains(tmp_path, monkeypatch):
+    import errno
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(ckpt.fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match=r"not locked against a second trainer: its filesystem cannot lock files"):
+        _, hist = run(tmp_path)
+    assert len(hist["train"]) == 6

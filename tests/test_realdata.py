@@ -704,3 +704,12 @@ def test_tar_cut_before_it_was_compressed_is_caught_by_the_end_marker(tmp_path, 
     with pytest.warns(SkipWarning, match=r"bad_shard 7 samples lost.*the file ends at byte"):
         assert len(list(ds)) == 17
     assert (ds.skip_stats.seen, ds.skip_stats.kept) == (24, 17)
+
+
+def test_plain_tar_whose_first_member_looks_like_bzip2_is_read_as_a_tar(tmp_path):
+    """Compression is sniffed from the first bytes, and a plain tar starts with a member name."""
+    members = [(f"BZh{i}.{ext}", encode(Image.new("RGB", (8, 8), (20 * i, 0, 0))) if ext == "png"
+                else f"caption {i}".encode()) for i in range(4) for ext in ("png", "txt")]
+    (tmp_path / "a.tar").write_bytes(tar_bytes(members))
+    ds = TarShardDataset(tmp_path / "a.tar", 6, shuffle=False)
+    assert len(list(ds)) == 4 and ds.skip_stats.n_skipped == 0
