@@ -258,24 +258,23 @@ def _strict_json(value):
     return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
+def _positive(convert, what: str):
+    """An argparse type: `convert(text)`, refused with one line unless it is a finite number > 0.
+
+    Example: _positive(int, "a whole number")("0") -> ArgumentTypeError("0 is not a positive number")
+    """
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+        return value
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
-    return value
+_positive_int, _positive_float = _positive(int, "a whole number"), _positive(float, "a number")
 
 
 class _Parser(argparse.ArgumentParser):
