@@ -126,7 +126,7 @@ def _write_folder(tmp: Path, step: int, model: torch.nn.Module, state: dict, con
     the crash test in tests/test_checkpoint.py wraps exactly those to die after the n-th file.
     """
     # save_model (not save_file) because safetensors refuses tensors that share memory, such as a
-    # token embedding tied to the output head; save_model stores one copy and load_model re-ties it.
+    # token embedding tied to the output head; save_model stores one copy and apply_weights fills the other names.
     save_model(model, str(tmp / MODEL_FILE))
     _fsync_file(tmp / MODEL_FILE)
     _write_text(tmp / CONFIG_FILE, config_text)
