@@ -30,6 +30,8 @@ QUANTIZERS = ("gumbel", "vq")
 # (losses.binned_logit_laplace_nll; the toy presets use it, see why there); mse: for comparison.
 LIKELIHOODS = ("logit_laplace", "logit_laplace_binned", "mse")
 MAX_IMAGE_SIZE = 2048  # the paper trains at 256; 2048x2048x3 is already 12 MB a sample
+PRECISIONS = ("auto", "fp32", "bf16")
+ATTN_IMPLS = ("auto", "sdpa", "flex")  # attention.py's execution paths
 
 
 def smoke_mode() -> bool:
@@ -70,6 +72,8 @@ class TrainConfig:
     log_every: int = 10  # write a metrics line every this many updates
     seed: int = 1337  # seed of torch, numpy and python RNGs
     device: str = "auto"  # auto (cuda -> mps -> cpu) or an explicit torch device string
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
+    ema_decay: float = 0.0  # keep an exponential moving average of the weights with this decay (0 = off)
     out_dir: str = "runs/default"  # where metrics.jsonl and checkpoints go
 
 
@@ -107,6 +111,27 @@ class TextConfig:
 
 
 @dataclass
+class TransformerConfig:
+    """Stage 2, the DALL·E transformer (docs/paper.md, "The transformer"). Paper values in comments.
+
+    The sequence shape comes from the other sections: text.text_len caption positions over
+    text.vocab_size BPE tokens (plus one padding token per position), then the dVAE's grid of
+    image tokens over dvae.vocab_size codes.
+    """
+
+    n_layer: int = 4  # transformer blocks (paper 64); the last is convolutional, see attention.layer_kinds
+    n_head: int = 4  # attention heads (paper 62)
+    head_dim: int = 32  # width of one head; d_model = n_head * head_dim (paper 64, so d_model 3968)
+    mlp_ratio: int = 4  # hidden width of each block's MLP, in multiples of d_model (paper 4)
+    conv_kernel: int = 5  # side of the convolutional mask's window, odd (paper 11 on its 32x32 grid)
+    dropout: float = 0.0  # dropout on embeddings and residual branches (paper: not stated)
+    caption_dropout: float = 0.1  # chance a training caption is replaced by the all-padding caption (for guidance)
+    text_loss_weight: float = 0.125  # weight of the text cross-entropy (paper 1/8)
+    image_loss_weight: float = 0.875  # weight of the image cross-entropy (paper 7/8)
+    attn_impl: str = "auto"  # auto | sdpa (boolean mask) | flex (FlexAttention, block-sparse); see attention.py
+
+
+@dataclass
 class Config:
     """Everything one run needs. Each stage has its own section (and its own training section)."""
 
@@ -116,6 +141,7 @@ class Config:
     dvae: DVAEConfig = field(default_factory=DVAEConfig)
     dvae_train: TrainConfig = field(default_factory=TrainConfig)  # how stage 1 is trained
     text: TextConfig = field(default_factory=TextConfig)
+    model: TransformerConfig = field(default_factory=TransformerConfig)  # stage 2, trained with `train`
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -150,6 +176,10 @@ SMOKE_CAPS: dict[str, int] = {
 }
 
 
+# The paper's stage-2 optimiser (AdamW betas 0.9 / 0.96, weight decay 4.5e-2, clip the grad norm at 4),
+# shared by every preset's `train` section (the transformer's).
+STAGE2_TRAIN: dict[str, object] = {"train.beta2": 0.96, "train.weight_decay": 4.5e-2, "train.grad_clip": 4.0}
+
 # --- the ladder --------------------------------------------------------------------------------
 # Each preset is a dict of "section.field" -> value on top of the dataclass defaults.
 PRESETS: dict[str, dict[str, object]] = {
@@ -168,6 +198,12 @@ PRESETS: dict[str, dict[str, object]] = {
         "text.vocab_size": 446,  # as in toy
         "text.text_len": 32,
         "text.out_dir": "runs/smoke/bpe",
+        **STAGE2_TRAIN,
+        "train.out_dir": "runs/smoke/transformer",
+        "model.n_layer": 3,  # row, column, conv: one layer of each kind
+        "model.n_head": 2,
+        "model.head_dim": 16,
+        "model.conv_kernel": 3,  # the 4x4 grid of 16x16 images
     },
     "toy": {  # ShapesWorld 32x32: minutes on a laptop CPU
         "data.image_size": 32,
@@ -199,6 +235,20 @@ PRESETS: dict[str, dict[str, object]] = {
         "text.vocab_size": 446,  # 256 bytes + 190 merges
         "text.text_len": 32,  # twice the longest caption: room for prompts worded differently
         "text.out_dir": "runs/toy/bpe",
+        # Stage 2 on the 8x8 grid: 32 text + 64 image tokens. On 2 CPU cores the toy is compute-bound, so
+        # it is narrow and shallow: a d 128, 4-layer model made ~6x more updates in 240 s than d 256 with
+        # 6 layers and was far better read by the judge (docs/paper.md, "Sizing the toy transformer").
+        **STAGE2_TRAIN,
+        "train.max_steps": 1_500,
+        "train.batch_size": 32,
+        "train.lr": 2e-3,  # the paper's 4.5e-4 is for batch 1024 over 430k updates
+        "train.min_lr": 2e-4,
+        "train.warmup_steps": 100,
+        "train.out_dir": "runs/toy/transformer",
+        "model.n_layer": 4,  # row, column, row, conv
+        "model.n_head": 4,
+        "model.head_dim": 32,  # d_model 128
+        "model.conv_kernel": 5,
     },
     "small": {  # real captions (emoji or a folder) at 64x64: one GPU, under an hour
         "data.dataset": "emoji",
@@ -217,6 +267,15 @@ PRESETS: dict[str, dict[str, object]] = {
         "text.vocab_size": 4_096,
         "text.text_len": 64,
         "text.out_dir": "runs/small/bpe",
+        **STAGE2_TRAIN,
+        "train.lr": 1e-3,
+        "train.min_lr": 1e-4,
+        "train.warmup_steps": 500,
+        "train.out_dir": "runs/small/transformer",
+        "model.n_layer": 8,
+        "model.n_head": 8,
+        "model.head_dim": 32,  # d_model 256
+        "model.conv_kernel": 7,  # the 16x16 grid
     },
     "paper": {  # the paper's 256x256 images from user shards; many GPUs
         "data.dataset": "tar",
@@ -235,6 +294,16 @@ PRESETS: dict[str, dict[str, object]] = {
         "dvae_train.batch_size": 512,
         "dvae_train.out_dir": "runs/paper/dvae",
         "text.out_dir": "runs/paper/bpe",
+        **STAGE2_TRAIN,
+        "train.lr": 4.5e-4,
+        "train.min_lr": 4.5e-6,  # the paper halves on plateau (5 times); a cosine floor stands in for it
+        "train.warmup_steps": 5_000,
+        "train.ema_decay": 0.99,
+        "train.out_dir": "runs/paper/transformer",
+        "model.n_layer": 64,
+        "model.n_head": 62,
+        "model.head_dim": 64,  # d_model 3968
+        "model.conv_kernel": 11,
     },
 }
 
@@ -278,6 +347,8 @@ _TRAIN_RULES = {
     "ckpt_every": ((lambda v: v >= 0), ">= 0 (0 = only at the end)"),
     "keep_last": ((lambda v: v >= 2), ">= 2, so a crash while writing the newest checkpoint still leaves a good one"),
     "log_every": _at_least(1), "seed": _at_least(0), "device": ((lambda v: bool(v.strip())), "a device name or auto"),
+    "precision": ((lambda v: v in PRECISIONS), f"one of {', '.join(PRECISIONS)}"),
+    "ema_decay": ((lambda v: 0 <= v < 1), "in [0, 1) (0 = off)"),
     "out_dir": ((lambda v: bool(v.strip())), "a folder name"),
 }
 RULES: dict[str, dict[str, tuple]] = {
@@ -295,6 +366,11 @@ RULES: dict[str, dict[str, tuple]] = {
              "tau_steps": _at_least(0), "kl_max": _at_least(0), "kl_steps": _at_least(0),
              "schedule_scale": _at_least(0), "commitment": _at_least(0),
              "ema_decay": ((lambda v: 0 <= v < 1), "in [0, 1)"), "dead_after": _at_least(1)},
+    "model": {"n_layer": _at_least(1), "n_head": _at_least(1), "head_dim": _at_least(1), "mlp_ratio": _at_least(1),
+              "conv_kernel": ((lambda v: v >= 1 and v % 2 == 1), "odd and >= 1"),
+              "dropout": ((lambda v: 0 <= v < 1), "in [0, 1)"), "caption_dropout": ((lambda v: 0 <= v < 1), "in [0, 1)"),
+              "text_loss_weight": _at_least(0), "image_loss_weight": ((lambda v: v > 0), "> 0"),
+              "attn_impl": ((lambda v: v in ATTN_IMPLS), f"one of {', '.join(ATTN_IMPLS)}")},
     "text": {"vocab_size": _at_least(256), "dropout": ((lambda v: 0 <= v < 1), "in [0, 1)"),
              "text_len": _at_least(1), "out_dir": ((lambda v: bool(v.strip())), "a folder name")},
 }
@@ -308,7 +384,21 @@ def validate(cfg: "Config") -> "Config":
     """
     for section in RULES:
         check_section(getattr(cfg, section), section)
+    grid = image_grid(cfg)
+    if grid is not None and cfg.model.conv_kernel > grid:
+        raise ConfigError(f"model.conv_kernel={cfg.model.conv_kernel} is invalid: the convolutional window must fit "
+                          f"the {grid}x{grid} image grid (data.image_size={cfg.data.image_size} over the dVAE's "
+                          f"x{cfg.data.image_size // grid} downsampling)")
     return cfg
+
+
+def image_grid(cfg: "Config") -> int | None:
+    """Side of the dVAE's code grid for this config (None when the image size does not divide).
+
+    Example: image_grid(get_config("toy")) -> 8   (32x32 images, downsampled x4)
+    """
+    factor = 2 ** (cfg.dvae.n_groups - 1)
+    return cfg.data.image_size // factor if cfg.data.image_size % factor == 0 else None
 
 
 def check_section(values, section: str) -> None:

@@ -6,6 +6,9 @@ Each update does, in order:
     lr    = lr_at(step, cfg)       linear warm-up, then cosine down to cfg.min_lr (a pure function)
     loss  = loss_fn(model, batch)  a scalar tensor, or (loss, {"name": float, ...}) to log extras
     loss.backward(); clip the global grad norm to cfg.grad_clip; AdamW step
+    ema   = decay * ema + (1 - decay) * weights   only when cfg.ema_decay > 0 (saved with the state)
+
+The loss runs under bf16 autocast when cfg.precision resolves to bf16 (auto: CUDA only).
 
 and then, each on its own schedule: a JSON line in `{out_dir}/metrics.jsonl` (every cfg.log_every
 updates and the last), an evaluation (every cfg.eval_every; needs eval_data), a checkpoint (every
@@ -68,6 +71,15 @@ def pick_device(pref: str = "auto", key: str = "train.device") -> torch.device:
     if (dev.type == "cuda" and not torch.cuda.is_available()) or (dev.type == "mps" and not mps_ok):
         raise ConfigError(f"{key}={pref!r} is not available on this machine; use {key}=auto")
     return dev
+
+
+def resolve_precision(pref: str, device: torch.device) -> str:
+    """train.precision -> "bf16" or "fp32". auto: bf16 autocast on CUDA (its tensor cores), fp32 elsewhere
+    (CPU bf16 matmuls are slower than fp32 on most CPUs). Example: resolve_precision("auto", cpu) -> "fp32"
+    """
+    if pref == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return pref
 
 
 def seed_everything(seed: int) -> None:
@@ -180,6 +192,11 @@ class Trainer:
         self.device = pick_device(cfg.device, f"{self.section}.device")
         self.model = model.to(self.device)
         self.optimizer = configure_optimizer(self.model, cfg)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        # EMA of the weights (paper stage 2: decay 0.99), kept in fp32 beside the model and saved in the
+        # training state, so a resume continues it exactly. None when train.ema_decay = 0.
+        self.ema = ({k: v.detach().float().clone() for k, v in self.model.state_dict().items()
+                     if v.is_floating_point()} if cfg.ema_decay > 0 else None)
         self.train_data, self.loss_fn, self.eval_data, self.progress = train_data, loss_fn, eval_data, progress
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
@@ -242,6 +259,8 @@ class Trainer:
                 raise CheckpointError(f"{start.path / ckpt.STATE_FILE}: its optimizer state does not fit this "
                                       f"model's parameters ({e})") from None
             ckpt.apply_weights(self.model, start.tensors, start.path / ckpt.MODEL_FILE)
+            if self.ema is not None:
+                self._load_ema(start)
             self.step, rng = start.step, start.state["rng"]
             self.loss, self.last_checkpoint = float(start.state.get("loss", math.nan)), start.path
         stream = _BatchStream(self.train_data, cfg.seed, start=self.step)  # fast-forwards an iterable
@@ -274,7 +293,9 @@ class Trainer:
         for group in self.optimizer.param_groups:  # the schedule is a pure function: no scheduler state
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)  # None, not 0: saves memory, and skips unused params
-        loss, value, extras = _unpack_loss(self.loss_fn(self.model, batch), f"step {step}", self.section, need_grad=True)
+        with self.autocast():
+            out = self.loss_fn(self.model, batch)
+        loss, value, extras = _unpack_loss(out, f"step {step}", self.section, need_grad=True)
         loss.backward()
         # clip_grad_norm_ returns the norm *before* clipping, the number worth logging: a spike there
         # warns of divergence before the loss shows it. With clipping off we pass inf, which only measures.
@@ -286,8 +307,21 @@ class Trainer:
                                  "not updated. Lower {self.section}.lr or look for a log(0) / division by 0 in loss_fn")
         self._fire("on_before_optimizer_step")  # grads are final here: clipped, not yet applied
         self.optimizer.step()
+        if self.ema is not None:
+            self._update_ema()
         return {"step": step, "split": "train", "loss": value, "lr": lr, "grad_norm": grad_norm, **extras,
                 "step_ms": round(1000 * (time.perf_counter() - t0), 3)}
+
+    def autocast(self):
+        """bf16 autocast when train.precision resolves to bf16 (CUDA by default), else a no-op context."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        d = self.cfg.ema_decay
+        for name, value in self.model.state_dict().items():
+            if name in self.ema:
+                self.ema[name].mul_(d).add_(value.detach().float(), alpha=1 - d)
 
     def _after_update(self, record: dict, metrics) -> None:
         """Logging, evaluation and checkpointing, each on its own schedule."""
@@ -318,7 +352,8 @@ class Trainer:
                 batches = (self.eval_data(i) for i in range(self.cfg.eval_batches)) if callable(self.eval_data) \
                     else itertools.islice(self.eval_data, self.cfg.eval_batches)
                 for batch in batches:
-                    out = self.loss_fn(self.model, _to_device(batch, self.device))
+                    with self.autocast():
+                        out = self.loss_fn(self.model, _to_device(batch, self.device))
                     _, value, extras = _unpack_loss(out, f"eval at step {self.step}", self.section, need_grad=False)
                     for k, v in {"loss": value, **extras}.items():
                         sums[k] = sums.get(k, 0.0) + v
@@ -334,6 +369,8 @@ class Trainer:
         """Write checkpoints/step_{step:07d}/ (model, config, optimizer + RNG state, manifest) atomically."""
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": ckpt.capture_rng_state(),
                  "loss": self.loss}  # so a finished run, resumed, can still say where it ended
+        if self.ema is not None:
+            state["ema"] = {k: v.cpu() for k, v in self.ema.items()}
         self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_root, self.step, self.model, state, self.config,
                                                     self.cfg.keep_last)
         self._fire("on_checkpoint")
@@ -400,6 +437,15 @@ class Trainer:
         if changes:
             warnings.warn(f"resuming from {start.path.name} with a config that differs from the one it was saved "
                           "with; the resumed run uses the new values:\n  " + "\n  ".join(changes), stacklevel=4)
+
+    def _load_ema(self, start: ckpt.Loaded) -> None:
+        """Continue the saved EMA; a checkpoint saved without one (EMA just switched on) starts it from its weights."""
+        saved = start.state.get("ema")
+        if not isinstance(saved, dict) or set(saved) != set(self.ema):
+            warnings.warn(f"{start.path.name} holds no EMA of these weights; the EMA starts from them now", stacklevel=5)
+            saved = {k: v for k, v in self.model.state_dict().items() if k in self.ema}
+        for k, v in saved.items():
+            self.ema[k].copy_(v.float())
 
     def _fire(self, event: str) -> None:
         for fn in self.callbacks[event]:
