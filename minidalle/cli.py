@@ -8,6 +8,10 @@
     python -m minidalle bench dvae --preset toy [--out DIR]       train stage 1 from scratch and measure it
     python -m minidalle train bpe --preset toy                    the text tokenizer, on the training captions
     python -m minidalle bench bpe [--mib 10] [--json]             BPE vs HF tokenizers, tiktoken, a naive trainer
+    python -m minidalle train transformer --preset toy [--resume | --start-over]   stage 2 (tokenizers reused)
+    python -m minidalle eval transformer --preset toy [--n 256] [--json]           the judge on sampled images
+    python -m minidalle bench attention [--json]                  the masks' two paths against dense causal
+    python -m minidalle info --preset paper [--json]              parameters, lengths, FLOPs (meta device)
 
 Every command accepts config overrides as `--section.key=value` (e.g. `--data.seed=3`); they are
 type-checked against minidalle/config.py. Errors the user can fix print one line and exit 2.
@@ -68,6 +72,12 @@ def cmd_bench(args, cfg: cfglib.Config) -> dict:
         res = benchmark_bpe(mib=args.mib, n_captions=args.n or 20_000, progress=not args.json)  # the paper's 16,384
         print(format_bpe_benchmark(res))
         return res
+    if args.what == "attention":
+        from .attention_bench import benchmark_attention, format_attention_benchmark
+
+        res = benchmark_attention(progress=not args.json)
+        print(format_attention_benchmark(res))
+        return res
     if args.what == "dvae":
         import tempfile
 
@@ -102,75 +112,20 @@ def _dvae_reconstructions(model, cfg: cfglib.Config, out: Path, tag: str) -> dic
             "psnr": report["psnr"], "perplexity": report["perplexity"]}
 
 
-def training_captions(data: cfglib.DataConfig, n: int | None = None) -> list[str]:
-    """The captions of the first n training samples (all of data.n_train for ShapesWorld by default).
-
-    ShapesWorld captions are drawn without rendering images; other datasets are read item by item.
-    """
-    from .data import ShapesWorld, build_dataset
-
-    ds = build_dataset(data, "train")
-    if isinstance(ds, ShapesWorld):
-        return [ds.example(i)[1] for i in range(n or len(ds))]
-    captions = []
-    for _, text in ds:
-        captions.append(text)
-        if n and len(captions) >= n:
-            break
-    return captions
-
-
-def _train_bpe(cfg: cfglib.Config) -> dict:
-    """The text tokenizer on the training captions: bpe.model, bpe.vocab and tokenizer.json.
-
-    Refuses (DataError, nothing written) when a training caption would not fit `text.text_len`: the
-    transformer reads exactly that many text positions, so such a caption would be cut in training.
-    """
-    from .bpe import RegexTokenizer
-    from .data import longest_caption
-
-    tc = cfg.text
-    captions = training_captions(cfg.data)
-    t0 = time.time()
-    tok = RegexTokenizer(lowercase=tc.lowercase).train(captions, tc.vocab_size)
-    seconds = time.time() - t0
-    lengths = [len(tok.encode(c)) for c in captions]
-    over = [i for i, n in enumerate(lengths) if n > tc.text_len]
-    if over:
-        worst = max(over, key=lengths.__getitem__)
-        raise DataError(f"{len(over)} of {len(captions)} training captions are longer than text.text_len="
-                        f"{tc.text_len} tokens with this tokenizer ({len(tok.merges)} merges), e.g. "
-                        f"{captions[worst]!r} ({lengths[worst]} tokens); they would be cut in training. "
-                        f"Raise --text.text_len, or --text.vocab_size so that words merge into fewer tokens")
-    out = Path(tc.out_dir)
-    model, vocab = tok.save(out / "bpe")
-    hf = tok.export_hf(out / "tokenizer.json")
-    summary = {"stage": "bpe", "captions": len(captions), "vocab_size": tok.vocab_size, "merges": len(tok.merges),
-               "seconds": round(seconds, 2), "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths),
-               "model": str(model), "out": str(out)}
-    print(f"[train bpe] {len(captions)} captions, {len(tok.merges)} merges in {seconds:.1f} s -> {model}, {vocab}, {hf}")
-    print(f"[train bpe] tokens per caption: mean {summary['mean_tokens']:.1f}, max {max(lengths)} "
-          f"(text.text_len={tc.text_len}): every training caption fits")
-    if cfg.data.dataset == "shapes":  # ShapesWorld's captions are finite: the longest any split can hold
-        longest = longest_caption(lambda text: len(tok.encode(text)))
-        summary["longest_possible_tokens"] = len(tok.encode(longest))
-        fits = "fits" if summary["longest_possible_tokens"] <= tc.text_len else "DOES NOT FIT: prompts may be cut"
-        print(f"[train bpe] the longest caption ShapesWorld can write takes {summary['longest_possible_tokens']} "
-              f"tokens ({fits}): {longest!r}")
-    return summary
-
-
 def cmd_train(args, cfg: cfglib.Config) -> dict:
     """Train one stage; checkpoints and metrics.jsonl go to that stage's out_dir."""
     from .image_tokenizer import train_dvae
+    from .text_to_image import train_text_tokenizer
 
     if args.what == "bpe":
         flag = "--resume" if args.resume else "--start-over" if args.start_over else None
         if flag:  # the tokenizer trains in seconds from the captions: there is nothing to resume
-            raise ConfigError(f"{flag} applies to `train dvae` only; `train bpe` always trains from the "
-                              "captions and replaces the files in --text.out_dir")
+            raise ConfigError(f"{flag} applies to `train dvae` and `train transformer`; `train bpe` always trains "
+                              "from the captions and replaces the files in --text.out_dir")
         check_out_folder(cfg.text.out_dir, "--text.out_dir")
-        return _train_bpe(cfg)
+        return train_text_tokenizer(cfg)
+    if args.what == "transformer":
+        return _train_transformer(args, cfg)
 
     out = check_out_folder(cfg.dvae_train.out_dir, "--dvae_train.out_dir")
     model, trainer = train_dvae(cfg, resume=args.resume, start_over=args.start_over)
@@ -189,6 +144,7 @@ def cmd_demo(args, cfg: cfglib.Config) -> dict:
     from .data import ShapesWorld
     from .image_tokenizer import train_dvae
     from .judge import evaluate
+    from .text_to_image import train_text_tokenizer
     from .viz import save_grid
 
     out = check_out_folder(args.out or f"runs/demo-{cfg.preset}", "--out")
@@ -227,12 +183,63 @@ def cmd_demo(args, cfg: cfglib.Config) -> dict:
         print(f"[demo] the image tokenizer for data.dataset={cfg.data.dataset!r} trains with "
               f"`python -m minidalle train dvae --preset {cfg.preset}`")
     cfg.text.out_dir = str(out / "bpe")
-    bpe = _train_bpe(cfg)
+    bpe = train_text_tokenizer(cfg)
     summary.update(bpe_vocab_size=bpe["vocab_size"], bpe_mean_tokens=bpe["mean_tokens"])
-    print("[demo] this demo runs the stages built so far (datasets, judge, image tokenizer, text tokenizer); "
-          "the transformer and sampler are not built yet.")
+    print("[demo] this demo runs the datasets, the judge and both tokenizers; the transformer trains on them with "
+          f"`python -m minidalle train transformer --preset {cfg.preset} --dvae_train.out_dir={out}/dvae "
+          f"--text.out_dir={out}/bpe` and is measured with `python -m minidalle eval transformer` (same flags)")
     summary["seconds"] = round(time.time() - t0, 2)
     return summary
+
+
+def _train_transformer(args, cfg: cfglib.Config) -> dict:
+    """Stage 2: reuse (or first train) the tokenizers in the run folder, then train the transformer."""
+    from .text_to_image import train_transformer
+
+    for key in ("dvae_train.out_dir", "text.out_dir", "train.out_dir"):
+        sec, name = key.split(".")
+        check_out_folder(getattr(getattr(cfg, sec), name), f"--{key}")
+    model, trainer, info = train_transformer(cfg, resume=args.resume, start_over=args.start_over)
+    if not trainer.history["train"]:
+        print(f"[train transformer] the run in {cfg.train.out_dir} already finished at step {trainer.step}; nothing "
+              "was trained (raise --train.max_steps to train longer)")
+    last = trainer.history["train"][-1] if trainer.history["train"] else {}
+    summary = {"stage": "transformer", "steps": trainer.step, "final_loss": trainer.loss,
+               "text_loss": last.get("text_loss"), "image_loss": last.get("image_loss"),
+               "eval_loss": (trainer.last_eval or {}).get("loss"), "checkpoint": str(trainer.last_checkpoint),
+               "out": cfg.train.out_dir, **{k: v for k, v in info.items() if k != "tokenizers"}}
+    print(f"[train transformer] step {trainer.step}: loss {trainer.loss:.4f} (text {summary['text_loss']}, image "
+          f"{summary['image_loss']}); {info['train_seconds']} s -> {trainer.last_checkpoint}")
+    return summary
+
+
+def cmd_eval(args, cfg: cfglib.Config) -> dict:
+    """Judge one sample per prompt of the val and heldout splits, drawn by the reference sampler."""
+    from .text_to_image import evaluate_transformer
+
+    result = evaluate_transformer(cfg, n=args.n or 256, checkpoint=args.checkpoint, temperature=args.temperature,
+                                  progress=not args.json)
+    for split in ("val", "heldout"):
+        _print_accuracy(f"[eval transformer] one sample per {split} prompt (temperature {args.temperature})",
+                        result[split])
+    print(f"[eval transformer] samples -> {result['grid']}")
+    return result
+
+
+def cmd_info(args, cfg: cfglib.Config) -> dict:
+    """Parameters of every stage, sequence lengths and the transformer's FLOPs per token (meta device)."""
+    from .text_to_image import describe
+
+    res = describe(cfg)
+    print(f"preset {cfg.preset}: {cfg.data.image_size}x{cfg.data.image_size} images -> {res['grid']}x{res['grid']} "
+          f"image tokens over K={res['image_vocab']}; {res['text_len']} text tokens over {res['text_vocab']} BPE ids "
+          f"(+{res['text_len']} padding ids); sequence {res['sequence_len']}")
+    print(f"  dVAE: encoder {res['dvae_encoder_params']:,}, decoder {res['dvae_decoder_params']:,} parameters")
+    print(f"  transformer: {res['transformer_params']:,} parameters ({cfg.model.n_layer} layers, d_model "
+          f"{res['d_model']}, {cfg.model.n_head} heads x {cfg.model.head_dim}); layers {res['layer_schedule']}")
+    print(f"  training FLOPs per token: {res['flops_per_token']:.3g} (weights {res['flops_weights']:.3g}, attention "
+          f"{res['flops_attention']:.3g} at mask density {res['mask_density']:.3f})")
+    return res
 
 
 def check_out_folder(path: str | Path, flag: str) -> Path:
@@ -277,6 +284,17 @@ def _positive(convert, what: str):
 _positive_int, _positive_float = _positive(int, "a whole number"), _positive(float, "a number")
 
 
+def _nonnegative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0. Example: "0" -> 0.0; "-1" -> ArgumentTypeError"""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a number >= 0")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one `error:` line naming the input (not usage + error)."""
 
@@ -313,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("bench", help="benchmarks that print measured figures")
     common(d)
-    d.add_argument("what", choices=["judge", "dvae", "bpe"])
+    d.add_argument("what", choices=["judge", "dvae", "bpe", "attention"])
     d.add_argument("--n", type=_positive_int, default=None,
                    help="samples per split (judge: 1000, dvae: 500); bpe: captions to encode (20000)")
     d.add_argument("--mib", type=_positive_float, default=10.0, help="bpe: MiB of text to train the 16,384 vocabulary on")
@@ -322,12 +340,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("train", help="train a stage of the pipeline")
     common(d)
-    d.add_argument("what", choices=["dvae", "bpe"], help="dvae: the image tokenizer (stage 1); bpe: the text tokenizer")
+    d.add_argument("what", choices=["dvae", "bpe", "transformer"],
+                   help="dvae: the image tokenizer (stage 1); bpe: the text tokenizer; transformer: stage 2")
     either = d.add_mutually_exclusive_group()
-    either.add_argument("--resume", action="store_true", help="dvae: continue from the newest valid checkpoint")
+    either.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     either.add_argument("--start-over", action="store_true", dest="start_over",
-                        help="dvae: move the folder's checkpoints and metrics into set-aside-<time>/, train from step 0")
+                        help="move the folder's checkpoints and metrics into set-aside-<time>/, train from step 0")
     d.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("eval", help="measure a trained stage")
+    common(d)
+    d.add_argument("what", choices=["transformer"], help="transformer: the judge on one sample per val/heldout prompt")
+    d.add_argument("--n", type=_positive_int, default=None, help="prompts per split (default 256)")
+    d.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: the newest in --train.out_dir)")
+    d.add_argument("--temperature", type=_nonnegative_float, default=1.0, help="sampling temperature (default 1)")
+    d.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("info", help="parameters, sequence lengths and FLOPs of a preset (nothing is trained)")
+    common(d)
+    d.set_defaults(func=cmd_info)
     return p
 
 

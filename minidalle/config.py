@@ -384,11 +384,6 @@ def validate(cfg: "Config") -> "Config":
     """
     for section in RULES:
         check_section(getattr(cfg, section), section)
-    grid = image_grid(cfg)
-    if grid is not None and cfg.model.conv_kernel > grid:
-        raise ConfigError(f"model.conv_kernel={cfg.model.conv_kernel} is invalid: the convolutional window must fit "
-                          f"the {grid}x{grid} image grid (data.image_size={cfg.data.image_size} over the dVAE's "
-                          f"x{cfg.data.image_size // grid} downsampling)")
     return cfg
 
 

@@ -21,7 +21,8 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
@@ -96,11 +97,13 @@ def dataset_id(dataset) -> dict:
 
 
 def encode_dataset(model: DVAE, dataset, n: int, cache_dir: str | os.PathLike, tokenizer: str,
-                   batch_size: int = 256, progress: bool = True) -> torch.Tensor:
+                   batch_size: int = 256, progress: bool = True, with_captions: bool = False):
     """Codes (n, h, w) of the first n images of `dataset`, read from or written to `cache_dir`.
 
     The file `codes-<key>.safetensors` is keyed by (dataset identity, n, tokenizer id); it is written
     atomically, so an interrupted encode leaves no half file. Codes are stored as int16 when K fits.
+    The captions read beside the images are kept in the file too: with_captions=True returns
+    (codes, captions), so a dataset read in a shuffled order still pairs each image with its caption.
     Example: encode_dataset(model, ShapesWorld("train", 32), 1000, "runs/cache", tokenizer_id(ckpt))
              -> long (1000, 8, 8)
     """
@@ -109,28 +112,36 @@ def encode_dataset(model: DVAE, dataset, n: int, cache_dir: str | os.PathLike, t
     path = Path(cache_dir) / f"codes-{key}.safetensors"
     if path.is_file():
         try:
-            return load_file(path)["codes"].long()
+            with safe_open(str(path), "pt") as f:
+                codes, meta = f.get_tensor("codes").long(), f.metadata() or {}
+            captions = json.loads(meta["captions"]) if "captions" in meta else None
+            if not with_captions:
+                return codes
+            if isinstance(captions, list) and len(captions) == len(codes):
+                return codes, captions
         except Exception as e:  # noqa: BLE001 -- a damaged cache is rebuilt, never trusted
             warnings.warn(f"code cache {path} is unreadable ({e}); encoding again", stacklevel=2)
     device = next(model.parameters()).device
-    chunks, done = [], 0
+    chunks, captions, done = [], [], 0
     items = iter(dataset.stream() if isinstance(dataset, ShapesWorld) else dataset)
     with tqdm(total=n, desc="encoding", disable=not progress) as bar:
         while done < n:
             # range first: zip stops on it without drawing (and losing) one more item
-            batch = [item[0] for _, item in zip(range(min(batch_size, n - done)), items)]
+            batch = [item for _, item in zip(range(min(batch_size, n - done)), items)]
             if not batch:
                 raise DataError(f"the dataset ran out after {done} images; asked to encode n={n}")
-            chunks.append(model.encode(torch.stack(batch).to(device)).cpu())  # (b, h, w)
+            chunks.append(model.encode(torch.stack([im for im, _ in batch]).to(device)).cpu())  # (b, h, w)
+            captions.extend(str(text) for _, text in batch)
             done += len(batch)
             bar.update(len(batch))
     codes = torch.cat(chunks)  # (n, h, w)
     dtype = torch.int16 if model.cfg.vocab_size <= 2**15 else torch.int32
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    save_file({"codes": codes.to(dtype)}, str(tmp), metadata={"id": json.dumps(ident, sort_keys=True)})
+    save_file({"codes": codes.to(dtype)}, str(tmp),
+              metadata={"id": json.dumps(ident, sort_keys=True), "captions": json.dumps(captions)})
     os.replace(tmp, path)
-    return codes
+    return (codes, captions) if with_captions else codes
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -176,8 +176,10 @@ def test_kernels_that_do_not_fit_the_grid_are_refused():
     for kernel in (0, 2, 9):
         with pytest.raises(ConfigError, match="conv_kernel"):
             A.check_kernel(kernel, 8)
-    with pytest.raises(ConfigError, match="conv_kernel=11 is invalid.*8x8"):
-        get_config("toy", {"model.conv_kernel": 11})
+    from minidalle.model import DALLE
+
+    with pytest.raises(ConfigError, match="conv_kernel=11 is invalid for a 8x8 image grid"):
+        DALLE.from_config(get_config("toy", {"model.conv_kernel": 11}))
     with pytest.raises(ConfigError, match="odd"):
         get_config("toy", {"model.conv_kernel": 4})
 
@@ -192,7 +194,8 @@ def _qkv(L, seed=0, heads=2, dim=8):
 @pytest.mark.parametrize("text_len,grid,kernel", [(6, 4, 3), (8, 8, 5)])
 def test_naive_sdpa_and_flex_agree(kind, text_len, grid, kernel):
     bank = A.MaskBank(text_len, grid, kernel, compile_flex=False)  # eager FlexAttention: no compiler needed
-    for L in (bank.length, bank.length - 5):  # the whole sequence, and a prefix (as while sampling)
+    # the whole sequence, and a prefix (as while sampling; flex hands prefixes to the boolean mask)
+    for L in (bank.length, bank.length - 5):
         q, k, v = _qkv(L)
         naive = A.naive_attention(q, k, v, bank.dense(kind, L, q.device))
         sdpa = A.attend(q, k, v, kind, bank, "sdpa")
@@ -205,8 +208,15 @@ def test_naive_sdpa_and_flex_agree(kind, text_len, grid, kernel):
 
 def test_masks_are_built_once_and_reused():
     bank = A.MaskBank(6, 4, 3, compile_flex=False)
-    assert bank.dense("row", 22, "cpu") is bank.dense("row", 22, "cpu")
+    assert bank.dense("row", 22, "cpu").data_ptr() == bank.dense("row", 9, "cpu").data_ptr()  # one mask, viewed
     assert bank.block("column", 22, "cpu") is bank.block("column", 22, "cpu")
+
+
+def test_attend_refuses_queries_and_keys_of_different_lengths():
+    bank = A.MaskBank(6, 4, 3)
+    q, k, v = _qkv(22)
+    with pytest.raises(ConfigError, match="same first L"):
+        A.attend(q[:, :, -1:], k, v, "row", bank)  # one query against the whole cache: not this function's job
 
 
 def test_flex_failure_falls_back_to_sdpa_with_one_warning(monkeypatch):

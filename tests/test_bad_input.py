@@ -91,6 +91,7 @@ def no_setup(d: Path) -> None:
 
 
 TRAIN = ["train", "dvae", "--preset", "smoke"]
+T2 = ["train", "transformer", "--preset", "smoke"]
 CASES = {
     # config values: wrong type, out of range, not finite, unknown
     "batch_size=0": (TRAIN + ["--dvae_train.batch_size=0"], no_setup, "dvae_train.batch_size=0 is invalid"),
@@ -124,7 +125,7 @@ CASES = {
     "resume and start over": (TRAIN + ["--resume", "--start-over"], no_setup,
                               "argument --start-over: not allowed with argument --resume"),
     "bpe --resume": (["train", "bpe", "--preset", "smoke", "--resume"], no_setup,
-                     "--resume applies to `train dvae` only"),
+                     "--resume applies to `train dvae` and `train transformer`"),
     "split": (["data", "--split", "test", "--out", "{d}/out"], no_setup, "argument --split: invalid choice: 'test'"),
     "command": (["trian", "dvae"], no_setup, "argument command: invalid choice: 'trian'"),
     "mib<0": (["bench", "bpe", "--mib", "-1"], no_setup, "argument --mib: -1 is not a positive number"),
@@ -163,6 +164,23 @@ CASES = {
                             "cannot resume: none of the 2 checkpoints in {d}/run/checkpoints can be read"),
     "used out_dir": (TRAIN + ["--dvae_train.out_dir={d}/run"], used_out_dir,
                      "continue that run with --resume (resume=True in Python)"),
+    # stage 2: the model section, the transformer's commands
+    "n_head=0": (T2 + ["--model.n_head=0"], no_setup, "model.n_head=0 is invalid"),
+    "kernel even": (T2 + ["--model.conv_kernel=4"], no_setup, "model.conv_kernel=4 is invalid: it must be odd"),
+    "kernel > grid": (T2 + ["--model.conv_kernel=5"], no_setup, "model.conv_kernel=5 is invalid for a 4x4 image grid"),
+    "attn_impl": (T2 + ["--model.attn_impl=fast"], no_setup, "model.attn_impl='fast' is invalid"),
+    "caption dropout=1": (T2 + ["--model.caption_dropout=1"], no_setup, "model.caption_dropout=1.0 is invalid"),
+    "precision": (T2 + ["--train.precision=fp8"], no_setup, "train.precision='fp8' is invalid"),
+    "ema=1": (T2 + ["--train.ema_decay=1"], no_setup, "train.ema_decay=1.0 is invalid"),
+    "transformer out is a file": (T2 + ["--train.out_dir={d}/notes.txt"], a_file,
+                                  "--train.out_dir={d}/notes.txt: {d}/notes.txt is a file"),
+    "temperature<0": (["eval", "transformer", "--temperature", "-1"], no_setup,
+                      "argument --temperature: -1 is not a number >= 0"),
+    "eval nothing trained": (["eval", "transformer", "--preset", "smoke"], no_setup,
+                             "no transformer checkpoint in runs/smoke/transformer"),
+    "eval not a checkpoint": (["eval", "transformer", "--preset", "smoke", "--checkpoint", "{d}/nowhere"], no_setup,
+                              "{d}/nowhere"),
+    "info preset": (["info", "--preset", "huge"], no_setup, "unknown preset 'huge'"),
 }
 
 

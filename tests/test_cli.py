@@ -132,7 +132,7 @@ def test_train_bpe_refuses_a_text_len_that_would_cut_training_captions(tmp_path,
 def test_every_caption_shapesworld_can_write_fits_the_toy_text_length():
     # The full toy recipe (50,000 training captions, not the smoke cap), as `make demo` trains it.
     from minidalle.bpe import RegexTokenizer
-    from minidalle.cli import training_captions
+    from minidalle.text_to_image import training_captions
     from minidalle.data import longest_caption
 
     cfg = get_config("toy", smoke=False)

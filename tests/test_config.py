@@ -41,7 +41,8 @@ def test_overrides_from_command_line_strings():
 @pytest.mark.parametrize("overrides, words", [
     ({"train.lrr": "1"}, "unknown config key 'train.lrr'"),
     ({"nope": "1"}, "unknown config key 'nope'"),
-    ({"model.lr": "1"}, "unknown config section 'model'"),
+    ({"modle.lr": "1"}, "unknown config section 'modle'"),
+    ({"model.lr": "1"}, "unknown config key 'model.lr'; model has: n_layer"),
     ({"train.lr": "fast"}, "expects float"),
     ({"train.batch_size": "2.5"}, "expects int"),
     ({"train.batch_size": True}, "expects int"),
@@ -59,3 +60,14 @@ def test_unknown_preset_and_malformed_flag():
         get_config("huge")
     with pytest.raises(ConfigError, match="--key=value"):
         parse_overrides(["--train.lr", "3"])
+
+
+def test_the_transformer_section_per_preset():
+    paper = get_config("paper", smoke=False)  # the smoke switch caps warmup_steps
+    assert (paper.model.n_layer, paper.model.n_head, paper.model.head_dim, paper.model.conv_kernel) == (64, 62, 64, 11)
+    assert (paper.text.text_len, paper.text.vocab_size, paper.dvae.vocab_size) == (256, 16_384, 8192)
+    assert (paper.train.beta1, paper.train.beta2, paper.train.weight_decay, paper.train.grad_clip) == (0.9, 0.96, 4.5e-2, 4.0)
+    assert paper.train.lr == 4.5e-4 and paper.train.warmup_steps == 5_000 and paper.train.ema_decay == 0.99
+    for preset in PRESETS:  # every preset's stage 2 trains with the paper's AdamW betas
+        assert get_config(preset).train.beta2 == 0.96
+    assert get_config("smoke").model.n_layer == 3  # one layer of each kind: row, column, conv

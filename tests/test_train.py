@@ -330,3 +330,37 @@ def test_folder_dataset_epochs_reshuffle_and_resume_exactly(tmp_path):
     assert [r["step"] for r in second["train"]] == [6, 7, 8]
     assert seen[:5] + seen[-3:] == order  # the resumed run read the same batches in the same order...
     assert losses(first) + losses(second) == losses(straight)  # ...and trained bit for bit the same
+
+
+# --- precision and the EMA of the weights ---------------------------------------------------------
+def test_ema_follows_its_formula_and_resumes_exactly(tmp_path):
+    seen = []
+    trainer, _ = fit(tmp_path / "a", max_steps=6, ema_decay=0.5,
+                     callbacks=[("on_fit_start", lambda t: seen.append({k: v.clone() for k, v in t.ema.items()})),
+                                ("on_step_end", lambda t: seen.append(
+                                    {k: v.detach().clone() for k, v in t.model.state_dict().items()}))])
+    ema = seen[0]  # the EMA starts at the initial weights, then ema = 0.5 ema + 0.5 w after each update
+    for weights in seen[1:]:
+        ema = {k: 0.5 * ema[k] + 0.5 * weights[k] for k in ema}
+    assert all(torch.allclose(trainer.ema[k], ema[k], atol=1e-6) for k in ema)
+    straight = trainer.ema
+    _split_run(tmp_path / "b", batch_at, k=3, max_steps=6, ema_decay=0.5)
+    from minidalle import checkpoint as ckpt
+
+    saved = ckpt.read_checkpoint(ckpt.latest_valid_checkpoint(tmp_path / "b" / "checkpoints")).state["ema"]
+    assert all(torch.equal(saved[k], straight[k]) for k in straight)  # stopped and resumed = uninterrupted
+
+
+def test_bf16_precision_runs_the_loss_under_autocast(tmp_path):
+    dtypes = []
+
+    def loss_bf16(model, batch):
+        out = model(batch[0])
+        dtypes.append(out.dtype)
+        return F.mse_loss(out.float(), batch[1])
+
+    trainer = Trainer(make_model(), cfg_for(tmp_path, max_steps=2, precision="bf16"), batch_at, loss_bf16,
+                      progress=False)
+    trainer.fit()
+    assert trainer.precision == "bf16" and dtypes == [torch.bfloat16, torch.bfloat16]
+    assert Trainer(make_model(), cfg_for(tmp_path / "b"), batch_at, loss_fn, progress=False).precision == "fp32"

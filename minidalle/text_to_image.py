@@ -1,0 +1,413 @@
+"""Stage 2 end to end: the tokenizers it reads, pairs of (caption ids, image codes), training, loading.
+
+    dvae, bpe, ids = prepare_tokenizers(cfg)             # reuse finished ones in the run folder, else train
+    train, val = build_pairs(cfg, dvae, bpe, ids)         # Pairs: batch_at(i) -> (text (B, T), codes (B, N))
+    model, trainer, info = train_transformer(cfg)         # `python -m minidalle train transformer`
+    model, cfg, ids = load_transformer(checkpoint)         # weights (the EMA when there is one) + config
+
+The transformer never sees pixels. Each training image is encoded once by the dVAE (argmax codes,
+cached on disk by `image_tokenizer.encode_dataset`, keyed by the tokenizer's weight checksum), and
+its caption is turned into `text.text_len` ids with BPE dropout (`text.dropout`, drawn afresh every
+time a sample is read, from a seed fixed by the sample's place in the run, so a resume is exact).
+
+A transformer's checkpoints record the checksums of the dVAE weights and the BPE model they were
+trained with; resuming or sampling with other tokenizers is refused, since their codes or ids would
+mean something else to the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import checkpoint as ckpt
+from .attention import choose_impl
+from .bpe import RegexTokenizer, Tokenizer
+from .config import Config
+from .data import ShapesWorld, build_dataset, longest_caption
+from .dvae import DVAE, count_parameters
+from .errors import CheckpointError, DataError
+from .image_tokenizer import encode_dataset, load_dvae, tokenizer_id, train_dvae
+from .model import DALLE, Layout, dalle_loss, flops_per_token
+from .train import Trainer, pick_device, seed_everything
+
+BPE_FILE = "bpe.model"
+
+
+# --- the text tokenizer's stage ----------------------------------------------------------------------
+def training_captions(data, n: int | None = None) -> list[str]:
+    """The captions of the first n training samples (all of data.n_train for ShapesWorld by default).
+
+    ShapesWorld captions are drawn without rendering images; other datasets are read item by item.
+    """
+    ds = build_dataset(data, "train")
+    if isinstance(ds, ShapesWorld):
+        return [ds.example(i)[1] for i in range(n or len(ds))]
+    captions = []
+    for _, text in ds:
+        captions.append(text)
+        if n and len(captions) >= n:
+            break
+    return captions
+
+
+def train_text_tokenizer(cfg: Config, log: Callable[[str], None] = print) -> dict:
+    """The text tokenizer on the training captions: bpe.model, bpe.vocab and tokenizer.json in text.out_dir.
+
+    Refuses (DataError, nothing written) when a training caption would not fit `text.text_len`: the
+    transformer reads exactly that many text positions, so such a caption would be cut in training.
+    """
+    tc = cfg.text
+    captions = training_captions(cfg.data)
+    t0 = time.time()
+    tok = RegexTokenizer(lowercase=tc.lowercase).train(captions, tc.vocab_size)
+    seconds = time.time() - t0
+    lengths = [len(tok.encode(c)) for c in captions]
+    over = [i for i, n in enumerate(lengths) if n > tc.text_len]
+    if over:
+        worst = max(over, key=lengths.__getitem__)
+        what = (f"{len(over)} of {len(captions)} training captions are longer than text.text_len={tc.text_len} "
+                f"tokens with this tokenizer ({len(tok.merges)} merges), e.g. {captions[worst][:80]!r} "
+                f"({lengths[worst]} tokens)")
+        if cfg.data.dataset == "shapes":  # every ShapesWorld caption must fit: a cut one is a config mistake
+            raise DataError(f"{what}; they would be cut in training. Raise --text.text_len, or --text.vocab_size "
+                            "so that words merge into fewer tokens")
+        # Real captions have a long tail; refusing the run for a few would block it. They are cut,
+        # counted here and again with the transformer's figures.
+        log(f"[train bpe] warning: {what}; they will be cut to {tc.text_len} tokens")
+    out = Path(tc.out_dir)
+    model, vocab = tok.save(out / "bpe")
+    hf = tok.export_hf(out / "tokenizer.json")
+    summary = {"stage": "bpe", "captions": len(captions), "captions_cut": len(over),
+               "vocab_size": tok.vocab_size, "merges": len(tok.merges),
+               "seconds": round(seconds, 2), "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths),
+               "model": str(model), "out": str(out)}
+    log(f"[train bpe] {len(captions)} captions, {len(tok.merges)} merges in {seconds:.1f} s -> {model}, {vocab}, {hf}")
+    log(f"[train bpe] tokens per caption: mean {summary['mean_tokens']:.1f}, max {max(lengths)} "
+        f"(text.text_len={tc.text_len}): " + (f"{len(over)} will be cut" if over else "every training caption fits"))
+    if cfg.data.dataset == "shapes":  # ShapesWorld's captions are finite: the longest any split can hold
+        longest = longest_caption(lambda text: len(tok.encode(text)))
+        summary["longest_possible_tokens"] = len(tok.encode(longest))
+        fits = "fits" if summary["longest_possible_tokens"] <= tc.text_len else "DOES NOT FIT: prompts may be cut"
+        log(f"[train bpe] the longest caption ShapesWorld can write takes {summary['longest_possible_tokens']} "
+            f"tokens ({fits}): {longest!r}")
+    return summary
+
+
+# --- the tokenizers stage 2 reads ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenizerIds:
+    """Which tokenizers a transformer was trained with: their checksums (and where they were)."""
+
+    dvae: str  # sha256 of the dVAE checkpoint's model.safetensors
+    bpe: str  # sha256 of bpe.model
+    dvae_checkpoint: str = ""  # the folder it came from (information only; the checksum decides)
+
+    def to_dict(self) -> dict:
+        return {"dvae": self.dvae, "bpe": self.bpe, "dvae_checkpoint": self.dvae_checkpoint}
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def finished_dvae(cfg: Config) -> Path | None:
+    """The dVAE checkpoint in dvae_train.out_dir that finished dvae_train.max_steps, if any."""
+    path = ckpt.latest_valid_checkpoint(Path(cfg.dvae_train.out_dir) / "checkpoints")
+    if path is None or ckpt.verify_checkpoint(path)["step"] < cfg.dvae_train.max_steps:
+        return None
+    return path
+
+
+def prepare_tokenizers(cfg: Config, progress: bool = True, log: Callable[[str], None] = print,
+                       out_flag: str | None = None) -> tuple:
+    """(dVAE in eval mode, BPE tokenizer, TokenizerIds): finished ones in the run folder are reused;
+    a missing or unfinished dVAE is trained (or continued), a missing BPE model trained."""
+    done = finished_dvae(cfg)
+    if done is None:
+        log(f"[train transformer] no finished image tokenizer in {cfg.dvae_train.out_dir}: training it first "
+            f"({cfg.dvae_train.max_steps} updates; an unfinished run there is continued)")
+        train_dvae(cfg, resume=True, progress=progress, out_flag=out_flag)
+        done = finished_dvae(cfg)
+    dvae, dvae_cfg = load_dvae(done)
+    if (dvae_cfg.dvae.vocab_size, dvae_cfg.dvae.n_groups) != (cfg.dvae.vocab_size, cfg.dvae.n_groups):
+        raise CheckpointError(f"the image tokenizer in {done} has K={dvae_cfg.dvae.vocab_size}, n_groups="
+                              f"{dvae_cfg.dvae.n_groups}; this config asks for K={cfg.dvae.vocab_size}, n_groups="
+                              f"{cfg.dvae.n_groups}. Point --dvae_train.out_dir at a matching tokenizer")
+    log(f"[train transformer] image tokenizer: {done} (K={cfg.dvae.vocab_size})")
+    bpe_path = Path(cfg.text.out_dir) / BPE_FILE
+    if not bpe_path.is_file():
+        log(f"[train transformer] no text tokenizer at {bpe_path}: training it first")
+        train_text_tokenizer(cfg, log=log)
+    tok = Tokenizer.load(bpe_path)
+    if tok.vocab_size != cfg.text.vocab_size:
+        raise DataError(f"the text tokenizer {bpe_path} has {tok.vocab_size} tokens; text.vocab_size is "
+                        f"{cfg.text.vocab_size}. Retrain it (`python -m minidalle train bpe`) or set --text.vocab_size")
+    log(f"[train transformer] text tokenizer: {bpe_path} ({tok.vocab_size} tokens)")
+    ids = TokenizerIds(tokenizer_id(done), _file_sha256(bpe_path), str(done))
+    return dvae, tok, ids
+
+
+# --- pairs ---------------------------------------------------------------------------------------------
+def caption_ids(tok: Tokenizer, caption: str, layout: Layout, dropout: float = 0.0, seed: int | None = None,
+                truncate: bool = False) -> tuple[list[int], bool]:
+    """`layout.text_len` ids for a caption, padded with one padding id per position, and whether it was cut.
+
+    With dropout, the BPE dropout encoding is used when it fits and the plain one otherwise (dropout
+    splits words into more tokens; a caption is never cut because of it).
+    Example: toy: "a red circle." -> ([ids of the 4 tokens..., 450, 451, ..., 477], False)
+    """
+    T = layout.text_len
+    ids = tok.encode(caption, dropout=dropout, seed=seed) if dropout > 0 else []
+    if not ids or len(ids) > T:
+        ids = tok.encode(caption)
+    cut = len(ids) > T
+    if cut and not truncate:
+        raise DataError(f"caption {caption[:60]!r} encodes to {len(ids)} tokens, more than text.text_len={T}")
+    ids = ids[:T]
+    return ids + [layout.text_vocab + p for p in range(len(ids), T)], cut
+
+
+@dataclass
+class Pairs:
+    """Caption ids and image codes for one split, read by index: `pairs(i)` is batch i.
+
+    Batches walk a fresh permutation of the n pairs each epoch (seeded by seed + epoch), and each
+    caption is BPE-encoded with dropout seeded by its sample number: batch i is a pure function of i.
+    """
+
+    codes: torch.Tensor  # (n, N) long, raster order
+    captions: list[str]
+    tok: Tokenizer
+    layout: Layout
+    batch_size: int
+    seed: int = 0
+    dropout: float = 0.0  # BPE dropout (training only)
+    shuffle: bool = True
+    plain: torch.Tensor = field(init=False)  # (n, T) the captions encoded without dropout
+    cut: int = field(init=False)  # how many captions were longer than text_len and cut
+    _perms: dict = field(init=False, default_factory=dict)
+
+    def __post_init__(self):
+        if len(self.codes) != len(self.captions) or len(self.codes) == 0:
+            raise DataError(f"pairs need as many captions as images (and at least one): {len(self.codes)} images, "
+                            f"{len(self.captions)} captions")
+        rows, self.cut = [], 0
+        for c in self.captions:
+            ids, was_cut = caption_ids(self.tok, c, self.layout, truncate=True)
+            rows.append(ids)
+            self.cut += was_cut
+        self.plain = torch.tensor(rows, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def _index(self, sample: int) -> int:
+        epoch, j = divmod(sample, len(self))
+        if not self.shuffle:
+            return j
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(len(self), generator=torch.Generator().manual_seed(self.seed + epoch))}
+        return int(self._perms[epoch][j])
+
+    def __call__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        samples = range(i * self.batch_size, (i + 1) * self.batch_size)
+        idx = [self._index(s) for s in samples]
+        if self.dropout > 0:
+            text = torch.tensor([caption_ids(self.tok, self.captions[j], self.layout, self.dropout,
+                                             seed=self.seed * 1_000_003 + s, truncate=True)[0]
+                                 for j, s in zip(idx, samples)], dtype=torch.long)
+        else:
+            text = self.plain[idx]
+        return text, self.codes[idx]  # (B, T), (B, N)
+
+
+def build_pairs(cfg: Config, dvae, tok: Tokenizer, ids: TokenizerIds, progress: bool = True) -> tuple[Pairs, Pairs | None]:
+    """Training pairs (BPE dropout on) and, for ShapesWorld, validation pairs (no dropout, in order)."""
+    layout = Layout.from_config(cfg)
+    cache = Path(cfg.dvae_train.out_dir) / "codes"
+    bs = cfg.train.batch_size
+
+    def pairs(split: str, n: int, dropout: float, shuffle: bool) -> Pairs:
+        ds = build_dataset(cfg.data, split)
+        if isinstance(ds, ShapesWorld):
+            codes = encode_dataset(dvae, ds, n, cache, ids.dvae, progress=progress)
+            captions = [ds.example(i)[1] for i in range(n)]
+        else:
+            n = min(n, len(ds)) if hasattr(ds, "__len__") else n
+            codes, captions = encode_dataset(dvae, ds, n, cache, ids.dvae, progress=progress, with_captions=True)
+        return Pairs(codes.flatten(1), captions, tok, layout, bs, cfg.train.seed, dropout, shuffle)
+
+    train = pairs("train", cfg.data.n_train, cfg.text.dropout, True)
+    if cfg.data.dataset == "shapes" and train.cut:
+        raise DataError(f"{train.cut} ShapesWorld captions are longer than text.text_len={cfg.text.text_len}")
+    val = pairs("val", min(cfg.data.n_val, bs * cfg.train.eval_batches), 0.0, False) \
+        if cfg.data.dataset == "shapes" else None
+    return train, val
+
+
+# --- training -----------------------------------------------------------------------------------------
+def _recorded_ids(root: Path) -> dict | None:
+    """The tokenizer checksums stored with the newest readable checkpoint under root, if any."""
+    for _, path in reversed(ckpt.list_checkpoints(root)):
+        try:
+            return ckpt.read_config(path).get("tokenizers")
+        except CheckpointError:
+            continue
+    return None
+
+
+def train_transformer(cfg: Config, resume: bool | str = False, start_over: bool = False, progress: bool = True,
+                      out_flag: str | None = None, log: Callable[[str], None] = print,
+                      callbacks: dict | None = None) -> tuple[DALLE, Trainer, dict]:
+    """Train stage 2 with cfg.model and cfg.train; checkpoints go to train.out_dir.
+
+    Returns the model, the trainer and a summary: pairs, captions cut, the tokenizers' checksums.
+    Example: train_transformer(get_config("smoke")) -> (DALLE, Trainer, {"pairs": 512, ...})
+    """
+    seed_everything(cfg.train.seed)
+    layout = Layout.from_config(cfg)
+    model = DALLE(cfg.model, layout)  # a bad shape is refused before any tokenizer is trained
+    dvae, tok, ids = prepare_tokenizers(cfg, progress, log, out_flag)
+    root = Path(cfg.train.out_dir) / "checkpoints"
+    recorded = _recorded_ids(root) if resume is True and not start_over else None
+    if recorded is not None and {k: recorded.get(k) for k in ("dvae", "bpe")} != {"dvae": ids.dvae, "bpe": ids.bpe}:
+        raise CheckpointError(f"the checkpoints in {root} were trained with other tokenizers (dVAE "
+                              f"{str(recorded.get('dvae'))[:12]}, BPE {str(recorded.get('bpe'))[:12]}) than the ones "
+                              f"found now (dVAE {ids.dvae[:12]}, BPE {ids.bpe[:12]}); their codes would mean something "
+                              "else to the model. Start over with --start-over, or point --dvae_train.out_dir and "
+                              "--text.out_dir at the tokenizers it was trained with")
+    train, val = build_pairs(cfg, dvae.to(torch.device("cpu")), tok, ids, progress)
+    if train.cut:
+        log(f"[train transformer] {train.cut} of {len(train)} training captions were longer than "
+            f"text.text_len={cfg.text.text_len} tokens and were cut")
+    config = {**cfg.to_dict(), "tokenizers": ids.to_dict()}
+    trainer = Trainer(model, cfg.train, train, dalle_loss, eval_data=val, config=config, progress=progress,
+                      out_flag=out_flag or "--train.out_dir")
+    for event, fns in (callbacks or {}).items():
+        for fn in fns if isinstance(fns, (list, tuple)) else [fns]:
+            trainer.add_callback(event, fn)
+    impl, why = choose_impl(cfg.model.attn_impl, trainer.device, True, layout.length)
+    log(f"[train transformer] {len(train)} training pairs; attention: {impl} ({why}); precision {trainer.precision}")
+    t0 = time.perf_counter()
+    trainer.fit(resume=resume, start_over=start_over)
+    info = {"pairs": len(train), "captions_cut": train.cut, "train_seconds": round(time.perf_counter() - t0, 1),
+            "attention": f"{impl} ({why})", "tokenizers": ids.to_dict()}
+    return model, trainer, info
+
+
+def load_transformer(path: str | Path, ema: bool = True) -> tuple[DALLE, Config, dict]:
+    """Rebuild a trained transformer from a checkpoint folder: (model in eval mode, its Config, tokenizer ids).
+
+    ema=True uses the EMA of the weights when the run kept one (train.ema_decay > 0).
+    """
+    loaded = ckpt.read_checkpoint(path)
+    config = copy.deepcopy(loaded.config)
+    ids = config.pop("tokenizers", None)
+    if not isinstance(ids, dict):
+        raise CheckpointError(f"{path} is not a transformer checkpoint (its config.json records no tokenizers)")
+    cfg = Config.from_dict(config)
+    model = DALLE.from_config(cfg)
+    tensors = loaded.tensors
+    if ema and isinstance(loaded.state.get("ema"), dict):
+        tensors = {**tensors, **loaded.state["ema"]}
+    ckpt.apply_weights(model, tensors, Path(path) / ckpt.MODEL_FILE)
+    return model.eval(), cfg, ids
+
+
+def finished_transformer(cfg: Config) -> Path | None:
+    """The newest valid transformer checkpoint in train.out_dir (None when there is none)."""
+    return ckpt.latest_valid_checkpoint(Path(cfg.train.out_dir) / "checkpoints")
+
+
+# --- measuring ------------------------------------------------------------------------------------------
+def _tokenizers_for(ids: dict, mcfg: Config, cfg: Config) -> tuple:
+    """The dVAE and BPE a transformer was trained with, found by checksum (its recorded folder first)."""
+    candidates = [Path(ids.get("dvae_checkpoint", ""))] if ids.get("dvae_checkpoint") else []
+    for c in (mcfg, cfg):
+        done = finished_dvae(c)
+        if done is not None:
+            candidates.append(done)
+    dvae = next((load_dvae(p)[0] for p in candidates if p.is_dir() and tokenizer_id(p) == ids["dvae"]), None)
+    if dvae is None:
+        raise CheckpointError(f"the image tokenizer this transformer was trained with (weights {ids['dvae'][:12]}) "
+                              f"is not in {', '.join(str(p) for p in candidates) or 'the run folder'}; point "
+                              "--dvae_train.out_dir at it")
+    for c in (mcfg, cfg):
+        path = Path(c.text.out_dir) / BPE_FILE
+        if path.is_file() and _file_sha256(path) == ids["bpe"]:
+            return dvae, Tokenizer.load(path)
+    raise CheckpointError(f"the text tokenizer this transformer was trained with (bpe.model {ids['bpe'][:12]}) is not "
+                          f"in {mcfg.text.out_dir} or {cfg.text.out_dir}; point --text.out_dir at it")
+
+
+def evaluate_transformer(cfg: Config, n: int = 256, checkpoint: str | Path | None = None, temperature: float = 1.0,
+                         batch_size: int = 64, progress: bool = True) -> dict:
+    """One sample per prompt for the first n `val` and `heldout` ShapesWorld captions, read by the judge.
+
+    `val_all_single` / `heldout_all_single`: the fraction of samples with every stated attribute right.
+    Example: evaluate_transformer(get_config("toy")) -> {"val_all_single": 0.6, "val": {...}, "heldout": {...}}
+    """
+    from .sampling import evaluate_prompts
+    from .viz import save_grid
+
+    if cfg.data.dataset != "shapes":
+        raise DataError(f"eval transformer reads samples with the ShapesWorld judge; data.dataset is "
+                        f"{cfg.data.dataset!r}")
+    path = Path(checkpoint) if checkpoint else finished_transformer(cfg)
+    if path is None:
+        raise CheckpointError(f"no transformer checkpoint in {cfg.train.out_dir}; train one with "
+                              f"`python -m minidalle train transformer --preset {cfg.preset}` or pass --checkpoint")
+    model, mcfg, ids = load_transformer(path)
+    dvae, tok = _tokenizers_for(ids, mcfg, cfg)
+    device = pick_device(cfg.train.device)
+    model, dvae = model.to(device), dvae.to(device)
+    out = {"checkpoint": str(path), "step": ckpt.verify_checkpoint(path)["step"], "n": n, "temperature": temperature}
+    t0 = time.perf_counter()
+    for split in ("val", "heldout"):
+        ds = ShapesWorld(split, mcfg.data.image_size, mcfg.data.seed)
+        captions = [ds.example(i)[1] for i in range(n)]
+        acc, images = evaluate_prompts(model, dvae, tok, captions, temperature, batch_size,
+                                       seed=mcfg.data.seed + (split == "heldout"), progress=progress)
+        out[split], out[f"{split}_all_single"] = acc, acc["overall"]
+        k = min(16, n)
+        out[f"grid_{split}"] = str(save_grid(list(images[:k]), Path(mcfg.train.out_dir) / f"samples_{split}.png",
+                                             captions[:k], ncols=4, title=f"one sample per {split} prompt"))
+    out["grid"] = out["grid_val"]
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    out["attention"] = f"{model.attn_impl} ({model.attn_reason})"
+    return out
+
+
+def describe(cfg: Config) -> dict:
+    """Parameters of every stage, the sequence and the transformer's training FLOPs per token, all
+    counted on the meta device (the paper preset's 12B parameters take no memory).
+
+    Example: describe(get_config("paper"))["transformer_params"] -> 12293824256
+    """
+    layout = Layout.from_config(cfg)
+    with torch.device("meta"):
+        dvae = DVAE(cfg.dvae)
+        model = DALLE(cfg.model, layout)
+    flops = flops_per_token(cfg.model, layout)
+    return {"preset": cfg.preset, "image_size": cfg.data.image_size, "grid": layout.grid,
+            "image_vocab": layout.image_vocab, "text_len": layout.text_len, "text_vocab": layout.text_vocab,
+            "sequence_len": layout.length, "image_len": layout.image_len,
+            "dvae_encoder_params": count_parameters(dvae.encoder), "dvae_decoder_params": count_parameters(dvae.decoder),
+            "transformer_params": count_parameters(model), "d_model": cfg.model.n_head * cfg.model.head_dim,
+            "layer_schedule": _schedule(model.kinds), "flops_per_token": flops["total"],
+            "flops_weights": flops["weights"], "flops_attention": flops["attention"],
+            "mask_density": flops["mask_density"]}
+
+
+def _schedule(kinds: list[str]) -> str:
+    """Example: ["row", "column", "row", "conv"] -> "row, column, row, conv" (long lists shortened)"""
+    if len(kinds) <= 8:
+        return ", ".join(kinds)
+    return ", ".join(kinds[:6]) + f", ... ({kinds.count('row')} row, {kinds.count('column')} column), {kinds[-1]}"

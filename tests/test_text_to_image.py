@@ -1,0 +1,156 @@
+"""Stage 2's glue: caption ids with per-position pads and BPE dropout, pairs served by index, the
+`train transformer` / `eval transformer` / `info` commands, and the tokenizer checks."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from minidalle import text_to_image as t2i
+from minidalle.bpe import RegexTokenizer
+from minidalle.cli import main
+from minidalle.config import get_config
+from minidalle.errors import DataError
+from minidalle.model import Layout
+
+CAPTIONS = ["a red circle.", "a small blue square at the top left.", "two shapes: a green triangle above a red circle."]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return RegexTokenizer(lowercase=True).train(CAPTIONS * 20, 300, progress=False)
+
+
+def test_caption_ids_pad_each_position_with_its_own_id(tok):
+    lay = Layout(text_len=40, text_vocab=tok.vocab_size, grid=4, image_vocab=8)
+    ids, cut = t2i.caption_ids(tok, CAPTIONS[0], lay)
+    n = len(tok.encode(CAPTIONS[0]))
+    assert not cut and len(ids) == 40
+    assert ids[:n] == tok.encode(CAPTIONS[0])
+    assert ids[n:] == [tok.vocab_size + p for p in range(n, 40)]
+
+
+def test_caption_ids_with_dropout_vary_by_seed_and_never_cut(tok):
+    lay = Layout(text_len=40, text_vocab=tok.vocab_size, grid=4, image_vocab=8)
+    plain = t2i.caption_ids(tok, CAPTIONS[2], lay)[0]
+    drawn = {tuple(t2i.caption_ids(tok, CAPTIONS[2], lay, dropout=0.5, seed=s)[0]) for s in range(20)}
+    n_plain = sum(i < tok.vocab_size for i in plain)
+    assert len(drawn) > 1 and any(sum(i < tok.vocab_size for i in d) > n_plain for d in drawn)  # more, shorter tokens
+    assert t2i.caption_ids(tok, CAPTIONS[2], lay, 0.5, seed=3) == t2i.caption_ids(tok, CAPTIONS[2], lay, 0.5, seed=3)
+    # a text length the plain encoding just fits: dropout (more, shorter tokens) falls back to it
+    tight = Layout(text_len=len(tok.encode(CAPTIONS[2])), text_vocab=tok.vocab_size, grid=4, image_vocab=8)
+    for s in range(20):
+        ids, cut = t2i.caption_ids(tok, CAPTIONS[2], tight, dropout=0.9, seed=s)
+        assert not cut and ids == tok.encode(CAPTIONS[2])
+
+
+def test_a_caption_that_does_not_fit_is_refused_or_cut_and_counted(tok):
+    lay = Layout(text_len=3, text_vocab=tok.vocab_size, grid=2, image_vocab=8)
+    with pytest.raises(DataError, match="more than text.text_len=3"):
+        t2i.caption_ids(tok, CAPTIONS[1], lay)
+    ids, cut = t2i.caption_ids(tok, CAPTIONS[1], lay, truncate=True)
+    assert cut and ids == tok.encode(CAPTIONS[1])[:3]
+    pairs = t2i.Pairs(torch.zeros(3, 4, dtype=torch.long), CAPTIONS, tok, lay, batch_size=2)
+    assert pairs.cut == sum(len(tok.encode(c)) > 3 for c in CAPTIONS) >= 2
+
+
+def test_pairs_are_a_pure_function_of_the_batch_index(tok):
+    lay = Layout(text_len=40, text_vocab=tok.vocab_size, grid=2, image_vocab=8)
+    codes = torch.arange(3 * 4).view(3, 4)
+    a = t2i.Pairs(codes, CAPTIONS, tok, lay, batch_size=2, seed=5, dropout=0.3)
+    b = t2i.Pairs(codes, CAPTIONS, tok, lay, batch_size=2, seed=5, dropout=0.3)
+    for i in (7, 0, 3):  # any order, any instance: exact resume needs nothing but i
+        for x, y in zip(a(i), b(i)):
+            assert torch.equal(x, y)
+    seen = torch.cat([a(i)[1] for i in range(3)])  # 6 samples = two epochs of 3, each a permutation
+    assert sorted(seen[:3, 0].tolist()) == [0, 4, 8] and sorted(seen[3:, 0].tolist()) == [0, 4, 8]
+    # the caption travels with its image
+    text, image = a(1)
+    for row_text, row_image in zip(text, image):
+        caption = CAPTIONS[int(row_image[0]) // 4]
+        ids = [i for i in row_text.tolist() if i < tok.vocab_size]
+        assert tok.decode(ids) == caption.lower()
+
+
+def test_real_captions_that_do_not_fit_are_cut_and_counted_not_refused(tmp_path, monkeypatch):
+    long = "a very long caption " * 20
+    monkeypatch.setattr(t2i, "training_captions", lambda data, n=None: CAPTIONS * 30 + [long])
+    cfg = get_config("smoke", {"data.dataset": "folder", "data.path": str(tmp_path), "text.text_len": 16,
+                               "text.vocab_size": 320, "text.out_dir": str(tmp_path / "bpe")})
+    lines = []
+    summary = t2i.train_text_tokenizer(cfg, log=lines.append)
+    assert summary["captions_cut"] == 1
+    assert any("1 of 91 training captions are longer than text.text_len=16" in line for line in lines)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One smoke run of `train transformer` (it trains the tokenizers it needs first)."""
+    root = tmp_path_factory.mktemp("t2i")
+    flags = [f"--dvae_train.out_dir={root}/dvae", f"--text.out_dir={root}/bpe", f"--train.out_dir={root}/transformer"]
+    assert main(["train", "transformer", "--preset", "smoke", *flags]) == 0
+    return root, flags
+
+
+def test_train_transformer_trains_and_records_its_tokenizers(smoke_run):
+    root, _ = smoke_run
+    from minidalle import checkpoint as ckpt
+    from minidalle.image_tokenizer import tokenizer_id
+
+    last = ckpt.latest_valid_checkpoint(root / "transformer" / "checkpoints")
+    assert last.name == "step_0000020"
+    ids = ckpt.read_config(last)["tokenizers"]
+    dvae = ckpt.latest_valid_checkpoint(root / "dvae" / "checkpoints")
+    assert ids["dvae"] == tokenizer_id(dvae)
+    model, cfg, _ = t2i.load_transformer(last)
+    assert cfg.model.n_layer == 3 and not model.training
+    metrics = [json.loads(line) for line in (root / "transformer" / "metrics.jsonl").read_text().splitlines()]
+    assert {"text_loss", "image_loss"} <= set(metrics[-1])
+
+
+def test_resuming_with_another_image_tokenizer_is_refused(smoke_run, tmp_path, capsys):
+    root, flags = smoke_run
+    shutil.copytree(root / "transformer", tmp_path / "transformer")
+    flags = [f for f in flags if not f.startswith("--train.out_dir")] + [f"--train.out_dir={tmp_path}/transformer"]
+    # another dVAE: a different seed gives different weights
+    other = [f"--dvae_train.out_dir={tmp_path}/dvae2", "--dvae_train.seed=7"]
+    flags = [f for f in flags if not f.startswith("--dvae_train.out_dir")] + other
+    capsys.readouterr()
+    assert main(["train", "transformer", "--preset", "smoke", "--resume", "--train.max_steps=30", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "trained with other tokenizers" in err and "--start-over" in err
+
+
+def test_eval_transformer_reports_the_judge_per_split(smoke_run, capsys):
+    _, flags = smoke_run
+    capsys.readouterr()
+    assert main(["eval", "transformer", "--preset", "smoke", "--n", "4", "--json", *flags]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for split in ("val", "heldout"):
+        assert 0 <= result[f"{split}_all_single"] <= 1
+        assert result[split]["n"] == 4 and "color" in result[split]
+    assert result["step"] == 20
+
+
+def test_eval_without_a_trained_transformer_says_how_to_train_one(tmp_path, capsys):
+    assert main(["eval", "transformer", "--preset", "smoke", f"--train.out_dir={tmp_path}/none"]) == 2
+    assert "train transformer --preset smoke" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["smoke", "toy", "paper"])
+def test_info_counts_every_stage_on_the_meta_device(preset, capsys):
+    assert main(["info", "--preset", preset, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cfg = get_config(preset)
+    with torch.device("meta"):
+        from minidalle.model import DALLE
+
+        expected = sum(p.numel() for p in DALLE.from_config(cfg).parameters())
+    assert info["transformer_params"] == expected
+    assert info["sequence_len"] == cfg.text.text_len + info["grid"] ** 2
+    # 6 FLOPs per weight per token (forward and backward); embedding lookups are not matmuls
+    assert 0.5 * 6 * expected < info["flops_weights"] <= 6 * expected
+    assert info["flops_per_token"] == pytest.approx(info["flops_weights"] + info["flops_attention"])
+    if preset == "paper":
+        assert abs(info["transformer_params"] - 12e9) / 12e9 < 0.03 and info["sequence_len"] == 1280
