@@ -235,14 +235,20 @@ PRESETS: dict[str, dict[str, object]] = {
         "text.vocab_size": 446,  # 256 bytes + 190 merges
         "text.text_len": 32,  # twice the longest caption: room for prompts worded differently
         "text.out_dir": "runs/toy/bpe",
-        # Stage 2 on the 8x8 grid: 32 text + 64 image tokens. On 2 CPU cores the toy is compute-bound, so
-        # it is narrow and shallow: a d 128, 4-layer model made ~6x more updates in 240 s than d 256 with
-        # 6 layers and was far better read by the judge (docs/paper.md, "Sizing the toy transformer").
+        # Stage 2 on the 8x8 grid: 32 text + 64 image tokens, d_model 128 over 4 layers (~1M parameters).
+        # On 2 CPU cores the toy is compute-bound and the number of updates decides the judge's score
+        # (docs/paper.md, "Sizing the toy transformer", has the runs behind these numbers):
+        # - no BPE dropout and no caption dropout (paper: 10% BPE dropout; caption dropout is for guidance).
+        #   With both at 0.1, 1,500 updates drew the caption's colour 0.73 of the time, 0.93 without.
+        # - 3,000 updates at lr 3e-3: all attributes right on 0.56 of val samples (shape 0.71); 1,500 at 2e-3
+        #   left it at 0.39 (shape 0.51). That takes ~15 minutes on 2 CPU cores (922 s measured).
         **STAGE2_TRAIN,
-        "train.max_steps": 1_500,
+        "text.dropout": 0.0,
+        "model.caption_dropout": 0.0,
+        "train.max_steps": 3_000,
         "train.batch_size": 32,
-        "train.lr": 2e-3,  # the paper's 4.5e-4 is for batch 1024 over 430k updates
-        "train.min_lr": 2e-4,
+        "train.lr": 3e-3,  # the paper's 4.5e-4 is for batch 1024 over 430k updates
+        "train.min_lr": 3e-4,
         "train.warmup_steps": 100,
         "train.out_dir": "runs/toy/transformer",
         "model.n_layer": 4,  # row, column, row, conv

@@ -211,7 +211,11 @@ def weighted_loss(text_logits, text_targets, image_logits, image_targets,
 
 
 def dalle_loss(model: DALLE, batch) -> tuple[torch.Tensor, dict[str, float]]:
-    """The Trainer's loss_fn: batch = (text ids (B, T), image codes (B, N)); caption dropout in training."""
+    """The Trainer's loss_fn: batch = (text ids (B, T), image codes (B, N)); caption dropout in training.
+
+    All N codes go in, though the last one's output predicts nothing: the whole sequence is what
+    FlexAttention's block masks and the transposed column layout are built for (1 wasted position of 1,280).
+    """
     text, image = batch
     if model.training:
         text = model.caption_dropout(text, model.cfg.caption_dropout)

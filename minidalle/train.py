@@ -304,7 +304,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
         if not math.isfinite(grad_norm):
             raise MinidalleError(f"step {step}: gradient norm is {grad_norm} (loss {value:.4g}); the weights were "
-                                 "not updated. Lower {self.section}.lr or look for a log(0) / division by 0 in loss_fn")
+                                 f"not updated. Lower {self.section}.lr or look for a log(0) / division by 0 in loss_fn")
         self._fire("on_before_optimizer_step")  # grads are final here: clipped, not yet applied
         self.optimizer.step()
         if self.ema is not None:
