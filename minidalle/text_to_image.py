@@ -276,7 +276,8 @@ def train_transformer(cfg: Config, resume: bool | str = False, start_over: bool 
     model = DALLE(cfg.model, layout)  # a bad shape is refused before any tokenizer is trained
     dvae, tok, ids = prepare_tokenizers(cfg, progress, log, out_flag)
     root = Path(cfg.train.out_dir) / "checkpoints"
-    recorded = _recorded_ids(root) if resume is True and not start_over else None
+    recorded = None if start_over or resume is False else \
+        _recorded_ids(root) if resume is True else ckpt.read_config(resume).get("tokenizers")
     if recorded is not None and {k: recorded.get(k) for k in ("dvae", "bpe")} != {"dvae": ids.dvae, "bpe": ids.bpe}:
         raise CheckpointError(f"the checkpoints in {root} were trained with other tokenizers (dVAE "
                               f"{str(recorded.get('dvae'))[:12]}, BPE {str(recorded.get('bpe'))[:12]}) than the ones "
