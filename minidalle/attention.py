@@ -255,7 +255,8 @@ class MaskBank:
         key = ("dense", kind, str(device))
         if key not in self._cache:
             self._cache[key] = build_mask(kind, self.text_len, self.grid, self.kernel, device=device)
-        return self._cache[key][:L, :L]
+        full = self._cache[key]
+        return full if L == full.shape[0] else full[:L, :L]
 
     def transposed(self, kind: str, L: int) -> bool:
         """Column layers run column-major under flex (which runs only whole sequences)."""
