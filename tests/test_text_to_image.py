@@ -10,8 +10,8 @@ import torch
 from minidalle import text_to_image as t2i
 from minidalle.bpe import RegexTokenizer
 from minidalle.cli import main
-from minidalle.config import get_config
-from minidalle.errors import DataError
+from minidalle.config import get_config, parse_overrides
+from minidalle.errors import CheckpointError, DataError
 from minidalle.model import Layout
 
 CAPTIONS = ["a red circle.", "a small blue square at the top left.", "two shapes: a green triangle above a red circle."]
@@ -120,6 +120,11 @@ def test_resuming_with_another_image_tokenizer_is_refused(smoke_run, tmp_path, c
     assert main(["train", "transformer", "--preset", "smoke", "--resume", "--train.max_steps=30", *flags]) == 2
     err = capsys.readouterr().err
     assert "trained with other tokenizers" in err and "--start-over" in err
+    # the same when the checkpoint to continue is named (resume=<folder> in Python)
+    named = next((tmp_path / "transformer" / "checkpoints").glob("step_*"))
+    cfg = get_config("smoke", {**parse_overrides(flags), "train.max_steps": 30})
+    with pytest.raises(CheckpointError, match="trained with other tokenizers"):
+        t2i.train_transformer(cfg, resume=str(named), progress=False, log=lambda line: None)
 
 
 def test_eval_transformer_reports_the_judge_per_split(smoke_run, capsys):
@@ -160,7 +165,6 @@ def test_a_stopped_and_resumed_run_equals_the_uninterrupted_one(smoke_run, tmp_p
     """Exact resume through the stage-2 data: batch order, BPE dropout and caption dropout included."""
     root, flags = smoke_run
     keep = [f for f in flags if not f.startswith("--train.out_dir")]
-    from minidalle.config import parse_overrides
 
     def cfg(out, steps):
         return get_config("smoke", {**parse_overrides(keep), "train.out_dir": str(out), "train.max_steps": steps})
