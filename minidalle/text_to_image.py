@@ -165,12 +165,10 @@ def caption_ids(tok: Tokenizer, caption: str, layout: Layout, dropout: float = 0
     """
     T = layout.text_len
     ids = tok.encode(caption, dropout=dropout, seed=seed) if dropout > 0 else []
-    if not ids or len(ids) > T:
-        ids = tok.encode(caption)
-    cut = len(ids) > T
-    if cut and not truncate:
-        raise DataError(f"caption {caption[:60]!r} encodes to {len(ids)} tokens, more than text.text_len={T}")
-    ids = ids[:T]
+    cut = False
+    if not ids or len(ids) > T:  # the plain encoding: bpe's own refusal (or counted cut) of what does not fit
+        ids, cut = tok.encode_to_length(caption, T, pad_id=-1, truncate=truncate)
+        ids = [i for i in ids if i >= 0]
     return ids + [layout.text_vocab + p for p in range(len(ids), T)], cut
 
 

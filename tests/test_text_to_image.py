@@ -47,7 +47,7 @@ def test_caption_ids_with_dropout_vary_by_seed_and_never_cut(tok):
 
 def test_a_caption_that_does_not_fit_is_refused_or_cut_and_counted(tok):
     lay = Layout(text_len=3, text_vocab=tok.vocab_size, grid=2, image_vocab=8)
-    with pytest.raises(DataError, match="more than text.text_len=3"):
+    with pytest.raises(DataError, match="more than the model.s 3"):
         t2i.caption_ids(tok, CAPTIONS[1], lay)
     ids, cut = t2i.caption_ids(tok, CAPTIONS[1], lay, truncate=True)
     assert cut and ids == tok.encode(CAPTIONS[1])[:3]
