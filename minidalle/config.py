@@ -132,6 +132,25 @@ class TransformerConfig:
 
 
 @dataclass
+class ClipConfig:
+    """The contrastive reranker (paper section 2.5: CLIP picks the best of N samples), trained from scratch
+    on our captions. Images go through a small CNN, captions (the transformer's BPE ids) through a small
+    transformer; both land on the unit sphere of embed_dim dimensions, compared by cosine similarity."""
+
+    image_channels: int = 32  # channels of the CNN's first stride-2 conv, doubled by each one after it
+    image_downsamples: int = 3  # stride-2 convs: 32x32 pixels -> a 4x4 map with 3 (flattened, so it keeps where)
+    image_extra_convs: int = 0  # stride-1 convs after each stride-2 conv but the first (more depth, same map)
+    text_width: int = 128  # width of the text transformer
+    text_layers: int = 2  # its blocks (bidirectional attention over the caption's real tokens)
+    text_heads: int = 4  # its attention heads; text_width must divide by it
+    embed_dim: int = 128  # the shared embedding both encoders project to
+    temperature: float = 0.07  # initial softmax temperature (CLIP's 0.07); learned, as log(1/T), up to 1/100
+    hard_negatives: int = 2  # ShapesWorld: scenes with one fact changed per training pair (0 = in-batch only)
+    train_pairs: int = 20_000  # ShapesWorld: training pairs rendered once and held in memory (with their negatives)
+    augment: float = 1.0  # strength of the blur, noise and colour-cast augmentation of training images (0 = off)
+
+
+@dataclass
 class Config:
     """Everything one run needs. Each stage has its own section (and its own training section)."""
 
@@ -142,6 +161,8 @@ class Config:
     dvae_train: TrainConfig = field(default_factory=TrainConfig)  # how stage 1 is trained
     text: TextConfig = field(default_factory=TextConfig)
     model: TransformerConfig = field(default_factory=TransformerConfig)  # stage 2, trained with `train`
+    clip: ClipConfig = field(default_factory=ClipConfig)  # the reranker of stage 2's samples
+    clip_train: TrainConfig = field(default_factory=TrainConfig)  # how the reranker is trained
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -172,7 +193,7 @@ SMOKE_CAPS: dict[str, int] = {
     "data.n_train": 512,
     "data.n_val": 64,
     "data.n_heldout": 64,
-    **{f"{section}.{k}": v for section in ("train", "dvae_train") for k, v in _TRAIN_CAPS.items()},
+    **{f"{section}.{k}": v for section in ("train", "dvae_train", "clip_train") for k, v in _TRAIN_CAPS.items()},
 }
 
 

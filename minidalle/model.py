@@ -92,9 +92,34 @@ class Block(nn.Module):
         q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)  # each (B, L, C)
         q, k, v = (t.view(B, L, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, L, hd)
         y = attend(q, k, v, self.kind, bank, impl)  # (B, nh, L, hd)
-        y = y.transpose(1, 2).reshape(B, L, C)  # (B, L, C)
-        x = x + self.drop(self.proj(y))
+        return self._finish(x, y)
+
+    def _finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Attention output y (B, nh, n, hd) -> projection, residual, then the MLP half of the block."""
+        B, _, n, _ = y.shape
+        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, n, -1)))
         return x + self.drop(self.mlp(self.ln2(x)))
+
+    def forward_cached(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
+                       keys: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The block on n new positions pos..pos+n-1 (x (B, n, C)), reading and filling a key/value cache.
+
+        Their keys and values are written into k_cache, v_cache (B, nh, L, hd) at pos..pos+n-1. The
+        queries then attend either to the cached positions `keys` (index tensor: the positions this
+        layer's mask allows for a single new position, gathered) or to every position up to pos+n-1
+        under `mask` (n, pos+n) (the prefill of the caption). Either way: the same numbers as `forward`
+        on the whole prefix. See sampling.KVCache.
+        """
+        B, n, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, n, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, n, hd)
+        k_cache[:, :, pos:pos + n] = k
+        v_cache[:, :, pos:pos + n] = v
+        if keys is not None:
+            k, v = k_cache.index_select(2, keys), v_cache.index_select(2, keys)  # (B, nh, |keys|, hd)
+        else:
+            k, v = k_cache[:, :, :pos + n], v_cache[:, :, :pos + n]
+        return self._finish(x, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
 class DALLE(nn.Module):
@@ -151,12 +176,15 @@ class DALLE(nn.Module):
 
     def embed(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """(B, T) text ids and (B, n) image codes (n <= grid**2, raster order) -> (B, T + n, C)."""
-        n, G = image.shape[1], self.layout.grid
         pos = torch.arange(self.layout.text_len, device=text.device)
         x_text = self.text_emb(text) + self.text_pos(pos)  # (B, T, C)
-        cells = torch.arange(n, device=image.device)
-        x_image = self.image_emb(image) + self.row_emb(cells // G) + self.col_emb(cells % G)  # (B, n, C)
-        return self.drop(torch.cat([x_text, x_image], dim=1))  # (B, T + n, C)
+        return self.drop(torch.cat([x_text, self.embed_image(image)], dim=1))  # (B, T + n, C)
+
+    def embed_image(self, codes: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Image codes (B, n) that sit at grid cells start..start+n-1 (raster order) -> (B, n, C)."""
+        G = self.layout.grid
+        cells = torch.arange(start, start + codes.shape[1], device=codes.device)
+        return self.image_emb(codes) + self.row_emb(cells // G) + self.col_emb(cells % G)  # (B, n, C)
 
     def trunk(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """Embeddings through every block and the final LayerNorm: (B, T + n, C)."""

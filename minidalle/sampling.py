@@ -1,81 +1,431 @@
-"""Sampling image codes from the transformer, and reading the samples back with the judge.
+"""Sampling image codes from the transformer: the plain reference loop, and the fast cached sampler.
 
-    codes  = sample_reference(model, text, temperature=1.0)      # (B, N): one code at a time
-    images = dvae.decode(codes.view(B, G, G))                     # float (B, 3, H, W)
-    report = evaluate_prompts(model, dvae, tok, captions)         # judge accuracy of one sample per prompt
+    text  = encode_prompts(tok, ["a red circle."], layout)            # (P, T) ids, refused when bad
+    codes = sample(model, text.repeat_interleave(32, 0), top_k=64)     # (P * 32, N) with a key/value cache
+    codes = sample_reference(model, text)                              # (P, N) recomputing everything
+    score = log_likelihood(model, text, codes)                         # (B,) log p(codes | caption)
+    images = dvae.decode(codes.view(B, G, G))                          # float (B, 3, H, W)
 
-`sample_reference` recomputes the whole sequence for every new code: slow (N full forward passes),
-but plainly right, so it is the reference that a faster sampler with a key/value cache must equal
-token for token under the same random numbers.
+`sample_reference` recomputes the whole sequence for every new code: N full forward passes, slow
+but plainly right. `sample` runs the caption once through the model (the prefill), keeps every
+layer's keys and values in a cache allocated once, and then feeds one new code per step. Each step
+reads, for each layer, only the cached positions that layer's mask allows the new position to see
+(`KVCache.keys`: all the caption, and the grid + 1 previous codes for a row layer, the column above
+and the left neighbour for a column layer, the past half of the kernel window for the conv layer),
+so the two samplers give the same logits (within float rounding) and the same codes under the same
+random numbers. Both pick codes with `pick`, so they consume the generator the same way.
+
+What `sample` adds on top:
+- filters: temperature (0 = the most likely code), top-k (keep the k most likely codes), top-p
+  (keep the smallest set of codes whose probability reaches p), applied in that order;
+- classifier-free guidance: logits = uncond + s * (cond - uncond), where "uncond" is the model's
+  prediction for the all-padding caption (the caption dropout of training teaches it). The
+  conditional and unconditional rows run in one batch (guidance_batched=False: two passes, for
+  comparison). s = 1 is plain sampling and costs nothing extra;
+- priming: given the first n codes of an image (its top rows), complete the rest (image-to-image);
+- batching in chunks sized from the memory a row needs (`rows_per_chunk`), bf16 autocast on CUDA,
+  and an optional compiled decode step (`compile=True`; static shapes, for CUDA graphs on GPU).
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
+
+
+# --- choosing a code from logits ---------------------------------------------------------------------
+def check_filters(temperature: float, top_k: int = 0, top_p: float = 1.0, guidance: float = 1.0) -> None:
+    """Refuse sampling settings that mean nothing, naming the one that is wrong."""
+    if not temperature >= 0:  # also catches nan
+        raise ConfigError(f"temperature={temperature} is invalid: it must be >= 0 (0 = most likely code)")
+    if int(top_k) != top_k or top_k < 0:
+        raise ConfigError(f"top_k={top_k} is invalid: it must be a whole number >= 0 (0 = no top-k filter)")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p={top_p} is invalid: it must be in (0, 1] (1 = no top-p filter)")
+    if not guidance >= 0:
+        raise ConfigError(f"guidance={guidance} is invalid: it must be >= 0 (1 = no guidance, 0 = ignore the caption)")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set to -inf every code that top-k or top-p removes. logits (B, K) -> (B, K).
+
+    top_k keeps the k largest logits of each row (0 = all). top_p keeps the most likely codes until
+    their probability reaches top_p (at least one is always kept). Ties at the cut are all kept.
+    Example: softmax [0.5, 0.3, 0.15, 0.05], top_p=0.75 -> keeps the first two
+    """
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability of the codes ranked above each one
+        drop_sorted = before >= top_p  # the first code always stays (before = 0)
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def pick(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+         generator: torch.Generator | None = None) -> torch.Tensor:
+    """One code per row of logits (B, K) -> (B, 1): argmax at temperature 0, else one multinomial draw
+    from softmax(filtered logits / temperature)."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: uncond + scale * (cond - uncond). scale 1 -> cond."""
+    return uncond + scale * (cond - uncond)
+
+
+# --- the reference sampler ---------------------------------------------------------------------------
+def _check_prime(model, text: torch.Tensor, prime: torch.Tensor | None) -> torch.Tensor:
+    N = model.layout.image_len
+    if prime is None:
+        return torch.zeros(text.shape[0], 0, dtype=torch.long, device=text.device)
+    if prime.ndim != 2 or prime.shape[0] != text.shape[0] or prime.shape[1] >= N:
+        raise DataError(f"prime must hold the first n < {N} codes of each image, shape ({text.shape[0]}, n); "
+                        f"got {tuple(prime.shape)}")
+    if prime.numel() and (int(prime.min()) < 0 or int(prime.max()) >= model.layout.image_vocab):
+        raise DataError(f"prime codes must lie in [0, {model.layout.image_vocab}); "
+                        f"got {int(prime.min())}..{int(prime.max())}")
+    return prime.to(text.device, torch.long)
 
 
 @torch.no_grad()
-def sample_reference(model, text: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None,
-                     progress: bool = False) -> torch.Tensor:
-    """Draw grid**2 image codes for each caption in `text` (B, T), in raster order.
+def sample_reference(model, text: torch.Tensor, temperature: float = 1.0, *, top_k: int = 0, top_p: float = 1.0,
+                     guidance: float = 1.0, prime: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+    """Draw the image codes after each caption in `text` (B, T), in raster order, by recomputing.
 
-    temperature scales the logits before the softmax (1 = the model's own distribution; 0 = always the
-    most likely code). The draws come from `generator` (or torch's global RNG), one multinomial per code.
+    Every code costs a full forward pass over the caption and the codes so far (two with guidance).
+    prime (B, n): the first n codes are given and kept. Same settings as `sample`.
     Example: sample_reference(model, text (4, 32)) -> long (4, 64) for the toy 8x8 grid
     """
-    if not temperature >= 0:
-        raise ConfigError(f"temperature={temperature} is invalid: it must be >= 0 (0 = most likely code)")
+    check_filters(temperature, top_k, top_p, guidance)
     was_training = model.training
     model.eval()
-    B, N = text.shape[0], model.layout.image_len
-    image = torch.zeros(B, 0, dtype=torch.long, device=text.device)
+    image = _check_prime(model, text, prime)
+    uncond = model.layout.pad_ids(text.device).expand_as(text) if guidance != 1 else None
     try:
-        for _ in tqdm(range(N), desc="sampling", disable=not progress, leave=False):
+        for _ in tqdm(range(image.shape[1], model.layout.image_len), desc="sampling", disable=not progress,
+                      leave=False):
             logits = model.next_image_logits(text, image).float()  # (B, K)
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
-            image = torch.cat([image, nxt], dim=1)
+            if uncond is not None:
+                logits = guide(logits, model.next_image_logits(uncond, image).float(), guidance)
+            image = torch.cat([image, pick(logits, temperature, top_k, top_p, generator)], dim=1)
     finally:
         model.train(was_training)
     return image  # (B, N)
 
 
-@torch.no_grad()
-def draw(model, dvae, tok, captions: list[str], temperature: float = 1.0, batch_size: int = 64,
-         seed: int = 0, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sample per caption: (codes (n, N), images uint8 (n, H, W, 3)), sampled in batches.
+# --- the key/value cache -----------------------------------------------------------------------------
+class KVCache:
+    """Keys and values of every layer for `rows` sequences, allocated once: (n_layer, rows, nh, L, hd) each.
 
-    Example: draw(model, dvae, tok, ["a red circle."]) -> (long (1, 64), uint8 (1, 32, 32, 3))
+    `keys(kind, p)` is the index tensor of the positions the `kind` mask lets position p attend to
+    (built once per model and device from the same masks training uses).
+    Example: toy row layer, p = 32 + 20 (image cell 20) -> the 32 caption positions and cells 11..20
     """
-    from .image_tokenizer import to_uint8
+
+    def __init__(self, model, rows: int, device, dtype: torch.dtype):
+        cfg, lay = model.cfg, model.layout
+        shape = (cfg.n_layer, rows, cfg.n_head, lay.length, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # zeros: masked slots must not be NaN
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.rows = rows
+
+    @staticmethod
+    def keys(model, kind: str, p: int, device) -> torch.Tensor:
+        tables = model.__dict__.setdefault("_kv_keys", {})  # a plain attribute: not a buffer, not saved
+        key = (kind, str(device))
+        if key not in tables:
+            mask = model.bank.dense(kind, model.layout.length, device)
+            tables[key] = [row.nonzero().squeeze(1) for row in mask]
+        return tables[key][p]
+
+    @staticmethod
+    def bytes_per_row(model, dtype: torch.dtype) -> int:
+        cfg = model.cfg
+        return 2 * cfg.n_layer * cfg.n_head * cfg.head_dim * model.layout.length * _itemsize(dtype)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def rows_per_chunk(model, device, dtype: torch.dtype, budget_bytes: int | None = None, limit: int = 1024) -> int:
+    """How many sequences to sample at once so that their cache and activations fit `budget_bytes`.
+
+    A row needs its key/value cache (2 n_layer L d numbers) plus the activations of the caption's
+    prefill (about 16 T d numbers: the MLP's 4d hidden, q, k, v, the residual, the scores) and the
+    logits. Default budget: half the free GPU memory on CUDA, a quarter of the free RAM elsewhere.
+    Example: toy on a laptop -> 1024 (the limit); paper 12B in bf16 on an 80 GB card -> a few hundred
+    """
+    lay, cfg = model.layout, model.cfg
+    d, size = cfg.n_head * cfg.head_dim, _itemsize(dtype)
+    per_row = KVCache.bytes_per_row(model, dtype) + 16 * lay.text_len * d * size + 8 * lay.image_vocab
+    if budget_bytes is None:
+        budget_bytes = _free_memory(torch.device(device)) // (2 if torch.device(device).type == "cuda" else 4)
+    return max(1, min(limit, budget_bytes // per_row))
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not Linux: assume a modest machine
+        return 4 << 30
+
+
+# --- the cached sampler ------------------------------------------------------------------------------
+@dataclass
+class _Chunk:
+    """One batch of rows decoding together: their cache and, with guidance, which rows are which."""
+
+    cache: KVCache
+    text: torch.Tensor  # (R, T): the conditional rows, then (batched guidance) the unconditional ones
+
+
+def prefill(model, cache: KVCache, text: torch.Tensor, prime: torch.Tensor) -> torch.Tensor:
+    """Run the caption and the primed codes (B, n) through every layer, filling the cache.
+
+    Returns the logits (B, K) of the next code (code n). The mask rows are the training masks'
+    first T + n rows, so this is the reference forward pass on the same prefix.
+    """
+    T, n = model.layout.text_len, prime.shape[1]
+    x = model.embed(text, prime)  # (B, T + n, C)
+    for i, block in enumerate(model.blocks):
+        mask = model.bank.dense(block.kind, T + n, x.device)
+        x = block.forward_cached(x, cache.k[i], cache.v[i], 0, mask=mask)
+    return model.image_head(model.ln_f(x[:, -1]))  # (B, K)
+
+
+def decode_step(model, cache: KVCache, code: torch.Tensor, cell: int) -> torch.Tensor:
+    """Feed image code `code` (B, 1) at grid cell `cell`; return the logits (B, K) of the code at cell + 1.
+
+    Each layer writes the new key and value at position T + cell and attends to the cached positions
+    its own mask allows (KVCache.keys): no work over the positions the mask excludes.
+    """
+    p = model.layout.text_len + cell
+    x = model.embed_image(code, cell)  # (B, 1, C)
+    for i, block in enumerate(model.blocks):
+        keys = KVCache.keys(model, block.kind, p, x.device)
+        x = block.forward_cached(x, cache.k[i], cache.v[i], p, keys=keys)
+    return model.image_head(model.ln_f(x[:, -1]))  # (B, K)
+
+
+def _static_step(model, k_all: torch.Tensor, v_all: torch.Tensor, code: torch.Tensor, cell: torch.Tensor):
+    """decode_step with static shapes (for torch.compile and CUDA graphs): the cell is a 0-d tensor,
+    every layer attends over the whole cache under its mask row. Same numbers as decode_step."""
+    lay = model.layout
+    p = lay.text_len + cell
+    G = lay.grid
+    x = model.image_emb(code) + model.row_emb(cell // G) + model.col_emb(cell % G)  # (B, 1, C)
+    for i, block in enumerate(model.blocks):
+        B, n, C = x.shape
+        q, k, v = block.qkv(block.ln1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, n, block.n_head, C // block.n_head).transpose(1, 2) for t in (q, k, v))
+        k_all[i].index_copy_(2, p.view(1), k)
+        v_all[i].index_copy_(2, p.view(1), v)
+        row = model.bank.dense(block.kind, lay.length, x.device).index_select(0, p.view(1))  # (1, L)
+        y = F.scaled_dot_product_attention(q, k_all[i], v_all[i], attn_mask=row)
+        x = block._finish(x, y)
+    return model.image_head(model.ln_f(x[:, -1]))
+
+
+def _compiled_step(model):
+    fn = model.__dict__.get("_compiled_step")
+    if fn is None:
+        device = next(model.parameters()).device
+        mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on GPU
+        fn = torch.compile(lambda k, v, code, cell: _static_step(model, k, v, code, cell), mode=mode, dynamic=False)
+        model.__dict__["_compiled_step"] = fn
+    return fn
+
+
+@torch.no_grad()
+def sample(model, text: torch.Tensor, temperature: float = 1.0, *, top_k: int = 0, top_p: float = 1.0,
+           guidance: float = 1.0, prime: torch.Tensor | None = None, generator: torch.Generator | None = None,
+           chunk_size: int | None = None, precision: str = "auto", guidance_batched: bool = True,
+           compile: bool = False, progress: bool = False) -> torch.Tensor:
+    """Draw the image codes after each caption in `text` (B, T) with a key/value cache: (B, N) long.
+
+    One row per caption row: to draw n candidates of a prompt, repeat its row n times. Rows are run
+    `chunk_size` at a time (default: as many as fit, `rows_per_chunk`); with batched guidance each
+    chunk also holds the unconditional twin of every row. precision: "auto" (bf16 autocast on CUDA),
+    "fp32" or "bf16". Under the same generator, settings and chunk size this draws exactly the codes
+    `sample_reference` draws.
+    Example: sample(model, text (64, 32), temperature=1.0, top_k=32, guidance=2.0) -> long (64, 64)
+    """
+    from .train import resolve_precision
+
+    check_filters(temperature, top_k, top_p, guidance)
+    model.check_inputs(text, torch.zeros(text.shape[0], 0, dtype=torch.long, device=text.device))
+    prime = _check_prime(model, text, prime)
+    device = text.device
+    precision = resolve_precision(precision, device)
+    dtype = torch.bfloat16 if precision == "bf16" else next(model.parameters()).dtype
+    guided = guidance != 1
+    twins = 2 if guided and guidance_batched else 1
+    if chunk_size is None:
+        chunk_size = max(1, rows_per_chunk(model, device, dtype) // (2 if guided else 1))
+    elif int(chunk_size) != chunk_size or chunk_size < 1:
+        raise ConfigError(f"chunk_size={chunk_size} is invalid: it must be a whole number >= 1")
+    was_training = model.training
+    model.eval()
+    out = []
+    N, n0 = model.layout.image_len, prime.shape[1]
+    bar = tqdm(total=text.shape[0] * (N - n0), desc="sampling codes", disable=not progress, unit="code")
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            for start in range(0, text.shape[0], chunk_size):
+                rows = text[start:start + chunk_size]
+                out.append(_sample_chunk(model, rows, prime[start:start + chunk_size], dtype, temperature, top_k,
+                                         top_p, guidance, twins, generator, compile, bar))
+    finally:
+        model.train(was_training)
+        bar.close()
+    return torch.cat(out)
+
+
+def _sample_chunk(model, text, prime, dtype, temperature, top_k, top_p, guidance, twins, generator, compile, bar):
+    B, N, n0 = text.shape[0], model.layout.image_len, prime.shape[1]
+    guided = guidance != 1
+    uncond = model.layout.pad_ids(text.device).expand_as(text)
+    # the rows each cache holds: [cond ; uncond] in one (batched guidance), or one cache per half
+    batches = ([torch.cat([text, uncond])] if twins == 2 else [text, uncond] if guided else [text])
+    primes = [prime.repeat(len(b) // B, 1) for b in batches]
+    caches = [KVCache(model, len(b), text.device, dtype) for b in batches]
+    logits = [prefill(model, c, b, p).float() for c, b, p in zip(caches, batches, primes)]
+    codes = torch.empty(B, N, dtype=torch.long, device=text.device)
+    codes[:, :n0] = prime
+    step = _compiled_step(model) if compile else None
+    for cell in range(n0, N):
+        cond, unc = _split(logits, B, twins, guided)
+        nxt = pick(guide(cond, unc, guidance) if guided else cond, temperature, top_k, top_p, generator)  # (B, 1)
+        codes[:, cell] = nxt[:, 0]
+        bar.update(B)
+        if cell == N - 1:
+            break
+        logits = []
+        for cache, b in zip(caches, batches):
+            fed = nxt.repeat(len(b) // B, 1)  # the same code for a row and its unconditional twin
+            if step is not None:
+                cell_t = torch.tensor(cell, device=text.device)
+                logits.append(step(cache.k, cache.v, fed, cell_t).float())
+            else:
+                logits.append(decode_step(model, cache, fed, cell).float())
+    return codes
+
+
+def _split(logits: list[torch.Tensor], B: int, twins: int, guided: bool):
+    if twins == 2:
+        return logits[0][:B], logits[0][B:]
+    return logits[0], (logits[1] if guided else None)
+
+
+# --- prompts, likelihood, and the judge --------------------------------------------------------------
+def encode_prompts(tok, prompts: list[str], layout, truncate: bool = False) -> tuple[torch.Tensor, list[dict]]:
+    """Caption ids (P, T) for prompts typed by a person, and a note per prompt of what was changed.
+
+    Refuses (DataError) an empty prompt, and one longer than text.text_len tokens unless truncate=True
+    (then it is cut and flagged). Flags, without refusing: letters lowercased by the tokenizer,
+    characters outside printable ASCII (encoded byte by byte, pieces a ShapesWorld model never saw).
+    Example: encode_prompts(tok, ["A red circle"], layout) -> (ids (1, 32), [{"lowercased": True, ...}])
+    """
     from .text_to_image import caption_ids
 
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise DataError("no prompts given: pass at least one caption")
+    rows, notes = [], []
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError(f"prompt {i + 1} is empty: give a caption such as 'a red circle above a blue square'")
+        try:
+            ids, cut = caption_ids(tok, prompt, layout, truncate=truncate)
+        except DataError as e:
+            raise DataError(f"prompt {i + 1} ({prompt[:60]!r}) does not fit: {e}") from None
+        odd = sorted({c for c in prompt if not (" " <= c <= "~")})
+        notes.append({"prompt": prompt, "cut": cut, "lowercased": bool(getattr(tok, "lowercase", False))
+                      and prompt != prompt.lower(), "unusual_characters": "".join(odd)})
+        rows.append(ids)
+    return torch.tensor(rows, dtype=torch.long), notes
+
+
+@torch.no_grad()
+def log_likelihood(model, text: torch.Tensor, codes: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """log p(codes | caption) under the model, summed over the N codes: (B,) float, in batches.
+
+    The transformer's own score of its samples: the second way `rerank` orders candidates.
+    """
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for s in range(0, len(text), batch_size):
+            t, c = text[s:s + batch_size], codes[s:s + batch_size]
+            _, logits = model(t, c)  # (b, N, K)
+            out.append(torch.log_softmax(logits.float(), -1).gather(-1, c[..., None]).squeeze(-1).sum(1))
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def draw(model, dvae, tok, captions: list[str], temperature: float = 1.0, batch_size: int = 256,
+         seed: int = 0, progress: bool = True, **settings) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample per caption with the cached sampler: (codes (n, N), images uint8 (n, H, W, 3)).
+
+    settings: top_k, top_p, guidance, precision... as `sample` takes them.
+    Example: draw(model, dvae, tok, ["a red circle."]) -> (long (1, 64), uint8 (1, 32, 32, 3))
+    """
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    text = torch.tensor([caption_ids(tok, c, model.layout)[0] for c in captions], dtype=torch.long, device=device)
-    codes, images = [], []
-    G = model.layout.grid
-    bar = tqdm(total=len(captions), desc="sampling", disable=not progress)
-    for start in range(0, len(captions), batch_size):
-        part = sample_reference(model, text[start:start + batch_size], temperature, gen)  # (b, N)
-        codes.append(part.cpu())
-        images.append(to_uint8(dvae.decode(part.view(-1, G, G).to(next(dvae.parameters()).device)).cpu()))
-        bar.update(len(part))
-    bar.close()
-    return torch.cat(codes), torch.cat(images)
+    text, _ = encode_prompts(tok, captions, model.layout)
+    codes = sample(model, text.to(device), temperature, generator=gen, chunk_size=batch_size, progress=progress,
+                   **settings)
+    return codes.cpu(), decode_images(dvae, codes, model.layout.grid)
 
 
-def evaluate_prompts(model, dvae, tok, captions: list[str], temperature: float = 1.0, batch_size: int = 64,
-                     seed: int = 0, progress: bool = True) -> tuple[dict, torch.Tensor]:
+@torch.no_grad()
+def decode_images(dvae, codes: torch.Tensor, grid: int, batch_size: int = 512) -> torch.Tensor:
+    """Image codes (n, N) -> uint8 images (n, H, W, 3) through the dVAE's decoder, in batches."""
+    from .image_tokenizer import to_uint8
+
+    dev = next(dvae.parameters()).device
+    out = [to_uint8(dvae.decode(codes[s:s + batch_size].view(-1, grid, grid).to(dev)).cpu())
+           for s in range(0, len(codes), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
+
+
+def evaluate_prompts(model, dvae, tok, captions: list[str], temperature: float = 1.0, batch_size: int = 256,
+                     seed: int = 0, progress: bool = True, **settings) -> tuple[dict, torch.Tensor]:
     """The judge's accuracy (per attribute, and "overall" = every stated attribute right) of one
     sample per caption, and the images. Example: -> ({"overall": 0.6, "color": 0.9, ...}, uint8 (n, H, W, 3))"""
     from .judge import evaluate
 
-    _, images = draw(model, dvae, tok, captions, temperature, batch_size, seed, progress)
+    _, images = draw(model, dvae, tok, captions, temperature, batch_size, seed, progress, **settings)
     return evaluate(list(images), captions, progress=progress), images
+
+
+def warn_unguided(model, guidance: float) -> None:
+    """Guidance needs a model that learned p(image) alone (model.caption_dropout > 0): say so once."""
+    if guidance != 1 and model.cfg.caption_dropout == 0:
+        warnings.warn(f"guidance={guidance} with a model trained without caption dropout (model.caption_dropout=0): "
+                      "its 'no caption' prediction was never trained, so guidance pushes towards noise",
+                      stacklevel=2)

@@ -158,8 +158,8 @@ def test_flops_per_token_by_hand():
 def test_sampler_draws_codes_in_range_reproducibly_and_greedy_is_the_argmax():
     model = _model()
     text = _batch(B=2)[0]
-    a = sample_reference(model, text, 1.0, torch.Generator().manual_seed(3))
-    b = sample_reference(model, text, 1.0, torch.Generator().manual_seed(3))
+    a = sample_reference(model, text, 1.0, generator=torch.Generator().manual_seed(3))
+    b = sample_reference(model, text, 1.0, generator=torch.Generator().manual_seed(3))
     assert a.shape == (2, 16) and torch.equal(a, b)
     assert int(a.min()) >= 0 and int(a.max()) < 12
     greedy = sample_reference(model, text, 0.0)
