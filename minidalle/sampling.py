@@ -260,14 +260,16 @@ def _compiled_step(model):
 def sample(model, text: torch.Tensor, temperature: float = 1.0, *, top_k: int = 0, top_p: float = 1.0,
            guidance: float = 1.0, prime: torch.Tensor | None = None, generator: torch.Generator | None = None,
            chunk_size: int | None = None, precision: str = "auto", guidance_batched: bool = True,
-           compile: bool = False, progress: bool = False) -> torch.Tensor:
+           compile: bool = False, progress: bool = False, return_logp: bool = False):
     """Draw the image codes after each caption in `text` (B, T) with a key/value cache: (B, N) long.
 
     One row per caption row: to draw n candidates of a prompt, repeat its row n times. Rows are run
     `chunk_size` at a time (default: as many as fit, `rows_per_chunk`); with batched guidance each
     chunk also holds the unconditional twin of every row. precision: "auto" (bf16 autocast on CUDA),
     "fp32" or "bf16". Under the same generator, settings and chunk size this draws exactly the codes
-    `sample_reference` draws.
+    `sample_reference` draws. return_logp=True also returns log p(codes | caption) (B,), summed over
+    the drawn codes from the model's own conditional logits (before guidance and filters): what
+    `log_likelihood` computes, for free.
     Example: sample(model, text (64, 32), temperature=1.0, top_k=32, guidance=2.0) -> long (64, 64)
     """
     from .train import resolve_precision
@@ -286,19 +288,21 @@ def sample(model, text: torch.Tensor, temperature: float = 1.0, *, top_k: int = 
         raise ConfigError(f"chunk_size={chunk_size} is invalid: it must be a whole number >= 1")
     was_training = model.training
     model.eval()
-    out = []
+    out, logps = [], []
     N, n0 = model.layout.image_len, prime.shape[1]
     bar = tqdm(total=text.shape[0] * (N - n0), desc="sampling codes", disable=not progress, unit="code")
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             for start in range(0, text.shape[0], chunk_size):
                 rows = text[start:start + chunk_size]
-                out.append(_sample_chunk(model, rows, prime[start:start + chunk_size], dtype, temperature, top_k,
-                                         top_p, guidance, twins, generator, compile, bar))
+                codes, logp = _sample_chunk(model, rows, prime[start:start + chunk_size], dtype, temperature,
+                                            top_k, top_p, guidance, twins, generator, compile, bar)
+                out.append(codes)
+                logps.append(logp)
     finally:
         model.train(was_training)
         bar.close()
-    return torch.cat(out)
+    return (torch.cat(out), torch.cat(logps)) if return_logp else torch.cat(out)
 
 
 def _sample_chunk(model, text, prime, dtype, temperature, top_k, top_p, guidance, twins, generator, compile, bar):
@@ -312,10 +316,12 @@ def _sample_chunk(model, text, prime, dtype, temperature, top_k, top_p, guidance
     logits = [prefill(model, c, b, p).float() for c, b, p in zip(caches, batches, primes)]
     codes = torch.empty(B, N, dtype=torch.long, device=text.device)
     codes[:, :n0] = prime
+    logp = torch.zeros(B, device=text.device)  # log p(drawn codes | caption), from the conditional rows
     step = _compiled_step(model) if compile else None
     for cell in range(n0, N):
         cond, unc = _split(logits, B, twins, guided)
         nxt = pick(guide(cond, unc, guidance) if guided else cond, temperature, top_k, top_p, generator)  # (B, 1)
+        logp += torch.log_softmax(cond, dim=-1).gather(1, nxt).squeeze(1)
         codes[:, cell] = nxt[:, 0]
         bar.update(B)
         if cell == N - 1:
@@ -328,7 +334,7 @@ def _sample_chunk(model, text, prime, dtype, temperature, top_k, top_p, guidance
                 logits.append(step(cache.k, cache.v, fed, cell_t).float())
             else:
                 logits.append(decode_step(model, cache, fed, cell).float())
-    return codes
+    return codes, logp
 
 
 def _split(logits: list[torch.Tensor], B: int, twins: int, guided: bool):

@@ -162,13 +162,14 @@ def test_bad_caption_ids_are_refused_before_sampling():
 def test_log_likelihood_is_the_sum_of_each_codes_log_probability():
     model = _model()
     text = _text(2)
-    codes = sample(model, text, generator=_gen())
+    codes, drawn_logp = sample(model, text, generator=_gen(), return_logp=True, guidance=2.0)
     want = torch.zeros(2)
     with torch.no_grad():
         for cell in range(LAYOUT.image_len):
             logp = torch.log_softmax(model.next_image_logits(text, codes[:, :cell]), -1)
             want += logp.gather(1, codes[:, cell:cell + 1]).squeeze(1)
     assert torch.allclose(log_likelihood(model, text, codes, batch_size=1), want, atol=1e-4)
+    assert torch.allclose(drawn_logp, want, atol=1e-4)  # the sampler's running sum: the caption's model, not the guided one
 
 
 def test_rows_per_chunk_follows_the_budget():
