@@ -100,26 +100,21 @@ class Block(nn.Module):
         x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, n, -1)))
         return x + self.drop(self.mlp(self.ln2(x)))
 
-    def forward_cached(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
-                       keys: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_cached(self, x: torch.Tensor, kv: torch.Tensor, pos: int, keys: torch.Tensor | None = None,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
         """The block on n new positions pos..pos+n-1 (x (B, n, C)), reading and filling a key/value cache.
 
-        Their keys and values are written into k_cache, v_cache (B, nh, L, hd) at pos..pos+n-1. The
-        queries then attend either to the cached positions `keys` (index tensor: the positions this
-        layer's mask allows for a single new position, gathered) or to every position up to pos+n-1
-        under `mask` (n, pos+n) (the prefill of the caption). Either way: the same numbers as `forward`
-        on the whole prefix. See sampling.KVCache.
+        Their keys and values are written into kv (2, B, nh, L, hd) at pos..pos+n-1. The queries then
+        attend either to the cached positions `keys` (index tensor: the positions this layer's mask
+        allows for one new position, gathered) or to every position up to pos+n-1 under `mask`
+        (n, pos+n) (the prefill of the caption). Either way: the same numbers as `forward` on the
+        whole prefix. See sampling.KVCache.
         """
         B, n, C = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
-        q, k, v = (t.view(B, n, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, n, hd)
-        k_cache[:, :, pos:pos + n] = k
-        v_cache[:, :, pos:pos + n] = v
-        if keys is not None:
-            k, v = k_cache.index_select(2, keys), v_cache.index_select(2, keys)  # (B, nh, |keys|, hd)
-        else:
-            k, v = k_cache[:, :, :pos + n], v_cache[:, :, :pos + n]
-        return self._finish(x, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        qkv = self.qkv(self.ln1(x)).view(B, n, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, n, hd)
+        kv[:, :, :, pos:pos + n] = qkv[1:]
+        seen = kv.index_select(3, keys) if keys is not None else kv[:, :, :, :pos + n]  # (2, B, nh, |keys|, hd)
+        return self._finish(x, F.scaled_dot_product_attention(qkv[0], seen[0], seen[1], attn_mask=mask))
 
 
 class DALLE(nn.Module):

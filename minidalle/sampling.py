@@ -132,7 +132,7 @@ def sample_reference(model, text: torch.Tensor, temperature: float = 1.0, *, top
 
 # --- the key/value cache -----------------------------------------------------------------------------
 class KVCache:
-    """Keys and values of every layer for `rows` sequences, allocated once: (n_layer, rows, nh, L, hd) each.
+    """Keys and values of every layer for `rows` sequences, allocated once: kv (n_layer, 2, rows, nh, L, hd).
 
     `keys(kind, p)` is the index tensor of the positions the `kind` mask lets position p attend to
     (built once per model and device from the same masks training uses).
@@ -141,10 +141,12 @@ class KVCache:
 
     def __init__(self, model, rows: int, device, dtype: torch.dtype):
         cfg, lay = model.cfg, model.layout
-        shape = (cfg.n_layer, rows, cfg.n_head, lay.length, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # zeros: masked slots must not be NaN
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (cfg.n_layer, 2, rows, cfg.n_head, lay.length, cfg.head_dim)
+        self.kv = torch.zeros(shape, device=device, dtype=dtype)  # zeros: masked slots must not be NaN
         self.rows = rows
+        cells = torch.arange(lay.image_len, device=device)
+        with torch.no_grad():  # each grid cell's row + column embedding, looked up once per step
+            self.cell_emb = model.row_emb(cells // lay.grid) + model.col_emb(cells % lay.grid)  # (N, C)
 
     @staticmethod
     def keys(model, kind: str, p: int, device) -> torch.Tensor:
@@ -209,7 +211,7 @@ def prefill(model, cache: KVCache, text: torch.Tensor, prime: torch.Tensor) -> t
     x = model.embed(text, prime)  # (B, T + n, C)
     for i, block in enumerate(model.blocks):
         mask = model.bank.dense(block.kind, T + n, x.device)
-        x = block.forward_cached(x, cache.k[i], cache.v[i], 0, mask=mask)
+        x = block.forward_cached(x, cache.kv[i], 0, mask=mask)
     return model.image_head(model.ln_f(x[:, -1]))  # (B, K)
 
 
@@ -220,14 +222,14 @@ def decode_step(model, cache: KVCache, code: torch.Tensor, cell: int) -> torch.T
     its own mask allows (KVCache.keys): no work over the positions the mask excludes.
     """
     p = model.layout.text_len + cell
-    x = model.embed_image(code, cell)  # (B, 1, C)
+    x = model.image_emb(code) + cache.cell_emb[cell]  # (B, 1, C): model.embed_image(code, cell), table lookup
     for i, block in enumerate(model.blocks):
         keys = KVCache.keys(model, block.kind, p, x.device)
-        x = block.forward_cached(x, cache.k[i], cache.v[i], p, keys=keys)
+        x = block.forward_cached(x, cache.kv[i], p, keys=keys)
     return model.image_head(model.ln_f(x[:, -1]))  # (B, K)
 
 
-def _static_step(model, k_all: torch.Tensor, v_all: torch.Tensor, code: torch.Tensor, cell: torch.Tensor):
+def _static_step(model, kv: torch.Tensor, code: torch.Tensor, cell: torch.Tensor):
     """decode_step with static shapes (for torch.compile and CUDA graphs): the cell is a 0-d tensor,
     every layer attends over the whole cache under its mask row. Same numbers as decode_step."""
     lay = model.layout
@@ -236,12 +238,10 @@ def _static_step(model, k_all: torch.Tensor, v_all: torch.Tensor, code: torch.Te
     x = model.image_emb(code) + model.row_emb(cell // G) + model.col_emb(cell % G)  # (B, 1, C)
     for i, block in enumerate(model.blocks):
         B, n, C = x.shape
-        q, k, v = block.qkv(block.ln1(x)).split(C, dim=2)
-        q, k, v = (t.view(B, n, block.n_head, C // block.n_head).transpose(1, 2) for t in (q, k, v))
-        k_all[i].index_copy_(2, p.view(1), k)
-        v_all[i].index_copy_(2, p.view(1), v)
+        qkv = block.qkv(block.ln1(x)).view(B, n, 3, block.n_head, C // block.n_head).permute(2, 0, 3, 1, 4)
+        kv[i].index_copy_(3, p.view(1), qkv[1:])
         row = model.bank.dense(block.kind, lay.length, x.device).index_select(0, p.view(1))  # (1, L)
-        y = F.scaled_dot_product_attention(q, k_all[i], v_all[i], attn_mask=row)
+        y = F.scaled_dot_product_attention(qkv[0], kv[i, 0], kv[i, 1], attn_mask=row)
         x = block._finish(x, y)
     return model.image_head(model.ln_f(x[:, -1]))
 
@@ -251,7 +251,7 @@ def _compiled_step(model):
     if fn is None:
         device = next(model.parameters()).device
         mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on GPU
-        fn = torch.compile(lambda k, v, code, cell: _static_step(model, k, v, code, cell), mode=mode, dynamic=False)
+        fn = torch.compile(lambda kv, code, cell: _static_step(model, kv, code, cell), mode=mode, dynamic=False)
         model.__dict__["_compiled_step"] = fn
     return fn
 
@@ -296,7 +296,7 @@ def sample(model, text: torch.Tensor, temperature: float = 1.0, *, top_k: int = 
             for start in range(0, text.shape[0], chunk_size):
                 rows = text[start:start + chunk_size]
                 codes, logp = _sample_chunk(model, rows, prime[start:start + chunk_size], dtype, temperature,
-                                            top_k, top_p, guidance, twins, generator, compile, bar)
+                                            top_k, top_p, guidance, twins, generator, compile, bar, return_logp)
                 out.append(codes)
                 logps.append(logp)
     finally:
@@ -305,7 +305,8 @@ def sample(model, text: torch.Tensor, temperature: float = 1.0, *, top_k: int = 
     return (torch.cat(out), torch.cat(logps)) if return_logp else torch.cat(out)
 
 
-def _sample_chunk(model, text, prime, dtype, temperature, top_k, top_p, guidance, twins, generator, compile, bar):
+def _sample_chunk(model, text, prime, dtype, temperature, top_k, top_p, guidance, twins, generator, compile, bar,
+                  return_logp):
     B, N, n0 = text.shape[0], model.layout.image_len, prime.shape[1]
     guided = guidance != 1
     uncond = model.layout.pad_ids(text.device).expand_as(text)
@@ -321,7 +322,8 @@ def _sample_chunk(model, text, prime, dtype, temperature, top_k, top_p, guidance
     for cell in range(n0, N):
         cond, unc = _split(logits, B, twins, guided)
         nxt = pick(guide(cond, unc, guidance) if guided else cond, temperature, top_k, top_p, generator)  # (B, 1)
-        logp += torch.log_softmax(cond, dim=-1).gather(1, nxt).squeeze(1)
+        if return_logp:
+            logp += torch.log_softmax(cond, dim=-1).gather(1, nxt).squeeze(1)
         codes[:, cell] = nxt[:, 0]
         bar.update(B)
         if cell == N - 1:
@@ -331,7 +333,7 @@ def _sample_chunk(model, text, prime, dtype, temperature, top_k, top_p, guidance
             fed = nxt.repeat(len(b) // B, 1)  # the same code for a row and its unconditional twin
             if step is not None:
                 cell_t = torch.tensor(cell, device=text.device)
-                logits.append(step(cache.k, cache.v, fed, cell_t).float())
+                logits.append(step(cache.kv, fed, cell_t).float())
             else:
                 logits.append(decode_step(model, cache, fed, cell).float())
     return codes, logp

@@ -81,3 +81,34 @@ def save_grid(images, path: str | Path, captions=None, ncols: int = 4, title: st
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def save_ranked_grid(prompts: list[str], images, scores, path: str | Path, title: str | None = None,
+                     scale: float = 1.8) -> Path:
+    """Each prompt above its ranked images (best first) with their scores; a PNG written atomically.
+
+    images: per prompt a sequence of k images; scores: per prompt k numbers.
+    Example: save_ranked_grid(["a red circle"], [imgs (4, 32, 32, 3)], [[0.31, 0.29, 0.2, 0.1]], "grid.png")
+    """
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    k = max(len(row) for row in images)
+    fig = plt.figure(figsize=(max(k, 3) * scale, len(prompts) * (scale + 0.7)), layout="constrained")
+    subfigs = np.atleast_1d(fig.subfigures(len(prompts), 1))
+    for sub, prompt, row, row_scores in zip(subfigs, prompts, images, scores):
+        sub.suptitle("\n".join(textwrap.wrap(prompt, 60)), fontsize=9)
+        axes = np.atleast_1d(sub.subplots(1, k))
+        for j, ax in enumerate(axes):
+            ax.axis("off")
+            if j < len(row):
+                ax.imshow(as_uint8_hwc(row[j]), interpolation="nearest")
+                ax.set_title(f"#{j + 1}: {row_scores[j]:.3g}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -114,7 +114,7 @@ def test_the_static_decode_step_for_compile_gives_the_same_logits():
         prefill(model, a, text, image[:, :0]), prefill(model, b, text, image[:, :0])
         for cell in range(LAYOUT.image_len - 1):
             x = decode_step(model, a, image[:, cell:cell + 1], cell)
-            y = _static_step(model, b.k, b.v, image[:, cell:cell + 1], torch.tensor(cell))
+            y = _static_step(model, b.kv, image[:, cell:cell + 1], torch.tensor(cell))
             assert (x - y).abs().max() < 1e-5
 
 
