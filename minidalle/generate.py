@@ -344,10 +344,8 @@ def rerank_curve(pipe: Pipeline, n_prompts: int = 64, sizes=CURVE_SIZES, seed: i
 
 
 def plot_curve(result: dict, path: str | Path) -> Path:
-    """Accuracy ("all attributes right") against N, one line per ranking, val solid and heldout dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    """Accuracy ("all attributes right") against N, one line per ranking, val solid and heldout dashed.
+    (The backend is left alone: in a notebook the inline one keeps working after this.)"""
     import matplotlib.pyplot as plt
 
     path = Path(path)

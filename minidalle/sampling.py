@@ -143,19 +143,26 @@ class KVCache:
         cfg, lay = model.cfg, model.layout
         shape = (cfg.n_layer, 2, rows, cfg.n_head, lay.length, cfg.head_dim)
         self.kv = torch.zeros(shape, device=device, dtype=dtype)  # zeros: masked slots must not be NaN
+        self.layers = self.kv.unbind(0)  # one (2, rows, nh, L, hd) view per layer
+        self.layer_keys = [KVCache.table(model, block.kind, device) for block in model.blocks]
         self.rows = rows
         cells = torch.arange(lay.image_len, device=device)
         with torch.no_grad():  # each grid cell's row + column embedding, looked up once per step
             self.cell_emb = model.row_emb(cells // lay.grid) + model.col_emb(cells % lay.grid)  # (N, C)
 
     @staticmethod
-    def keys(model, kind: str, p: int, device) -> torch.Tensor:
+    def table(model, kind: str, device) -> list[torch.Tensor]:
+        """For every position p, the index tensor of the positions the `kind` mask lets p attend to."""
         tables = model.__dict__.setdefault("_kv_keys", {})  # a plain attribute: not a buffer, not saved
         key = (kind, str(device))
         if key not in tables:
             mask = model.bank.dense(kind, model.layout.length, device)
             tables[key] = [row.nonzero().squeeze(1) for row in mask]
-        return tables[key][p]
+        return tables[key]
+
+    @staticmethod
+    def keys(model, kind: str, p: int, device) -> torch.Tensor:
+        return KVCache.table(model, kind, device)[p]
 
     @staticmethod
     def bytes_per_row(model, dtype: torch.dtype) -> int:
@@ -173,7 +180,7 @@ def rows_per_chunk(model, device, dtype: torch.dtype, budget_bytes: int | None =
     A row needs its key/value cache (2 n_layer L d numbers) plus the activations of the caption's
     prefill (about 16 T d numbers: the MLP's 4d hidden, q, k, v, the residual, the scores) and the
     logits. Default budget: half the free GPU memory on CUDA, a quarter of the free RAM elsewhere.
-    Example: toy on a laptop -> 1024 (the limit); paper 12B in bf16 on an 80 GB card -> a few hundred
+    Example: toy on a laptop -> 1024 (the limit); paper 12B in bf16 with 40 GiB to spare -> 32 (1.24 GiB a row)
     """
     lay, cfg = model.layout, model.cfg
     d, size = cfg.n_head * cfg.head_dim, _itemsize(dtype)
@@ -211,7 +218,7 @@ def prefill(model, cache: KVCache, text: torch.Tensor, prime: torch.Tensor) -> t
     x = model.embed(text, prime)  # (B, T + n, C)
     for i, block in enumerate(model.blocks):
         mask = model.bank.dense(block.kind, T + n, x.device)
-        x = block.forward_cached(x, cache.kv[i], 0, mask=mask)
+        x = block.forward_cached(x, cache.layers[i], 0, mask=mask)
     return model.image_head(model.ln_f(x[:, -1]))  # (B, K)
 
 
@@ -222,11 +229,11 @@ def decode_step(model, cache: KVCache, code: torch.Tensor, cell: int) -> torch.T
     its own mask allows (KVCache.keys): no work over the positions the mask excludes.
     """
     p = model.layout.text_len + cell
-    x = model.image_emb(code) + cache.cell_emb[cell]  # (B, 1, C): model.embed_image(code, cell), table lookup
-    for i, block in enumerate(model.blocks):
-        keys = KVCache.keys(model, block.kind, p, x.device)
-        x = block.forward_cached(x, cache.kv[i], p, keys=keys)
-    return model.image_head(model.ln_f(x[:, -1]))  # (B, K)
+    x = F.embedding(code, model.image_emb.weight) + cache.cell_emb[cell]  # (B, 1, C): embed_image(code, cell)
+    for block, kv, keys in zip(model.blocks, cache.layers, cache.layer_keys):
+        x = block.forward_cached(x, kv, p, keys=keys[p])
+    ln = model.ln_f
+    return F.linear(F.layer_norm(x[:, -1], ln.normalized_shape, ln.weight, ln.bias, ln.eps), model.image_head.weight)
 
 
 def _static_step(model, kv: torch.Tensor, code: torch.Tensor, cell: torch.Tensor):
@@ -256,7 +263,6 @@ def _compiled_step(model):
     return fn
 
 
-@torch.no_grad()
 def sample(model, text: torch.Tensor, temperature: float = 1.0, *, top_k: int = 0, top_p: float = 1.0,
            guidance: float = 1.0, prime: torch.Tensor | None = None, generator: torch.Generator | None = None,
            chunk_size: int | None = None, precision: str = "auto", guidance_batched: bool = True,
@@ -288,11 +294,15 @@ def sample(model, text: torch.Tensor, temperature: float = 1.0, *, top_k: int = 
         raise ConfigError(f"chunk_size={chunk_size} is invalid: it must be a whole number >= 1")
     was_training = model.training
     model.eval()
+    for kind in set(model.kinds):  # masks and key tables built outside inference mode, so training can reuse them
+        KVCache.table(model, kind, device)
     out, logps = [], []
     N, n0 = model.layout.image_len, prime.shape[1]
     bar = tqdm(total=text.shape[0] * (N - n0), desc="sampling codes", disable=not progress, unit="code")
     try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        # inference_mode, not no_grad: no autograd bookkeeping at all (~12% of a toy step); the results
+        # are cloned out of it below, so they can feed a training step later
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             for start in range(0, text.shape[0], chunk_size):
                 rows = text[start:start + chunk_size]
                 codes, logp = _sample_chunk(model, rows, prime[start:start + chunk_size], dtype, temperature,
@@ -302,7 +312,8 @@ def sample(model, text: torch.Tensor, temperature: float = 1.0, *, top_k: int = 
     finally:
         model.train(was_training)
         bar.close()
-    return (torch.cat(out), torch.cat(logps)) if return_logp else torch.cat(out)
+    codes = torch.cat(out).clone()
+    return (codes, torch.cat(logps).clone()) if return_logp else codes
 
 
 def _sample_chunk(model, text, prime, dtype, temperature, top_k, top_p, guidance, twins, generator, compile, bar,
@@ -319,6 +330,7 @@ def _sample_chunk(model, text, prime, dtype, temperature, top_k, top_p, guidance
     codes[:, :n0] = prime
     logp = torch.zeros(B, device=text.device)  # log p(drawn codes | caption), from the conditional rows
     step = _compiled_step(model) if compile else None
+    cells = torch.arange(N, device=text.device) if compile else None  # the compiled step's cell, as 0-d tensors
     for cell in range(n0, N):
         cond, unc = _split(logits, B, twins, guided)
         nxt = pick(guide(cond, unc, guidance) if guided else cond, temperature, top_k, top_p, generator)  # (B, 1)
@@ -330,10 +342,9 @@ def _sample_chunk(model, text, prime, dtype, temperature, top_k, top_p, guidance
             break
         logits = []
         for cache, b in zip(caches, batches):
-            fed = nxt.repeat(len(b) // B, 1)  # the same code for a row and its unconditional twin
+            fed = nxt if len(b) == B else nxt.repeat(2, 1)  # the same code for a row and its unconditional twin
             if step is not None:
-                cell_t = torch.tensor(cell, device=text.device)
-                logits.append(step(cache.kv, fed, cell_t).float())
+                logits.append(step(cache.kv, fed, cells[cell]).float())
             else:
                 logits.append(decode_step(model, cache, fed, cell).float())
     return codes, logp
