@@ -15,9 +15,10 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.minidalle-installed
 
 # The notebooks that take under about a minute in their default (toy) preset: `make test` runs them
-# that way too, beside the smoke run of every notebook. 03 trains two tokenizers (~5 minutes): smoke only.
+# that way too, beside the smoke run of every notebook. 03 trains two tokenizers (~5 minutes) and 06 the
+# transformer (~15 minutes): smoke only. 07 samples from the trained toy run when there is one, else an untrained model.
 TOY_NOTEBOOKS := notebooks/00_setup_check.ipynb notebooks/01_toy_dataset.ipynb notebooks/02_vq_tokenizer.ipynb \
-                 notebooks/04_bpe_text_tokenizer.ipynb notebooks/05_sparse_attention.ipynb
+                 notebooks/04_bpe_text_tokenizer.ipynb notebooks/05_sparse_attention.ipynb notebooks/07_gpu_sampling.ipynb
 NBVAL := --nbval-lax --nbval-current-env
 
 .PHONY: demo test test-browser setup clean

@@ -10,7 +10,10 @@
     python -m minidalle bench bpe [--mib 10] [--json]             BPE vs HF tokenizers, tiktoken, a naive trainer
     python -m minidalle train transformer --preset toy [--resume | --start-over]   stage 2 (tokenizers reused)
     python -m minidalle eval transformer --preset toy [--n 256] [--json]           the judge on sampled images
+    python -m minidalle train clip --preset toy [--resume | --start-over]   the reranker (reads the transformer's BPE)
+    python -m minidalle eval clip --preset toy [--n 512] [--json]      its recall@1/@5 on val and heldout pairs
     python -m minidalle bench attention [--json]                  the masks' two paths against dense causal
+    python -m minidalle bench sampling [--no-compile] [--json]    the cached sampler against the reference
     python -m minidalle info --preset paper [--json]              parameters, lengths, FLOPs (meta device)
 
 Every command accepts config overrides as `--section.key=value` (e.g. `--data.seed=3`); they are
@@ -78,6 +81,12 @@ def cmd_bench(args, cfg: cfglib.Config) -> dict:
         res = benchmark_attention(progress=not args.json)
         print(format_attention_benchmark(res))
         return res
+    if args.what == "sampling":
+        from .sampling_bench import benchmark_sampling, format_sampling_benchmark
+
+        res = benchmark_sampling(compile=not args.no_compile, progress=not args.json)
+        print(format_sampling_benchmark(res))
+        return res
     if args.what == "dvae":
         import tempfile
 
@@ -126,6 +135,8 @@ def cmd_train(args, cfg: cfglib.Config) -> dict:
         return train_text_tokenizer(cfg)
     if args.what == "transformer":
         return _train_transformer(args, cfg)
+    if args.what == "clip":
+        return _train_clip(args, cfg)
 
     out = check_out_folder(cfg.dvae_train.out_dir, "--dvae_train.out_dir")
     model, trainer = train_dvae(cfg, resume=args.resume, start_over=args.start_over)
@@ -213,9 +224,86 @@ def _train_transformer(args, cfg: cfglib.Config) -> dict:
     return summary
 
 
+def _print_recall(tag: str, result: dict) -> None:
+    """Print `clip.evaluate_clip`'s recall, and its one-fact-changed accuracy when measured, per split."""
+    for split in ("val", "heldout"):
+        r = result[split]
+        print(f"{tag} {split:<8} recall over {r['n']} pairs: image->text @1 {r['i2t@1']:.3f} @5 {r['i2t@5']:.3f}; "
+              f"text->image @1 {r['t2i@1']:.3f} @5 {r['t2i@5']:.3f}")
+        facts = result.get(f"facts_{split}")
+        if facts:
+            per = ", ".join(f"{f} {v:.3f}" for f, v in facts["image"].items() if v is not None and f != "overall")
+            print(f"{tag} {split:<8} own image over a one-fact-changed one: {facts['image']['overall']:.3f} ({per})")
+
+
+def _train_clip(args, cfg: cfglib.Config) -> dict:
+    """The reranker: reuse (or first train) the transformer's BPE, train, then measure retrieval."""
+    from .bpe import Tokenizer
+    from .clip import evaluate_clip, train_clip
+    from .text_to_image import BPE_FILE
+
+    for key in ("text.out_dir", "clip_train.out_dir"):
+        sec, name = key.split(".")
+        check_out_folder(getattr(getattr(cfg, sec), name), f"--{key}")
+    model, trainer, info = train_clip(cfg, resume=args.resume, start_over=args.start_over, progress=not args.json)
+    if not trainer.history["train"]:
+        print(f"[train clip] the run in {cfg.clip_train.out_dir} already finished at step {trainer.step}; nothing "
+              "was trained (raise --clip_train.max_steps to train longer)")
+    summary = {"stage": "clip", "steps": trainer.step, "final_loss": trainer.loss,
+               "eval_loss": (trainer.last_eval or {}).get("loss"), "checkpoint": str(trainer.last_checkpoint),
+               "out": cfg.clip_train.out_dir, **{k: v for k, v in info.items() if k != "bpe"}}
+    print(f"[train clip] step {trainer.step}: loss {trainer.loss:.4f}; {info['train_seconds']} s training, "
+          f"{info['render_seconds']} s rendering -> {trainer.last_checkpoint}")
+    if cfg.data.dataset == "shapes":
+        tok = Tokenizer.load(Path(cfg.text.out_dir) / BPE_FILE)
+        result = evaluate_clip(cfg, n=min(512, cfg.data.n_val, cfg.data.n_heldout), model=model, tok=tok)
+        _print_recall("[train clip]", result)
+        for split in ("val", "heldout"):
+            summary[split], summary[f"facts_{split}"] = result[split], result[f"facts_{split}"]["image"]
+    return summary
+
+
+def cmd_generate(args, cfg: cfglib.Config) -> dict:
+    """Sample --n candidates per prompt, keep the --keep best by the reranker, write them to --out."""
+    from .generate import generate, load_pipeline, read_prompts
+
+    prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
+    if not prompts:
+        raise cfglib.ConfigError('give a prompt, e.g. `python -m minidalle generate "a red circle above a blue '
+                                 'square"`, or --prompts FILE with one caption a line')
+    check_out_folder(args.out, "--out")
+    pipe = load_pipeline(cfg, run=args.run, device=args.device, need_clip=args.rank == "clip")
+    res = generate(pipe, prompts, args.out, n=args.n, keep=args.keep, by=args.rank, seed=args.seed,
+                   truncate=args.truncate, progress=not args.json, **_sampling_settings(args))
+    for note in res["notes"]:
+        flags = [k for k in ("cut", "lowercased") if note[k]]
+        if note["unusual_characters"]:
+            flags.append(f"characters outside printable ASCII: {note['unusual_characters']!r}")
+        if flags:
+            print(f"[generate] note on {note['prompt'][:60]!r}: {'; '.join(flags)}")
+    print(f"[generate] {len(prompts)} prompt(s) x {args.n} candidates, kept {args.keep} each by {args.rank} -> "
+          f"{res['out']}/ ({res['files']} PNGs, captions.jsonl, grid.png); sampling {res['seconds']['sampling']} s, "
+          f"ranking {res['seconds']['ranking']} s")
+    print(f"[generate] score them: python -m minidalle judge {res['out']}")
+    return res
+
+
+def _sampling_settings(args) -> dict:
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "guidance": args.guidance}
+
+
 def cmd_eval(args, cfg: cfglib.Config) -> dict:
-    """Judge one sample per prompt of the val and heldout splits, drawn by the reference sampler."""
+    """Judge one sample per prompt of the val and heldout splits, or the reranking curve."""
     from .text_to_image import evaluate_transformer
+
+    if args.what == "rerank-curve":
+        return _rerank_curve(args, cfg)
+    if args.what == "clip":
+        from .clip import evaluate_clip
+
+        result = evaluate_clip(cfg, n=args.n or 512, checkpoint=args.checkpoint)
+        _print_recall(f"[eval clip] {result['checkpoint']}:", result)
+        return result
 
     result = evaluate_transformer(cfg, n=args.n or 256, checkpoint=args.checkpoint, temperature=args.temperature,
                                   progress=not args.json)
@@ -224,6 +312,27 @@ def cmd_eval(args, cfg: cfglib.Config) -> dict:
                         result[split])
     print(f"[eval transformer] samples -> {result['grid']}")
     return result
+
+
+def _rerank_curve(args, cfg: cfglib.Config) -> dict:
+    from .generate import load_pipeline, rerank_curve, run_config
+
+    pipe = load_pipeline(cfg, run=args.run, device=args.device, checkpoint=args.checkpoint)
+    plot = Path(run_config(cfg, args.run).train.out_dir).parent / "rerank_curve.png"
+    res = rerank_curve(pipe, n_prompts=args.n or 64, seed=args.seed, progress=not args.json, plot=plot,
+                       **_sampling_settings(args))
+    for split in ("val", "heldout"):
+        print(f"[eval rerank-curve] {split}: all attributes right, best of N ({res['n_prompts']} prompts)")
+        names = list(res["curve"][split])
+        print("  N     " + "".join(f"{name:>12}" for name in names))
+        for size in res["sizes"]:
+            print(f"  {size:<5} " + "".join(f"{res['curve'][split][name][size]['all'] * 100:11.1f}%" for name in names))
+    if res["rank_time_fraction"] is not None:
+        print(f"[eval rerank-curve] reranking took {res['rank_time_fraction'] * 100:.1f}% of the time "
+              f"(sampling {res['seconds']['sampling']} s, decoding {res['seconds']['decoding']} s, "
+              f"reranking {res['seconds']['clip']} s)")
+    print(f"[eval rerank-curve] plot -> {res['plot']}")
+    return res
 
 
 def cmd_info(args, cfg: cfglib.Config) -> dict:
@@ -295,6 +404,25 @@ def _nonnegative_float(text: str) -> float:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    """An argparse type: a whole number >= 0. Example: "0" -> 0; "1.5" -> ArgumentTypeError"""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number >= 0")
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    """An argparse type: a number in (0, 1]. Example: "0.9" -> 0.9; "0" -> ArgumentTypeError"""
+    value = _nonnegative_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one `error:` line naming the input (not usage + error)."""
 
@@ -331,35 +459,70 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("bench", help="benchmarks that print measured figures")
     common(d)
-    d.add_argument("what", choices=["judge", "dvae", "bpe", "attention"])
+    d.add_argument("what", choices=["judge", "dvae", "bpe", "attention", "sampling"])
     d.add_argument("--n", type=_positive_int, default=None,
                    help="samples per split (judge: 1000, dvae: 500); bpe: captions to encode (20000)")
     d.add_argument("--mib", type=_positive_float, default=10.0, help="bpe: MiB of text to train the 16,384 vocabulary on")
     d.add_argument("--out", default=None, help="dvae: folder for the benchmark's training run (default: a temp folder)")
+    d.add_argument("--no-compile", action="store_true", dest="no_compile",
+                   help="sampling: skip the torch.compile'd decode step (its compile takes ~50 s on 2 CPU cores)")
     d.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("train", help="train a stage of the pipeline")
     common(d)
-    d.add_argument("what", choices=["dvae", "bpe", "transformer"],
-                   help="dvae: the image tokenizer (stage 1); bpe: the text tokenizer; transformer: stage 2")
+    d.add_argument("what", choices=["dvae", "bpe", "transformer", "clip"],
+                   help="dvae: the image tokenizer (stage 1); bpe: the text tokenizer; transformer: stage 2; "
+                        "clip: the contrastive reranker of stage 2's samples")
     either = d.add_mutually_exclusive_group()
     either.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     either.add_argument("--start-over", action="store_true", dest="start_over",
                         help="move the folder's checkpoints and metrics into set-aside-<time>/, train from step 0")
     d.set_defaults(func=cmd_train)
 
+    d = sub.add_parser("generate", help="images for captions: sample candidates, rerank, keep the best")
+    common(d)
+    d.add_argument("prompt", nargs="*", help="captions, e.g. \"a red circle above a blue square\"")
+    d.add_argument("--prompts", default=None, metavar="FILE", help="a text file with one caption a line")
+    d.add_argument("--n", type=_positive_int, default=32, help="candidates per prompt (default 32)")
+    d.add_argument("--keep", type=_positive_int, default=4, help="images kept per prompt, best first (default 4)")
+    d.add_argument("--out", required=True, help="output folder (empty, new, or one generate wrote before)")
+    d.add_argument("--rank", choices=["clip", "likelihood"], default="clip",
+                   help="clip: the trained reranker (default); likelihood: the transformer's own log p(image | caption)")
+    d.add_argument("--run", default=None, metavar="DIR",
+                   help="a run folder with dvae/, bpe/, transformer/ and clip/ (default: the preset's runs/<preset>)")
+    d.add_argument("--truncate", action="store_true", help="cut a prompt longer than text.text_len tokens (flagged)")
+    _sampling_flags(d)
+    d.set_defaults(func=cmd_generate)
+
     d = sub.add_parser("eval", help="measure a trained stage")
     common(d)
-    d.add_argument("what", choices=["transformer"], help="transformer: the judge on one sample per val/heldout prompt")
-    d.add_argument("--n", type=_positive_int, default=None, help="prompts per split (default 256)")
-    d.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: the newest in --train.out_dir)")
-    d.add_argument("--temperature", type=_nonnegative_float, default=1.0, help="sampling temperature (default 1)")
+    d.add_argument("what", choices=["transformer", "rerank-curve", "clip"],
+                   help="transformer: the judge on one sample per val/heldout prompt; rerank-curve: best-of-N accuracy "
+                        "by the reranker, the likelihood and the judge, N = 1..64; clip: the reranker's recall@1/@5 "
+                        "and one-fact-changed accuracy on val and heldout pairs")
+    d.add_argument("--n", type=_positive_int, default=None,
+                   help="prompts per split (transformer 256, rerank-curve 64); clip: pairs per split (512)")
+    d.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: the newest in --train.out_dir; "
+                                                      "clip: in --clip_train.out_dir)")
+    d.add_argument("--run", default=None, metavar="DIR", help="rerank-curve: a run folder (as for generate)")
+    _sampling_flags(d)
     d.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("info", help="parameters, sequence lengths and FLOPs of a preset (nothing is trained)")
     common(d)
     d.set_defaults(func=cmd_info)
     return p
+
+
+def _sampling_flags(d) -> None:
+    d.add_argument("--temperature", type=_nonnegative_float, default=1.0, help="sampling temperature (default 1; 0 = argmax)")
+    d.add_argument("--top-k", type=_nonnegative_int, default=0, dest="top_k", help="keep the k likeliest codes (0 = all)")
+    d.add_argument("--top-p", type=_unit_interval, default=1.0, dest="top_p",
+                   help="keep the likeliest codes up to this probability (1 = all)")
+    d.add_argument("--guidance", type=_nonnegative_float, default=1.0,
+                   help="classifier-free guidance scale (1 = off; needs a model trained with caption dropout)")
+    d.add_argument("--seed", type=_nonnegative_int, default=0, help="random seed of the draws (default 0)")
+    d.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -17,6 +17,7 @@ describes one. `minidalle.judge` does the inverse of both. Layout and recipe: da
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -196,8 +197,16 @@ def shape_mask(shape: str, cx: float, cy: float, side: float, size: int, supersa
     """
     n = size * supersample
     coords = (np.arange(n) + 0.5) / supersample  # sub-pixel centres, in pixel units
-    x, y = coords[None, :] - cx, coords[:, None] - cy  # (1, n), (n, 1): offsets from the centre
     h = side / 2
+    # Every shape lies inside its box, so only the pixels the box touches are computed (the same
+    # sub-pixel tests, so the same values as over the whole grid; the rest stay exactly 0).
+    x0, x1 = max(0, math.floor(cx - h)), min(size, math.floor(cx + h) + 1)
+    y0, y1 = max(0, math.floor(cy - h)), min(size, math.floor(cy + h) + 1)
+    out = np.zeros((size, size), np.float32)
+    if x0 >= x1 or y0 >= y1:
+        return out
+    x = coords[None, x0 * supersample:x1 * supersample] - cx  # (1, w): offsets from the centre
+    y = coords[y0 * supersample:y1 * supersample, None] - cy  # (h, 1)
     if shape == "circle":
         inside = x**2 + y**2 <= h**2
     elif shape == "square":
@@ -209,8 +218,10 @@ def shape_mask(shape: str, cx: float, cy: float, side: float, size: int, supersa
         inside = np.abs(x) + np.abs(y) <= h
     else:
         raise DataError(f"unknown shape {shape!r}; ShapesWorld draws {', '.join(SHAPES)}")
-    inside = np.broadcast_to(inside, (n, n)).astype(np.float32)
-    return inside.reshape(size, supersample, size, supersample).mean(axis=(1, 3))  # (size, size)
+    rows, cols = y1 - y0, x1 - x0
+    inside = np.broadcast_to(inside, (rows * supersample, cols * supersample)).astype(np.float32)
+    out[y0:y1, x0:x1] = inside.reshape(rows, supersample, cols, supersample).mean(axis=(1, 3))
+    return out  # (size, size)
 
 
 def render(scene: Scene, image_size: int = 32) -> np.ndarray:

@@ -152,7 +152,8 @@ def rank(pipe: Pipeline, cands: Candidates, by: str = "clip") -> torch.Tensor:
 
     P, n = cands.logp.shape
     prompts = [p for p in cands.prompts for _ in range(n)]
-    return rerank(pipe.clip, pipe.clip_tok, prompts, cands.images.flatten(0, 1)).cpu().view(P, n)
+    cut = any(note["cut"] for note in cands.notes)  # prompts the user let the sampler cut: the reranker cuts them too
+    return rerank(pipe.clip, pipe.clip_tok, prompts, cands.images.flatten(0, 1), truncate=cut).cpu().view(P, n)
 
 
 # --- generate: the kept images on disk ------------------------------------------------------------

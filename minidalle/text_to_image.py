@@ -141,17 +141,27 @@ def prepare_tokenizers(cfg: Config, progress: bool = True, log: Callable[[str], 
                               f"{dvae_cfg.dvae.n_groups}; this config asks for K={cfg.dvae.vocab_size}, n_groups="
                               f"{cfg.dvae.n_groups}. Point --dvae_train.out_dir at a matching tokenizer")
     log(f"[train transformer] image tokenizer: {done} (K={cfg.dvae.vocab_size})")
+    tok, bpe_sha = prepare_bpe(cfg, log, "[train transformer]")
+    ids = TokenizerIds(tokenizer_id(done), bpe_sha, str(done))
+    return dvae, tok, ids
+
+
+def prepare_bpe(cfg: Config, log: Callable[[str], None] = print, tag: str = "[train]") -> tuple[Tokenizer, str]:
+    """(BPE tokenizer, sha256 of its bpe.model): the one in text.out_dir is reused, a missing one trained.
+
+    The stages that read captions (the transformer, the reranker) share it, so their ids mean the same.
+    Example: prepare_bpe(get_config("toy")) -> (RegexTokenizer with 446 tokens, "3f9a...")
+    """
     bpe_path = Path(cfg.text.out_dir) / BPE_FILE
     if not bpe_path.is_file():
-        log(f"[train transformer] no text tokenizer at {bpe_path}: training it first")
+        log(f"{tag} no text tokenizer at {bpe_path}: training it first")
         train_text_tokenizer(cfg, log=log)
     tok = Tokenizer.load(bpe_path)
     if tok.vocab_size != cfg.text.vocab_size:
         raise DataError(f"the text tokenizer {bpe_path} has {tok.vocab_size} tokens; text.vocab_size is "
                         f"{cfg.text.vocab_size}. Retrain it (`python -m minidalle train bpe`) or set --text.vocab_size")
-    log(f"[train transformer] text tokenizer: {bpe_path} ({tok.vocab_size} tokens)")
-    ids = TokenizerIds(tokenizer_id(done), _file_sha256(bpe_path), str(done))
-    return dvae, tok, ids
+    log(f"{tag} text tokenizer: {bpe_path} ({tok.vocab_size} tokens)")
+    return tok, _file_sha256(bpe_path)
 
 
 # --- pairs ---------------------------------------------------------------------------------------------

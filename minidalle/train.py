@@ -173,19 +173,21 @@ class Trainer:
         progress: show a tqdm bar with the live loss.
         out_flag: the command-line setting that chose cfg.out_dir, named in messages about the folder
             (default `--<section>.out_dir`; `demo` passes `--out`).
+        section: which section of the run config cfg is, for messages (`clip_train.lr`); default: found
+            by identity in the Config passed as cfg or config, else "train".
     Example: Trainer(model, TrainConfig(max_steps=100), batch_at, loss_fn).fit()
              -> {"train": [100 dicts like {"step": 1, "loss": 5.4, "lr": ...}], "eval": [...]}
     """
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig | Config, train_data, loss_fn: Callable,
                  eval_data=None, config: Config | dict | None = None, progress: bool = True,
-                 out_flag: str | None = None):
+                 out_flag: str | None = None, section: str | None = None):
         if isinstance(cfg, Config):
             config, cfg = (cfg if config is None else config), cfg.train
         # Which section of the run config these settings are (train, dvae_train, ...), so messages
         # name the key the user types: --dvae_train.out_dir, not train.out_dir.
-        self.section = next((f.name for f in dataclasses.fields(Config) if isinstance(config, Config)
-                             and getattr(config, f.name) is cfg), "train")
+        self.section = section or next((f.name for f in dataclasses.fields(Config) if isinstance(config, Config)
+                                        and getattr(config, f.name) is cfg), "train")
         check_section(cfg, self.section)
         self.out_flag = out_flag or f"--{self.section}.out_dir"
         self.cfg, self.config = cfg, _config_dict(cfg, config)

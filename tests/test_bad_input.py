@@ -92,6 +92,7 @@ def no_setup(d: Path) -> None:
 
 TRAIN = ["train", "dvae", "--preset", "smoke"]
 T2 = ["train", "transformer", "--preset", "smoke"]
+TC = ["train", "clip", "--preset", "smoke"]
 CASES = {
     # config values: wrong type, out of range, not finite, unknown
     "batch_size=0": (TRAIN + ["--dvae_train.batch_size=0"], no_setup, "dvae_train.batch_size=0 is invalid"),
@@ -181,6 +182,21 @@ CASES = {
     "eval not a checkpoint": (["eval", "transformer", "--preset", "smoke", "--checkpoint", "{d}/nowhere"], no_setup,
                               "{d}/nowhere"),
     "info preset": (["info", "--preset", "huge"], no_setup, "unknown preset 'huge'"),
+    # the reranker: its sections and its commands
+    "clip heads": (TC + ["--clip.text_heads=3"], no_setup,
+                   "clip.text_width=32 is invalid: it must be a multiple of clip.text_heads=3"),
+    "clip temperature=0": (TC + ["--clip.temperature=0"], no_setup, "clip.temperature=0.0 is invalid"),
+    "clip negatives=-1": (TC + ["--clip.hard_negatives=-1"], no_setup, "clip.hard_negatives=-1 is invalid"),
+    "clip downsamples": (TC + ["--clip.image_downsamples=5"], no_setup,
+                         "clip.image_downsamples=5 is invalid for 16x16 images"),
+    "clip lr=0": (TC + ["--clip_train.lr=0"], no_setup, "clip_train.lr=0.0 is invalid"),
+    "clip device": (TC + ["--clip_train.device=xyz"], no_setup, "clip_train.device='xyz' is not a device"),
+    "clip out is a file": (TC + ["--clip_train.out_dir={d}/notes.txt"], a_file,
+                           "--clip_train.out_dir={d}/notes.txt: {d}/notes.txt is a file"),
+    "eval clip nothing trained": (["eval", "clip", "--preset", "smoke"], no_setup,
+                                  "no reranker checkpoint at runs/smoke/clip"),
+    "eval clip not a checkpoint": (["eval", "clip", "--preset", "smoke", "--checkpoint", "{d}/nowhere"], no_setup,
+                                   "no reranker checkpoint at {d}/nowhere"),
 }
 
 

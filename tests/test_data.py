@@ -94,6 +94,23 @@ def test_shape_areas_match_geometry(shape, area_fraction):
     assert area == pytest.approx(area_fraction * side**2, rel=0.03)
 
 
+def test_shape_mask_over_its_box_equals_the_mask_over_the_whole_grid():
+    """shape_mask computes only the pixels a shape's box touches; the values must be those of the whole grid."""
+    def whole_grid(shape, cx, cy, side, size, ss=4):
+        c = (np.arange(size * ss) + 0.5) / ss
+        x, y, h = c[None, :] - cx, c[:, None] - cy, side / 2
+        inside = {"circle": x**2 + y**2 <= h**2, "square": (np.abs(x) <= h) & (np.abs(y) <= h),
+                  "triangle": (y <= h) & (np.abs(x) <= (y + h) / 2), "diamond": np.abs(x) + np.abs(y) <= h}[shape]
+        return np.broadcast_to(inside, (size * ss,) * 2).astype(np.float32).reshape(size, ss, size, ss).mean(axis=(1, 3))
+
+    rng = np.random.default_rng(0)
+    for k in range(400):  # partly off the canvas too, and on whole pixels
+        size, shape = int(rng.choice([8, 16, 32])), data.SHAPES[k % 4]
+        (cx, cy), side = rng.uniform(-0.3, 1.3, size=2) * size, rng.uniform(0.05, 0.8) * size
+        cx, side = (float(round(cx)), float(round(side))) if k % 5 == 0 else (cx, side)
+        assert np.array_equal(shape_mask(shape, cx, cy, side, size), whole_grid(shape, cx, cy, side, size)), k
+
+
 def test_triangle_points_up():
     m = shape_mask("triangle", 16, 16, 16, 32)
     rows = m.sum(axis=1)

@@ -5,7 +5,10 @@ opens each notebook in JupyterLab like a person would, runs it from the menu bar
 Cells), and then checks the page: no errors, nothing left running, plots drawn inline, ipywidgets
 rendered (not the ``interactive(children=...)`` text a missing widget manager leaves behind), and,
 for notebooks that call ``interact``, that moving a slider redraws the plot and that nothing but
-the plot shows under the controls.
+the plot shows under the controls. An ``interact_manual`` draws only when its button is pressed:
+there the test types a prompt into the interact's text box (when it has one), presses the button
+("Run Interact"), and checks that a plot appears under the controls; then types a second prompt and
+presses again, and checks that a new, different plot replaces it (so the typed text reached the kernel).
 
 It works on copies of the notebooks in a temporary folder, so the repository's files are never
 touched. It needs ``/usr/bin/chromium`` (Debian: ``apt-get install chromium``; another path can be
@@ -70,9 +73,11 @@ RUN_ALL_S = 300          # one notebook, all cells, smoke mode (measured 5-60 s 
 STEP_S = 30              # one UI step: a menu, a save, widgets to render, a redraw after a slider move
 SHUTDOWN_S = 20
 SLIDER_PRESSES = 5       # ArrowRight presses tried until the plot changes (a new seed can redraw the same picture)
+MANUAL_BUTTON = "Run Interact"  # the button of ipywidgets' interact_manual (its default manual_name)
+MANUAL_PROMPTS = ("a big yellow square on the left", "a small green triangle at the top")  # typed in turn
 MAX_SHOT_HEIGHT = 16_000  # px; Chromium cannot capture much taller pages
 
-INTERACT_RE = re.compile(r"\binteract\s*\(|\bwidgets\.interact\b")
+INTERACT_RE = re.compile(r"\binteract(_manual)?\s*\(|\bwidgets\.interact(_manual)?\b")
 
 # --- JavaScript run in the page ------------------------------------------------------------------
 # Each page opens one notebook on a reset workspace, so ".jp-NotebookPanel" is that notebook.
@@ -143,6 +148,13 @@ WATCH_COMM_JS = """() => {
   kernel.iopubMessage.connect(onIopub);
 }"""
 COMM_DONE_JS = "() => !!(window.__minidalleWatch && window.__minidalleWatch.done)"
+# The same for a button press: a Button sends its click as a comm_msg {method: "custom", content:
+# {event: "click"}}, and interact_manual runs its function inside that request. Only that message is
+# watched, so a value update the text box sends on the way (on blur) cannot be taken for it.
+WATCH_CLICK_JS = WATCH_COMM_JS.replace(
+    "args.msg.header.msg_type === 'comm_msg'",
+    "args.msg.header.msg_type === 'comm_msg' && args.msg.content.data && args.msg.content.data.method === 'custom'"
+    " && args.msg.content.data.content && args.msg.content.data.content.event === 'click'")
 NEXT_FRAME_JS = "() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"
 
 
@@ -430,6 +442,54 @@ def _move_slider(page, box) -> tuple[bool, int, str]:
     return False, SLIDER_PRESSES, f"the plot stayed the same over {SLIDER_PRESSES} slider steps"
 
 
+def _type_into(page, field, text: str) -> str:
+    """Type `text` into an ipywidgets Text box and leave it (Tab), which commits the value; wait until
+    the kernel has handled the update. Returns a problem, or ""."""
+    if field.input_value() == text:
+        return ""
+    page.evaluate(WATCH_COMM_JS)  # the first comm_msg sent from now on: the box's new value
+    field.fill(text)
+    field.press("Tab")
+    try:
+        page.wait_for_function(COMM_DONE_JS, timeout=STEP_S * 1000, polling=100)
+    except PlaywrightTimeout:
+        return f"typed {text!r} into the text box, but the kernel did not take the value in {STEP_S} s"
+    return ""
+
+
+def _press_run(page, box) -> tuple[bool, int, str]:
+    """An interact_manual: for each of MANUAL_PROMPTS, type it into the first text box (if there is
+    one) and press the button; each press must bring a new plot, the second a different one.
+    Returns (changed, presses, problem)."""
+    button = box.get_by_role("button", name=MANUAL_BUTTON, exact=True)
+    field = box.locator("input[type='text']").first
+    has_field = box.locator("input[type='text']").count() > 0
+    before = None
+    for press, prompt in enumerate(MANUAL_PROMPTS, 1):
+        if has_field:
+            problem = _type_into(page, field, prompt)
+            if problem:
+                return False, press, problem
+        box.evaluate("b => b.querySelectorAll('.widget-output img').forEach(i => i.dataset.minidalleStale = '1')")
+        page.evaluate(WATCH_CLICK_JS)
+        button.scroll_into_view_if_needed()
+        button.click()
+        what = f"pressed {MANUAL_BUTTON!r}" + (f" with {prompt!r} in the text box" if has_field else "")
+        try:
+            page.wait_for_function(COMM_DONE_JS, timeout=STEP_S * 1000, polling=100)
+        except PlaywrightTimeout:
+            return False, press, f"{what}, but the kernel did not finish in {STEP_S} s"
+        page.evaluate(NEXT_FRAME_JS)
+        fresh = box.locator(".widget-output img:not([data-minidalle-stale])")
+        if not fresh.count():
+            return False, press, f"{what}, but no plot came: the interact shows {box.evaluate(INTERACT_OUTPUTS_JS)}"
+        src = fresh.first.get_attribute("src")
+        if before is not None and src == before:
+            return False, press, f"{what}, but the plot is the one the first press drew"
+        before = src
+    return True, len(MANUAL_PROMPTS), ""
+
+
 def _check_interacts(page) -> tuple[int, str, list[str]]:
     """Widgets rendered, a slider visible and working, only the plot under each interact.
     Returns (sliders, changed, problems)."""
@@ -450,7 +510,12 @@ def _check_interacts(page) -> tuple[int, str, list[str]]:
     changed = "n/a"
     for i in range(boxes.count()):
         box = boxes.nth(i)
-        if box.get_by_role("slider").count():
+        if box.get_by_role("button", name=MANUAL_BUTTON, exact=True).count():   # interact_manual
+            ok, presses, why = _press_run(page, box)
+            changed = f"yes ({presses} presses of {MANUAL_BUTTON!r})" if ok else "NO"
+            if not ok:
+                problems.append(f"interact {i + 1}: {why}")
+        elif box.get_by_role("slider").count():
             ok, presses, why = _move_slider(page, box)
             changed = f"yes ({presses} step{'s' if presses > 1 else ''})" if ok else "NO"
             if not ok:
@@ -562,7 +627,7 @@ def test_notebook_in_jupyterlab(notebook, lab, browser, summary, record_property
         problems.append("JavaScript errors on the page: " + " | ".join(page_errors[:3]))
 
     line = (f"{notebook}: {seconds:.1f} s to run all cells, {n_cells} cells ({len(sources)} code), "
-            f"{n_plots} plots, {n_sliders} sliders, slider changed plot: {changed}")
+            f"{n_plots} plots, {n_sliders} sliders, controls changed plot: {changed}")
     print(line)
     summary.append(line + ("  [FAILED]" if problems else ""))
     record_property("browser_run", line)  # in the junit XML
