@@ -53,12 +53,12 @@ class Pipeline:
 
 def run_config(cfg: Config, run: str | Path | None) -> Config:
     """The config whose out_dirs point into run folder DIR (DIR/dvae, DIR/bpe, DIR/transformer, DIR/clip),
-    the layout `make demo` and the `train` commands write. None: the preset's own folders."""
+    the layout the `train` commands write. None: the preset's own folders."""
     if run is None:
         return cfg
     run = Path(run)
     if not run.is_dir():
-        raise DataError(f"--run {run} is not a folder; give the folder that `make demo` or the train commands "
+        raise DataError(f"--run {run} is not a folder; give the folder the train commands "
                         f"wrote (e.g. runs/{cfg.preset})")
     cfg = replace(cfg, dvae_train=replace(cfg.dvae_train, out_dir=str(run / "dvae")),
                   text=replace(cfg.text, out_dir=str(run / "bpe")),
@@ -82,7 +82,7 @@ def load_pipeline(cfg: Config, run: str | Path | None = None, device: str = "aut
     cfg = run_config(cfg, run)
     path = Path(checkpoint) if checkpoint else finished_transformer(cfg)
     if path is None:
-        raise CheckpointError(f"no trained transformer in {cfg.train.out_dir}: run `make demo`, or "
+        raise CheckpointError(f"no trained transformer in {cfg.train.out_dir}: train one with "
                               f"`python -m minidalle train transformer --preset {cfg.preset}`"
                               + ("" if run else ", or point --run at a run folder"))
     model, mcfg, ids = load_transformer(path)
