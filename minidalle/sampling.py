@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -200,14 +199,6 @@ def _free_memory(device: torch.device) -> int:
 
 
 # --- the cached sampler ------------------------------------------------------------------------------
-@dataclass
-class _Chunk:
-    """One batch of rows decoding together: their cache and, with guidance, which rows are which."""
-
-    cache: KVCache
-    text: torch.Tensor  # (R, T): the conditional rows, then (batched guidance) the unconditional ones
-
-
 def prefill(model, cache: KVCache, text: torch.Tensor, prime: torch.Tensor) -> torch.Tensor:
     """Run the caption and the primed codes (B, n) through every layer, filling the cache.
 
