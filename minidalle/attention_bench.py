@@ -29,8 +29,6 @@ with the grid of the largest layout, as are the GPU keys (`gpu_flex_row_speedup_
 
 from __future__ import annotations
 
-import math
-import statistics
 import time
 import warnings
 
@@ -38,6 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from .attention import BLOCK_CPU, KINDS, MaskBank, attend, block_counts, flex_available
+from .benchtools import alternate, calls_for, judge_targets, per_call
+from .benchtools import rounded as _r
 from .errors import ConfigError
 
 HEAD_DIM = 64
@@ -79,16 +79,6 @@ def _qkv(n_head: int, L: int, device, dtype=torch.float32, grad: bool = False, s
             for _ in range(3)]
 
 
-def _sample(fn, calls: int, sync) -> float:
-    """Seconds per call of `fn`, over `calls` calls in a row (sync: waits for the GPU, or does nothing)."""
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / calls
-
-
 def _calls(fn, sync) -> int:
     """How many calls make one sample last MIN_SAMPLE_S. Runs fn twice: the first call warms it up
     (allocations, lazy init, a compile), the second is timed.
@@ -96,34 +86,18 @@ def _calls(fn, sync) -> int:
     Example: _calls(lambda: time.sleep(0.01), lambda: None) -> 10
     """
     fn()
-    t = _sample(fn, 1, sync)
-    return max(1, min(MAX_CALLS, math.ceil(MIN_SAMPLE_S / max(t, 1e-9))))
+    return calls_for(per_call(fn, 1, sync), MIN_SAMPLE_S, MAX_CALLS)
 
 
 def interleaved(fa, fb, repeats: int, sync=lambda: None) -> dict:
-    """Time fa and fb back to back, `repeats` times, alternating which goes first.
+    """Time fa and fb back to back, `repeats` times, alternating which goes first (benchtools.alternate).
 
     Returns the median of the per-repeat ratios fa / fb (`ratio`), their range (`lo`, `hi`: how noisy
     the machine was), and the median ms per call of each.
     Example: interleaved(slow, fast, 7) -> {"ratio": 2.01, "lo": 1.97, "hi": 2.1, "a_ms": 4.02, "b_ms": 2.0}
     """
-    na, nb = _calls(fa, sync), _calls(fb, sync)
-    ratios, ta, tb = [], [], []
-    for i in range(repeats):
-        if i % 2 == 0:
-            a, b = _sample(fa, na, sync), _sample(fb, nb, sync)
-        else:
-            b, a = _sample(fb, nb, sync), _sample(fa, na, sync)
-        ratios.append(a / b)
-        ta.append(a)
-        tb.append(b)
-    return {"ratio": statistics.median(ratios), "lo": min(ratios), "hi": max(ratios),
-            "a_ms": 1e3 * statistics.median(ta), "b_ms": 1e3 * statistics.median(tb)}
-
-
-def _r(x: float, digits: int = 3) -> float:
-    """A float rounded to `digits` significant digits, for the JSON. Example: _r(0.0123456) -> 0.0123"""
-    return float(f"{x:.{digits}g}")
+    m = alternate(fa, fb, repeats, (_calls(fa, sync), _calls(fb, sync)), sync)
+    return {"ratio": m["ratio"], "lo": m["lo"], "hi": m["hi"], "a_ms": 1e3 * m["a_s"], "b_ms": 1e3 * m["b_s"]}
 
 
 def _train_step(q, k, v, mask=None):
@@ -263,13 +237,11 @@ def check_targets(res: dict) -> dict:
     Example: check_targets({"train_mask_over_causal_32": 1.5})["train_mask_over_causal_32"]
              -> {"target": "<= 1.7", "value": 1.5, "met": True}
     """
-    out = {}
-    for key, op, bound in TARGETS:
-        value = res.get(key)
-        met = None if value is None else (value <= bound if op == "<=" else value >= bound)
-        if key.startswith("flex_") and res.get("flex_compiled") is False:
-            met = None
-        out[key] = {"target": f"{op} {bound}", "value": value, "met": met}
+    out = judge_targets(res, TARGETS)
+    if res.get("flex_compiled") is False:
+        for key in out:
+            if key.startswith("flex_"):
+                out[key]["met"] = None
     return out
 
 

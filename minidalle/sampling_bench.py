@@ -65,6 +65,8 @@ import warnings
 import numpy as np
 import torch
 
+from .benchtools import alternate, calls_for, judge_targets, per_call
+from .benchtools import rounded as _r
 from .config import TransformerConfig, get_config
 from .errors import ConfigError
 from .model import DALLE, Layout
@@ -117,11 +119,6 @@ def default_models() -> dict[str, tuple[TransformerConfig, Layout]]:
 
 
 # --- timing ------------------------------------------------------------------------------------------------
-def _r(x: float, digits: int = 3) -> float:
-    """A float rounded to `digits` significant digits, for the JSON. Example: _r(0.0123456) -> 0.0123"""
-    return float(f"{x:.{digits}g}")
-
-
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -138,21 +135,16 @@ def timed(fn, device="cpu"):
 
 def _calls(seconds: float) -> int:
     """Calls in a row that make one sample last MIN_SAMPLE_S, given one call's seconds. Example: _calls(0.03) -> 4"""
-    return max(1, min(MAX_CALLS, math.ceil(MIN_SAMPLE_S / max(seconds, 1e-9))))
+    return calls_for(seconds, MIN_SAMPLE_S, MAX_CALLS)
 
 
 def _per_call(fn, calls: int, device="cpu") -> float:
     """Seconds per call of fn over `calls` calls in a row."""
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - t0) / calls
+    return per_call(fn, calls, lambda: _sync(device))
 
 
 def interleaved(fa, fb, repeats: int, first: tuple[float, float], device="cpu") -> dict:
-    """Time fa and fb back to back `repeats` times, alternating which goes first (AB, BA, AB, ...).
+    """Time fa and fb back to back `repeats` times, alternating which goes first (benchtools.alternate).
 
     first: the seconds of one call of each (their warm-up calls, A then B), to size the samples. When
     both lasted LONG_RUN_S or more, a warm-up had nothing left to warm and they count as the first
@@ -160,21 +152,8 @@ def interleaved(fa, fb, repeats: int, first: tuple[float, float], device="cpu") 
     `hi`), the median seconds of each.
     Example: interleaved(slow, fast, 5, (0.2, 0.1)) -> {"ratio": 2.0, "lo": 1.9, "hi": 2.2, "a_s": 0.2, "b_s": 0.1}
     """
-    na, nb = _calls(first[0]), _calls(first[1])
-    ratios, ta, tb = [], [], []
-    start = 0
-    if min(first) >= LONG_RUN_S:
-        ratios, ta, tb, start = [first[0] / first[1]], [first[0]], [first[1]], 1
-    for i in range(start, repeats):
-        if i % 2 == 0:
-            a, b = _per_call(fa, na, device), _per_call(fb, nb, device)
-        else:
-            b, a = _per_call(fb, nb, device), _per_call(fa, na, device)
-        ratios.append(a / b)
-        ta.append(a)
-        tb.append(b)
-    return {"ratio": statistics.median(ratios), "lo": min(ratios), "hi": max(ratios),
-            "a_s": statistics.median(ta), "b_s": statistics.median(tb)}
+    done = [first] if min(first) >= LONG_RUN_S else []
+    return alternate(fa, fb, repeats, (_calls(first[0]), _calls(first[1])), lambda: _sync(device), done)
 
 
 def compare_codes(a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -537,18 +516,15 @@ def check_targets(res: dict) -> dict:
     Example: check_targets({"cfg_batched_speedup": 1.6})["cfg_batched_speedup"]
              -> {"target": ">= 1.15", "value": 1.6, "met": True}
     """
-    out = {}
-    for key, op, bound in TARGETS:
-        value = res.get(key)
-        t = {"target": f"{op} {bound}", "value": value,
-             "met": None if value is None else bool(value <= bound if op == "<=" else value >= bound)}
+    out = judge_targets(res, TARGETS)
+    for key, t in out.items():
+        value = t["value"]
         if key == "roofline_fraction" and value is not None and \
                 res.get("roofline", {}).get("params", 0) < ROOFLINE_MIN_PARAMS:
             t["met"], t["note"] = None, f"not judged: the model has under {ROOFLINE_MIN_PARAMS:,} weights"
         if res.get("tokens_equal", {}).get(key) is False:
             t["met"], t["valid"] = False, False
             t["note"] = "invalid: the two samplers drew different greedy codes"
-        out[key] = t
     return out
 
 
