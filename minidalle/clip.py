@@ -704,13 +704,7 @@ def embed_texts(model: CLIP, tok: Tokenizer, prompts: list[str], batch_size: int
 
     prompts = _prompts(prompts)
     ids = torch.tensor([caption_ids(tok, p, model.layout, truncate=truncate)[0] for p in prompts], dtype=torch.long)
-    was = model.training
-    model.eval()
-    try:
-        return torch.cat([model.encode_text(ids[s:s + batch_size].to(_device(model))).float().cpu()
-                          for s in range(0, len(ids), batch_size)])
-    finally:
-        model.train(was)
+    return _in_batches(model, model.encode_text, ids, batch_size)
 
 
 @torch.no_grad()
@@ -719,10 +713,15 @@ def embed_images(model: CLIP, images, batch_size: int = 256) -> torch.Tensor:
     x = to_float_images(images, model.image_size)
     if len(x) == 0:
         raise DataError("no images given")
+    return _in_batches(model, model.encode_image, x, batch_size)
+
+
+def _in_batches(model: CLIP, encode, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """encode(x) batch by batch on the model's device, in eval mode (then the mode is put back); on the CPU."""
     was = model.training
     model.eval()
     try:
-        return torch.cat([model.encode_image(x[s:s + batch_size].to(_device(model))).float().cpu()
+        return torch.cat([encode(x[s:s + batch_size].to(_device(model))).float().cpu()
                           for s in range(0, len(x), batch_size)])
     finally:
         model.train(was)
@@ -742,7 +741,8 @@ def rerank(model: CLIP, tok: Tokenizer, prompts: list[str], images, batch_size: 
         raise DataError(f"rerank needs one prompt per image: got {len(prompts)} prompts and {len(images)} images")
     unique = list(dict.fromkeys(prompts))
     text = embed_texts(model, tok, unique, batch_size, truncate)  # (u, E)
-    where = torch.tensor([unique.index(p) for p in prompts]) if len(unique) > 1 else torch.zeros(len(prompts), dtype=torch.long)
+    row = {p: i for i, p in enumerate(unique)}
+    where = torch.tensor([row[p] for p in prompts], dtype=torch.long)
     return (embed_images(model, images, batch_size) * text[where]).sum(-1)  # (n,)
 
 
