@@ -1,4 +1,6 @@
 # The README's two commands:  `make demo`  (the main job)  and  `make test`  (every test).
+# `make demo` trains the toy pipeline into runs/demo-toy/ and writes samples.png and report.md there;
+# `make demo PRESET=smoke` is a seconds-long check; `make demo DEMO_ARGS="--device cuda"` trains on a GPU.
 # Each one creates or refreshes a local virtual environment in .venv first.
 #
 # TORCH picks the PyTorch build. The default pins the release whose CPU wheel this project's CI
@@ -10,13 +12,15 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 EXTRAS ?= dev,emoji
 PRESET ?= toy
+DEMO_ARGS ?=
 
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.minidalle-installed
 
 # The notebooks that take under about a minute in their default (toy) preset: `make test` runs them
 # that way too, beside the smoke run of every notebook. 03 trains two tokenizers (~5 minutes) and 06 the
-# transformer (~15 minutes): smoke only. 07 samples from the trained toy run when there is one, else an untrained model.
+# transformer (~15 minutes), 08 the reranker and 09 the whole pipeline (unless `make demo` ran): smoke only.
+# 07 samples from the trained toy run when there is one, else an untrained model.
 TOY_NOTEBOOKS := notebooks/00_setup_check.ipynb notebooks/01_toy_dataset.ipynb notebooks/02_vq_tokenizer.ipynb \
                  notebooks/04_bpe_text_tokenizer.ipynb notebooks/05_sparse_attention.ipynb notebooks/07_gpu_sampling.ipynb
 NBVAL := --nbval-lax --nbval-current-env
@@ -40,7 +44,7 @@ setup:
 	fi
 
 demo: setup
-	$(PY) -m minidalle demo --preset $(PRESET)
+	$(PY) -m minidalle demo --preset $(PRESET) $(DEMO_ARGS)
 
 # Two pytest runs: (1) the unit tests, the notebook lint, every exercise against its solution, the
 # browser test (skipped with a message where no chromium is installed) and every notebook under the

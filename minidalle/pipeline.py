@@ -272,6 +272,9 @@ def run_demo(cfg: Config, out: str | Path, seed: int | None = None, device: str 
     if n_prompts < 1 or n < 1:
         raise ConfigError(f"n_prompts={n_prompts} and n={n} must both be at least 1")
     t_start = time.perf_counter()
+    from .train import pick_device
+
+    pick_device(device, "--device")  # a device this machine lacks is refused before anything is written
     out = Path(out)
     cfg = stage_config(cfg, out, seed)
     if device != "auto":  # every stage trains on the device asked for
