@@ -70,10 +70,15 @@ def _read_stages(out: Path) -> dict:
         return {}
 
 
-def _write_json(path: Path, value) -> None:
+def _write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename: a crash leaves the old file or the new one, never half."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, default=str, allow_nan=False) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+def _write_json(path: Path, value) -> None:
+    _write_text(path, json.dumps(value, indent=1, default=str, allow_nan=False) + "\n")
 
 
 def _smoke(cfg: Config) -> bool:
@@ -148,11 +153,13 @@ def _bpe_stage(st: _Stages) -> dict:
     from .text_to_image import BPE_FILE, prepare_bpe
 
     path = Path(st.cfg.text.out_dir) / BPE_FILE
-    before = st.record.get("bpe")
-    if before and path.is_file():
+    before, existed = st.record.get("bpe"), path.is_file()
+    if before and existed:
         return {**before, "reused": True}
     t0 = time.perf_counter()
     tok, sha = prepare_bpe(st.cfg, lambda m: None, "[demo]")
+    if existed:  # trained outside the demo (`train bpe`): reused, not timed
+        return {"seconds": None, "sha256": sha, "facts": {"tokens": tok.vocab_size}, "reused": True}
     entry = {"seconds": round(time.perf_counter() - t0, 1), "sha256": sha,
              "facts": {"tokens": tok.vocab_size, "merges": len(tok.merges)}}
     st.save("bpe", entry)
@@ -267,13 +274,12 @@ def run_demo(cfg: Config, out: str | Path, seed: int | None = None, device: str 
     n: candidates each. Returns report.json's content.
     """
     from .generate import load_pipeline
+    from .train import pick_device
 
     n_prompts = n_prompts or default_prompts(cfg)
     if n_prompts < 1 or n < 1:
         raise ConfigError(f"n_prompts={n_prompts} and n={n} must both be at least 1")
     t_start = time.perf_counter()
-    from .train import pick_device
-
     pick_device(device, "--device")  # a device this machine lacks is refused before anything is written
     out = Path(out)
     cfg = stage_config(cfg, out, seed)
@@ -299,8 +305,7 @@ def run_demo(cfg: Config, out: str | Path, seed: int | None = None, device: str 
     report = {
         "preset": cfg.preset, "out": str(out), "seed": seed, "device": str(pipe.device),
         **result,
-        "stages": {k: {kk: vv for kk, vv in v.items() if kk != "tries"} | {"tries": v.get("tries")} for k, v in
-                   stages.items()},
+        "stages": stages,
         "minutes": round((sum(trained) + sample_seconds) / 60, 2),
         "minutes_complete": all(s.get("seconds") is not None for s in stages.values()),
         "this_run_minutes": round((time.perf_counter() - t_start) / 60, 2),
@@ -309,7 +314,7 @@ def run_demo(cfg: Config, out: str | Path, seed: int | None = None, device: str 
         "configs": {"preset": cfg.preset, **cfg.to_dict()}, "sources": pipe.sources,
     }
     _write_json(out / "report.json", report)
-    (out / "report.md").write_text(report_markdown(report), encoding="utf-8")
+    _write_text(out / "report.md", report_markdown(report))
     log(f"[demo] {summary_line(report)}")
     log(f"[demo] samples -> {out / 'samples.png'}; report -> {out / 'report.md'} and {out / 'report.json'}")
     return report
@@ -339,7 +344,8 @@ NEW_PHRASES = ("a blue heart with a star", "a cat wearing glasses", "a red apple
 
 
 def _unjudged_samples(pipe, cfg: Config, out: Path, n: int, progress: bool) -> dict:
-    """Datasets with no judge: samples for a few training captions and new phrases, reranked."""
+    """Datasets with no judge: samples for a few training captions and new phrases, reranked; for the
+    emoji also the held-out figures (`_heldout_figures`: reranker recall@1, transformer loss)."""
     from .data import build_dataset
     from .generate import candidates, rank
 
@@ -351,8 +357,52 @@ def _unjudged_samples(pipe, cfg: Config, out: Path, n: int, progress: bool) -> d
     order = np.argsort(-scores, axis=1)[:, :KEEP]
     shown = [(p, cands.images[i, order[i]], scores[i, order[i]], None) for i, p in enumerate(prompts)]
     save_judged_grid(shown, out / "samples.png", title=f"best {KEEP} of {n} by the reranker", ncols=2)
+    heldout = _heldout_figures(pipe, cfg, progress) if cfg.data.dataset == "emoji" else {}
     return {"dataset": cfg.data.dataset, "prompts": prompts, "candidates": n, "samples": str(out / "samples.png"),
-            "seconds": {k: round(v, 1) for k, v in cands.seconds.items()}}
+            **heldout, "seconds": {k: round(v, 1) for k, v in cands.seconds.items()}}
+
+
+def _heldout_figures(pipe, cfg: Config, progress: bool) -> dict:
+    """On the held-out emoji (the first data.n_heldout; 214 in all), which no stage trained on: the
+    reranker's recall@1 both ways, and the transformer's loss over every one of them (a fresh eval of
+    the final weights), with the last eval loss its training logged.
+
+    Example: -> {"heldout_recall": {"i2t@1": 0.31, "t2i@1": 0.28, "i2t@5": ..., "n": 214},
+                 "transformer_val_loss": {"loss": 3.9, "text_loss": ..., "image_loss": ..., "n": 214},
+                 "transformer_val_loss_logged": {"loss": 3.95, "step": 20000}}
+    """
+    from . import checkpoint as ckpt
+    from .clip import heldout_recall
+    from .text_to_image import eval_pairs, pairs_loss
+
+    recall = heldout_recall(pipe.clip, pipe.clip_tok, cfg.data)
+    dvae_id = ckpt.read_config(pipe.sources["transformer"])["tokenizers"]["dvae"]  # the key of its cached codes
+    loss = pairs_loss(pipe.model, eval_pairs(cfg, pipe.dvae, pipe.tok, dvae_id, progress=progress))
+    return {"heldout_recall": recall, "transformer_val_loss": loss,
+            "transformer_val_loss_logged": _last_logged_eval(Path(cfg.train.out_dir) / "metrics.jsonl")}
+
+
+def _last_logged_eval(metrics: Path) -> dict | None:
+    """The last evaluation line of a metrics.jsonl, as {"loss", "step"} (None: no evaluation was logged)."""
+    from .train import read_metrics
+
+    evals = [r for r in read_metrics(metrics) if r.get("split") == "eval" and "loss" in r]  # [] when missing
+    return {"loss": evals[-1]["loss"], "step": evals[-1].get("step")} if evals else None
+
+
+def _heldout_markdown(report: dict) -> list[str]:
+    """The held-out emoji lines of report.md (none when the run has no held-out figures)."""
+    r, loss = report.get("heldout_recall"), report.get("transformer_val_loss")
+    logged = report.get("transformer_val_loss_logged")
+    if not r:
+        return []
+    lines = [f"Reranker recall@1 on {r['n']} held-out emoji: image->text {r['i2t@1']:.3f}, text->image "
+             f"{r['t2i@1']:.3f} (@5: {r['i2t@5']:.3f}, {r['t2i@5']:.3f}; chance @1: {1 / r['n']:.3f}).", ""]
+    if loss:
+        seen = f"; last logged in training: {logged['loss']:.3f} at step {logged['step']}" if logged else ""
+        lines += [f"Transformer validation loss on {loss['n']} held-out emoji: {loss['loss']:.3f} (text "
+                  f"{loss['text_loss']:.3f}, image {loss['image_loss']:.3f}{seen}).", ""]
+    return lines
 
 
 def save_judged_grid(rows, path: str | Path, title: str | None = None, ncols: int = 1) -> Path:
@@ -403,10 +453,8 @@ def write_eval(result: dict) -> tuple[Path, Path]:
     run = Path(result["run"])
     _write_json(run / "eval.json", result)
     md = run / "eval.md"
-    tmp = md.with_name(md.name + ".tmp")
-    tmp.write_text(f"# minidalle eval: {run}\n\n{result['date']}; {describe_machine(result['machine'])}.\n\n"
-                   f"{summary_line(result)}.\n\n{accuracy_markdown(result)}", encoding="utf-8")
-    tmp.replace(md)
+    _write_text(md, f"# minidalle eval: {run}\n\n{result['date']}; {describe_machine(result['machine'])}.\n\n"
+                    f"{summary_line(result)}.\n\n{accuracy_markdown(result)}")
     return run / "eval.json", md
 
 
@@ -458,7 +506,7 @@ def report_markdown(report: dict) -> str:
     if "per_attribute" in report:
         lines += [summary_line(report) + ".", "", accuracy_markdown(report)]
     else:
-        lines += [f"Prompts: {', '.join(repr(p) for p in report['prompts'])}.", ""]
+        lines += [f"Prompts: {', '.join(repr(p) for p in report['prompts'])}.", "", *_heldout_markdown(report)]
     lines += ["## Stages", "", "| stage | minutes | what it ended with |", "|---|---|---|"]
     for name, s in report["stages"].items():
         took = "reused, not timed here" if s.get("seconds") is None else f"{s['seconds'] / 60:.1f}"
