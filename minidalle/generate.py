@@ -82,9 +82,11 @@ def load_pipeline(cfg: Config, run: str | Path | None = None, device: str = "aut
     cfg = run_config(cfg, run)
     path = Path(checkpoint) if checkpoint else finished_transformer(cfg)
     if path is None:
+        demo = Path(f"runs/demo-{cfg.preset}")
+        hint = "" if run else f", or point --run at a run folder (`make demo` writes {demo})" if not \
+            (demo / "transformer").is_dir() else f"; `make demo` trained one: add --run {demo}"
         raise CheckpointError(f"no trained transformer in {cfg.train.out_dir}: train one with "
-                              f"`python -m minidalle train transformer --preset {cfg.preset}`"
-                              + ("" if run else ", or point --run at a run folder"))
+                              f"`python -m minidalle train transformer --preset {cfg.preset}`{hint}")
     model, mcfg, ids = load_transformer(path)
     dvae, tok = _tokenizers_for(ids, mcfg, cfg)
     dev = pick_device(device, "--device")
