@@ -195,7 +195,7 @@ def _train_transformer(args, cfg: cfglib.Config) -> dict:
 
 def _print_recall(tag: str, result: dict) -> None:
     """Print `clip.evaluate_clip`'s recall, and its one-fact-changed accuracy when measured, per split."""
-    for split in ("val", "heldout"):
+    for split in [s for s in ("val", "heldout") if s in result]:  # the emoji have heldout only
         r = result[split]
         print(f"{tag} {split:<8} recall over {r['n']} pairs: image->text @1 {r['i2t@1']:.3f} @5 {r['i2t@5']:.3f}; "
               f"text->image @1 {r['t2i@1']:.3f} @5 {r['t2i@5']:.3f}")

@@ -540,15 +540,24 @@ class _Collate:
 
 def build_clip_pairs(cfg: Config, tok: Tokenizer, progress: bool = True, log: Callable[[str], None] = print):
     """(training batches, validation batches or None): ShapesPairs for ShapesWorld (with hard negatives),
-    else a DataLoader over the dataset's pairs (in-batch negatives only, no evaluation split)."""
+    else a DataLoader over the dataset's pairs (in-batch negatives only); its validation batches are the
+    held-out emoji (the first data.n_heldout), and None for folders and shards (no evaluation split)."""
     from .data import build_dataset
+    from .image_tokenizer import needs_shuffle
 
     c, tc, layout = cfg.clip, cfg.clip_train, Layout(cfg.text.text_len, cfg.text.vocab_size, 1, 1)
     if cfg.data.dataset != "shapes":
         collate = _Collate(tok, layout)
-        # No shuffle here: the folder and tar datasets shuffle themselves by seed and epoch (train.set_epoch).
-        return torch.utils.data.DataLoader(build_dataset(cfg.data, "train"), batch_size=tc.batch_size, drop_last=True,
-                                           collate_fn=collate), None
+        ds = build_dataset(cfg.data, "train")
+        # The folder and tar datasets shuffle themselves by seed and epoch (train.set_epoch); the emoji,
+        # sorted by caption, are shuffled here, else every epoch would hold the same batches.
+        train = torch.utils.data.DataLoader(ds, batch_size=tc.batch_size, drop_last=True, collate_fn=collate,
+                                            shuffle=needs_shuffle(ds))
+        if cfg.data.dataset != "emoji":
+            return train, None
+        held = _first(build_dataset(cfg.data, "heldout"), cfg.data.n_heldout)
+        val = torch.utils.data.DataLoader(held, batch_size=min(tc.batch_size, len(held)), collate_fn=collate)
+        return train, val
     n = min(c.train_pairs, cfg.data.n_train)
     t0 = time.perf_counter()
     train = ShapesPairs("train", n, cfg.data.image_size, cfg.data.seed, tok, layout, tc.batch_size,
@@ -747,17 +756,18 @@ def rerank(model: CLIP, tok: Tokenizer, prompts: list[str], images, batch_size: 
 
 
 # --- measuring -------------------------------------------------------------------------------------------
-def recall_at_k(model: CLIP, tok: Tokenizer, images, captions: list[str], ks=(1, 5)) -> dict:
+def recall_at_k(model: CLIP, tok: Tokenizer, images, captions: list[str], ks=(1, 5), truncate: bool = False) -> dict:
     """Retrieval among n pairs: "i2t@k", the fraction of images whose own caption is among the k captions
     they score highest, and "t2i@k", the same for captions finding their image. A caption that fits two
     images (ShapesWorld repeats itself) still counts only its own, so 1.0 is not always reachable.
+    truncate: as in embed_texts (a caption longer than text.text_len is cut, not refused).
 
     Example: recall_at_k(model, tok, images (512, 32, 32, 3), captions) -> {"i2t@1": 0.4, "i2t@5": 0.8, ..., "n": 512}
     """
     captions = _prompts(captions)
     if len(images) != len(captions):
         raise DataError(f"recall_at_k needs one caption per image: got {len(captions)} captions and {len(images)} images")
-    sims = embed_images(model, images) @ embed_texts(model, tok, captions).T  # (n, n)
+    sims = embed_images(model, images) @ embed_texts(model, tok, captions, truncate=truncate).T  # (n, n)
     n = len(captions)
     own = sims.diagonal()
     rank_i2t = (sims > own[:, None]).sum(1)  # captions that beat each image's own
@@ -767,6 +777,27 @@ def recall_at_k(model: CLIP, tok: Tokenizer, images, captions: list[str], ks=(1,
         out[f"i2t@{k}"] = float((rank_i2t < k).float().mean())
         out[f"t2i@{k}"] = float((rank_t2i < k).float().mean())
     return {**out, "n": n}
+
+
+def _first(dataset, n: int):
+    """The first n items of a map-style dataset (all of them when it has fewer)."""
+    return torch.utils.data.Subset(dataset, range(min(n, len(dataset))))
+
+
+def heldout_recall(model: CLIP, tok: Tokenizer, data_cfg, n: int | None = None, ks=(1, 5)) -> dict:
+    """`recall_at_k` over the first n held-out emoji (default data.n_heldout; there are 214): images and
+    captions training never saw. Captions longer than text.text_len are cut, as in training.
+
+    Example: heldout_recall(model, tok, get_config("small").data) -> {"i2t@1": 0.3, "t2i@1": 0.3, ..., "n": 214}
+    """
+    from .data import build_dataset
+
+    if data_cfg.dataset != "emoji":
+        raise DataError(f"heldout_recall reads the held-out emoji; data.dataset is {data_cfg.dataset!r} "
+                        "(ShapesWorld: evaluate_clip)")
+    ds = build_dataset(data_cfg, "heldout")
+    k = min(n or data_cfg.n_heldout, len(ds))
+    return recall_at_k(model, tok, ds.images[:k], list(ds.captions[:k]), ks, truncate=True)
 
 
 def fact_accuracy(model: CLIP, tok: Tokenizer, split: str, n: int, image_size: int, seed: int = 0,
@@ -825,14 +856,16 @@ def fact_accuracy(model: CLIP, tok: Tokenizer, split: str, n: int, image_size: i
 def evaluate_clip(cfg: Config, n: int = 512, checkpoint: str | os.PathLike | None = None,
                   model: CLIP | None = None, tok: Tokenizer | None = None, facts: bool = True) -> dict:
     """Recall@1/@5 both ways over the first n `val` and `heldout` ShapesWorld pairs, and (facts=True) the
-    one-fact-changed accuracy of `fact_accuracy` on them. Uses `model` and `tok` when given, else loads
+    one-fact-changed accuracy of `fact_accuracy` on them; for the emoji, recall over the first n held-out
+    emoji (`heldout_recall`; key "heldout" only). Uses `model` and `tok` when given, else loads
     `checkpoint` (default: the newest in clip_train.out_dir).
 
     Example: evaluate_clip(get_config("toy")) -> {"val": {"i2t@1": 0.5, ...}, "heldout": {...}, "facts": {...}}
+             evaluate_clip(get_config("small")) -> {"heldout": {"i2t@1": 0.3, ..., "n": 214}, ...}
     """
-    if cfg.data.dataset != "shapes":
-        raise DataError(f"eval clip measures retrieval on ShapesWorld's val and heldout splits; data.dataset is "
-                        f"{cfg.data.dataset!r}")
+    if cfg.data.dataset not in ("shapes", "emoji"):
+        raise DataError(f"eval clip measures retrieval on ShapesWorld's val and heldout splits or the held-out "
+                        f"emoji; data.dataset is {cfg.data.dataset!r}, which has no evaluation split")
     path = None
     if model is None:
         path = checkpoint or cfg.clip_train.out_dir
@@ -841,6 +874,10 @@ def evaluate_clip(cfg: Config, n: int = 512, checkpoint: str | os.PathLike | Non
     elif tok is None:
         raise ConfigError("evaluate_clip(model=...) needs the tokenizer too (tok=...)")
     out = {"n": n, "checkpoint": str(_checkpoint_folder(path)) if path is not None else None}
+    if cfg.data.dataset == "emoji":
+        out["heldout"] = heldout_recall(model, tok, replace(cfg.data, image_size=model.image_size), n)
+        out["n"] = out["heldout"]["n"]
+        return out
     for split in ("val", "heldout"):
         images, captions = data.ShapesWorld(split, model.image_size, cfg.data.seed, n).batch(0, n)
         out[split] = recall_at_k(model, tok, images, captions)

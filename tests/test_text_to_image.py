@@ -84,6 +84,18 @@ def test_real_captions_that_do_not_fit_are_cut_and_counted_not_refused(tmp_path,
     assert any("1 of 91 training captions are longer than text.text_len=16" in line for line in lines)
 
 
+def test_captions_that_run_out_of_merges_before_the_vocab_size_are_refused(tmp_path, monkeypatch):
+    # "ab ab ab" splits into the chunks "ab", " ab", " ab": merge (a, b), then (" ", ab), then nothing is
+    # left to pair, so 2 merges: 258 tokens at most
+    monkeypatch.setattr(t2i, "training_captions", lambda data, n=None: ["ab ab ab"] * 10)
+    cfg = get_config("smoke", {"data.dataset": "folder", "data.path": str(tmp_path), "text.vocab_size": 300,
+                               "text.out_dir": str(tmp_path / "bpe")})
+    with pytest.warns(UserWarning, match="allows only"), \
+            pytest.raises(DataError, match=r"allow only 258 tokens .*--text.vocab_size=258 or lower"):
+        t2i.train_text_tokenizer(cfg, log=lambda m: None)
+    assert not (tmp_path / "bpe").exists()  # nothing written
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     """One smoke run of `train transformer` (it trains the tokenizers it needs first)."""
