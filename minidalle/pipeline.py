@@ -294,7 +294,8 @@ def run_demo(cfg: Config, out: str | Path, seed: int | None = None, device: str 
         st.summary_line(i, name, entry, entry["reused"])
         stages[name] = entry
     pipe = load_pipeline(cfg, device=device)
-    log(f"[demo] sampling {n} candidates for {n_prompts} val and {n_prompts} heldout prompts, reranking, judging")
+    log(f"[demo] sampling {n} candidates for {n_prompts} val and {n_prompts} heldout prompts, reranking, judging"
+        if cfg.data.dataset == "shapes" else f"[demo] sampling {n} candidates per prompt, reranking; held-out recall")
     t0 = time.perf_counter()
     if cfg.data.dataset == "shapes":
         result = _judged_samples(pipe, cfg, out, n_prompts, n, progress)
