@@ -141,6 +141,11 @@ def _dvae_stage(st: _Stages) -> dict:
     else:
         st.log(f"[demo] warning: no seed of {DVAE_TRIES} gave reconstructions the judge reads >= {DVAE_MIN_JUDGE}; "
                "going on with the last one")
+    if len(tries) > 1:  # a transformer trained on the rejected tokenizer's codes would read the new ones wrongly
+        moved = set_aside(st.out, ["transformer"])
+        st.record.pop("transformer", None)
+        if moved:
+            st.log(f"[demo] the transformer trained on the rejected image tokenizer's codes is set aside in {moved}")
     facts = {k: v for k, v in tries[-1].items() if v is not None}
     seconds = None if trained_before and len(tries) == 1 else round(time.perf_counter() - t0, 1)
     entry = {"seconds": seconds, "checkpoint": str(finished_dvae(cfg)), "tries": tries,
@@ -459,11 +464,12 @@ def write_eval(result: dict) -> tuple[Path, Path]:
     return run / "eval.json", md
 
 
-def set_aside(out: str | Path) -> Path | None:
-    """Move every stage folder and the reports of the run in `out` into out/set-aside-<time>/ (kept, not
-    deleted), so the next demo trains from scratch. Returns that folder, or None when there was nothing."""
+def set_aside(out: str | Path, names: list[str] | None = None) -> Path | None:
+    """Move `names` (default: every stage folder and the reports) of the run in `out` into
+    out/set-aside-<time>/ (kept, not deleted), so the next demo trains them from scratch.
+    Returns that folder, or None when there was nothing to move."""
     out = Path(out)
-    names = [*STAGES, STAGES_FILE, "report.json", "report.md", "samples.png"]
+    names = names or [*STAGES, STAGES_FILE, "report.json", "report.md", "samples.png"]
     present = [out / name for name in names if (out / name).exists()]
     if not present:
         return None

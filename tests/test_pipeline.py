@@ -92,8 +92,11 @@ def test_stage_one_is_trained_again_with_the_next_seed_when_it_lost_the_meaning(
     monkeypatch.setattr(it, "reconstruction_report",
                         lambda *a, **k: {"reconstruction": {"overall": next(readings)}, "psnr": 20.0})
     cfg = pipeline.stage_config(get_config("smoke"), tmp_path / "run", seed=5)
+    (tmp_path / "run" / "transformer" / "checkpoints").mkdir(parents=True)  # trained on the codes about to change
     st = pipeline._Stages(cfg, tmp_path / "run", progress=False, log=lambda m: None)
     entry = pipeline._dvae_stage(st)
+    assert not (tmp_path / "run" / "transformer").exists()
+    assert list((tmp_path / "run").glob("set-aside-*/transformer/checkpoints"))
     assert [t["seed"] for t in entry["tries"]] == [5, 6] and [t["judge"] for t in entry["tries"]] == [0.4, 0.97]
     assert list((tmp_path / "run" / "dvae").glob("set-aside-*"))  # the rejected run is kept, not deleted
     assert json.loads((tmp_path / "run" / "stages.json").read_text())["dvae"]["facts"]["seed"] == 6
