@@ -126,8 +126,8 @@ def _dvae_stage(st: _Stages) -> dict:
         if attempt:
             seed = cfg.dvae_train.seed + attempt
             st.log(f"[demo] the judge read only {tries[-1]['judge']:.3f} of the val reconstructions (< "
-                   f"{DVAE_MIN_JUDGE}): this seed merged some colours or shapes into one code. Training stage 1 "
-                   f"again with dvae_train.seed={seed} (the old run is set aside in {cfg.dvae_train.out_dir})")
+                   f"{DVAE_MIN_JUDGE}): this seed's codes lost part of the images' meaning (e.g. two colours given "
+                   f"one code). Training stage 1 again with dvae_train.seed={seed} (the old run is set aside in {cfg.dvae_train.out_dir})")
         run_cfg = replace(cfg, dvae_train=replace(cfg.dvae_train, seed=seed))
         train_dvae(run_cfg, resume=not attempt, start_over=bool(attempt), progress=st.progress, out_flag="--out")
         model, _ = load_dvae(finished_dvae(run_cfg))
