@@ -168,8 +168,9 @@ def cmd_demo(args, cfg: cfglib.Config) -> dict:
         moved = set_aside(out)
         if moved:
             print(f"[demo] --start-over: the earlier run's stages are set aside in {moved}")
-    return run_demo(cfg, out, seed=args.seed, device=args.device, n_prompts=args.n_prompts, n=args.n,
-                    progress=not args.json)
+    report = run_demo(cfg, out, seed=args.seed, device=args.device, n_prompts=args.n_prompts, n=args.n,
+                      progress=not args.json)
+    return {k: v for k, v in report.items() if k != "configs"}  # the configs are in OUT/report.json
 
 
 def _train_transformer(args, cfg: cfglib.Config) -> dict:
