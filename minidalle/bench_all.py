@@ -344,7 +344,9 @@ def write_summary(summary: dict, out: Path) -> tuple[Path, Path]:
     """
     out.mkdir(parents=True, exist_ok=True)
     md, js = out / "summary.md", out / "summary.json"
-    _write_atomic(js, json.dumps(finite(summary), indent=1, sort_keys=True, default=str, allow_nan=False) + "\n")
+    from .cli import strict_json  # late: cli imports this module only when `bench all` runs
+
+    _write_atomic(js, json.dumps(strict_json(summary), indent=1, sort_keys=True, default=str, allow_nan=False) + "\n")
     _write_atomic(md, to_markdown(summary))
     return md, js
 
@@ -353,20 +355,6 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
-
-
-def finite(value):
-    """NaN and infinity as None, so the JSON stays strict.
-
-    Example: finite({"x": [float("nan"), 1]}) -> {"x": [None, 1]}
-    """
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return value
 
 
 # --- markdown -------------------------------------------------------------------------------------------

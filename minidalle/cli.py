@@ -30,12 +30,11 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 from . import config as cfglib
 from .data import SPLITS
-from .errors import ConfigError, DataError, MinidalleError
+from .errors import ConfigError, MinidalleError
 
 
 def cmd_data(args, cfg: cfglib.Config) -> dict:
@@ -348,14 +347,17 @@ def check_out_folder(path: str | Path, flag: str) -> Path:
     return path
 
 
-def _strict_json(value):
-    """NaN and infinity are not JSON (strict parsers refuse them): they are written as null."""
+def strict_json(value):
+    """NaN and infinity are not JSON (strict parsers refuse them): they are written as null.
+
+    Example: strict_json({"x": [float("nan"), 1]}) -> {"x": [None, 1]}
+    """
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _strict_json(v) for k, v in value.items()}
+        return {k: strict_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
+        return [strict_json(v) for v in value]
     return value
 
 
@@ -566,5 +568,5 @@ def _main(argv: list[str] | None) -> int:
         where = f": {e.filename}" if e.filename else ""
         print(f"error: {e.strerror or e}{where}" + (f" -> {e.filename2}" if e.filename2 else ""), file=sys.stderr)
         return 2
-    print(json.dumps(_strict_json(result), sort_keys=True, default=str, allow_nan=False))
+    print(json.dumps(strict_json(result), sort_keys=True, default=str, allow_nan=False))
     return 0
