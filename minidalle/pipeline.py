@@ -303,7 +303,7 @@ def run_demo(cfg: Config, out: str | Path, seed: int | None = None, device: str 
         if cfg.data.dataset == "shapes" else f"[demo] sampling {n} candidates per prompt, reranking; held-out recall")
     t0 = time.perf_counter()
     if cfg.data.dataset == "shapes":
-        result = _judged_samples(pipe, cfg, out, n_prompts, n, progress)
+        result = _judged_samples(pipe, out, n_prompts, n, progress)
     else:
         result = _unjudged_samples(pipe, cfg, out, n, progress)
     sample_seconds = time.perf_counter() - t0
@@ -326,24 +326,35 @@ def run_demo(cfg: Config, out: str | Path, seed: int | None = None, device: str 
     return report
 
 
-def _judged_samples(pipe, cfg: Config, out: Path, n_prompts: int, n: int, progress: bool) -> dict:
-    prompts = split_prompts(cfg, n_prompts)
-    tables, shown, seconds = {}, [], {}
-    for k, (split, ps) in enumerate(prompts.items()):
-        res = judge_candidates(pipe, ps, n, seed=k, progress=progress)
+def judge_splits(pipe, n_prompts: int, n: int, seed: int = 0, progress: bool = True, **settings) -> dict:
+    """`judge_candidates` on the first n_prompts `val` and `heldout` prompts (seeds seed, seed + 1).
+
+    Returns the headline keys (`_headline`), `per_attribute` (split -> `accuracy_table`), the seconds
+    summed over both splits, and `results` (split -> judge_candidates' dict, not for JSON).
+    """
+    tables, seconds, results = {}, {}, {}
+    for k, (split, ps) in enumerate(split_prompts(pipe.cfg, n_prompts).items()):
+        results[split] = res = judge_candidates(pipe, ps, n, seed=seed + k, progress=progress, **settings)
         tables[split] = accuracy_table(res["verdicts"], res["scores"])
         for key, v in res["cands"].seconds.items():
             seconds[key] = seconds.get(key, 0.0) + v
+    return {**_headline(tables, n), "per_attribute": tables, "n_prompts": n_prompts, "candidates": n,
+            "seconds": {k: round(v, 1) for k, v in seconds.items()}, "results": results}
+
+
+def _judged_samples(pipe, out: Path, n_prompts: int, n: int, progress: bool) -> dict:
+    judged = judge_splits(pipe, n_prompts, n, progress=progress)
+    shown = []
+    for split, res in judged.pop("results").items():
         order = np.argsort(-res["scores"], axis=1)[:, :KEEP]
-        shown.append([(f"[{split}] {ps[p]}", res["cands"].images[p, order[p]], res["scores"][p, order[p]],
-                        res["verdicts"]["ok"][p, order[p]]) for p in range(min(SHOWN, len(ps)))])
+        shown.append([(f"[{split}] {res['cands'].prompts[p]}", res["cands"].images[p, order[p]],
+                       res["scores"][p, order[p]], res["verdicts"]["ok"][p, order[p]])
+                      for p in range(min(SHOWN, n_prompts))])
     rows = [row for pair in zip(*shown) for row in pair]  # val on the left, heldout on the right
     save_judged_grid(rows, out / "samples.png", ncols=2,
                      title=f"best {KEEP} of {n} by the reranker (score = its similarity); "
                            "✓ = the judge finds every fact the caption states")
-    return {"dataset": "shapes", **_headline(tables, n), "per_attribute": tables, "n_prompts": n_prompts,
-            "candidates": n, "samples": str(out / "samples.png"),
-            "seconds": {k: round(v, 1) for k, v in seconds.items()}}
+    return {"dataset": "shapes", **judged, "samples": str(out / "samples.png")}
 
 
 NEW_PHRASES = ("a blue heart with a star", "a cat wearing glasses", "a red apple", "a smiling sun")
@@ -442,16 +453,10 @@ def evaluate_run(cfg: Config, run: str | Path | None = None, n_prompts: int = 25
     if n_prompts < 1 or n < 1:
         raise ConfigError(f"n_prompts={n_prompts} and n={n} must both be at least 1")
     pipe = load_pipeline(cfg, run=run, device=device)
-    tables, seconds = {}, {}
-    for k, (split, ps) in enumerate(split_prompts(pipe.cfg, n_prompts).items()):
-        res = judge_candidates(pipe, ps, n, seed=seed + k, progress=progress, **settings)
-        tables[split] = accuracy_table(res["verdicts"], res["scores"])
-        for key, v in res["cands"].seconds.items():
-            seconds[key] = seconds.get(key, 0.0) + v
-    return {"run": str(run), **_headline(tables, n), "per_attribute": tables, "n_prompts": n_prompts,
-            "candidates": n, "seed": seed, "settings": settings, "sources": pipe.sources,
-            "seconds": {k: round(v, 1) for k, v in seconds.items()}, "machine": machine(),
-            "date": utc_now()}
+    judged = judge_splits(pipe, n_prompts, n, seed, progress, **settings)
+    judged.pop("results")
+    return {"run": str(run), **judged, "seed": seed, "settings": settings, "sources": pipe.sources,
+            "machine": machine(), "date": utc_now()}
 
 
 def write_eval(result: dict) -> tuple[Path, Path]:
