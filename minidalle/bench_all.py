@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 import traceback
@@ -28,6 +27,7 @@ from . import config as cfglib
 from .benchtools import describe_machine, judge_targets, machine
 from .benchtools import utc_now as _utc
 from .errors import CheckpointError, ConfigError, DataError
+from .files import write_atomic
 
 BENCHMARKS = ("judge", "dvae", "bpe", "attention", "sampling")
 STEPS = BENCHMARKS + ("quality",)  # what --skip accepts
@@ -346,15 +346,9 @@ def write_summary(summary: dict, out: Path) -> tuple[Path, Path]:
     md, js = out / "summary.md", out / "summary.json"
     from .cli import strict_json  # late: cli imports this module only when `bench all` runs
 
-    _write_atomic(js, json.dumps(strict_json(summary), indent=1, sort_keys=True, default=str, allow_nan=False) + "\n")
-    _write_atomic(md, to_markdown(summary))
+    write_atomic(js, json.dumps(strict_json(summary), indent=1, sort_keys=True, default=str, allow_nan=False) + "\n")
+    write_atomic(md, to_markdown(summary))
     return md, js
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # --- markdown -------------------------------------------------------------------------------------------

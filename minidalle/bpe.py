@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -51,6 +50,7 @@ import regex
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, DataError
+from .files import write_atomic
 
 # The pre-split pattern of GPT-4's cl100k tokenizer (tiktoken): contractions, letter runs with one
 # leading non-letter, numbers of at most 3 digits, punctuation runs, newlines, other whitespace.
@@ -274,8 +274,8 @@ class Tokenizer:
                 rows.append(f"[{_printable(self.vocab[a])}][{_printable(self.vocab[b])}] -> [{shown}] {i}")
             else:
                 rows.append(f"[{shown}] {i}")
-        _write_atomic(model, body + f"sha256 {hashlib.sha256(body).hexdigest()}\n".encode("ascii"))
-        _write_atomic(vocab_file, ("\n".join(rows) + "\n").encode("utf-8"))
+        write_atomic(model, body + f"sha256 {hashlib.sha256(body).hexdigest()}\n".encode("ascii"))
+        write_atomic(vocab_file, ("\n".join(rows) + "\n").encode("utf-8"))
         return model, vocab_file
 
     def _check_ids(self) -> None:
@@ -365,23 +365,6 @@ class Tokenizer:
         except UnicodeDecodeError as e:
             raise DataError(f"{path} is damaged: byte {e.start} is not UTF-8 text; {RETRAIN}") from None
         return _parse_model(text.split("\n")[:-1], path)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, push it to the disk, then rename it to `path`.
-
-    Example: _write_atomic(Path("bpe.model"), b"...") leaves bpe.model whole (old or new), nothing else
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 _CHECKSUM_LINE = regex.compile(rb"sha256 ([0-9a-f]{64})\r?\n?")  # a CRLF copy gets the checksum message

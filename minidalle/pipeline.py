@@ -35,6 +35,7 @@ import numpy as np
 from .benchtools import describe_machine, machine, utc_now
 from .config import Config
 from .errors import CheckpointError, ConfigError, DataError
+from .files import write_atomic
 
 STAGES = ("dvae", "bpe", "transformer", "clip")
 CANDIDATES = 16  # candidates per prompt: the best of 16 is the figure the report leads with
@@ -70,15 +71,8 @@ def _read_stages(out: Path) -> dict:
         return {}
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and a rename: a crash leaves the old file or the new one, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def _write_json(path: Path, value) -> None:
-    _write_text(path, json.dumps(value, indent=1, default=str, allow_nan=False) + "\n")
+    write_atomic(path, json.dumps(value, indent=1, default=str, allow_nan=False) + "\n")
 
 
 def _smoke(cfg: Config) -> bool:
@@ -105,8 +99,8 @@ class _Stages:
         self.record[name] = entry
         _write_json(self.out / STAGES_FILE, self.record)
 
-    def summary_line(self, i: int, name: str, entry: dict, reused: bool) -> None:
-        took = "reused" if reused else f"{entry['seconds']:.0f} s"
+    def summary_line(self, i: int, name: str, entry: dict) -> None:
+        took = "reused" if entry["reused"] else f"{entry['seconds']:.0f} s"
         facts = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry["facts"].items())
         self.log(f"[demo] stage {i}/{len(STAGES)} {name}: {took}; {facts}")
 
@@ -296,7 +290,7 @@ def run_demo(cfg: Config, out: str | Path, seed: int | None = None, device: str 
     for i, name in enumerate(STAGES, 1):
         log(f"[demo] stage {i}/{len(STAGES)} {name} -> {out / name}")
         entry = _dvae_stage(st) if name == "dvae" else _bpe_stage(st) if name == "bpe" else _trained_stage(st, name)
-        st.summary_line(i, name, entry, entry["reused"])
+        st.summary_line(i, name, entry)
         stages[name] = entry
     pipe = load_pipeline(cfg, device=device)
     log(f"[demo] sampling {n} candidates for {n_prompts} val and {n_prompts} heldout prompts, reranking, judging"
@@ -320,7 +314,7 @@ def run_demo(cfg: Config, out: str | Path, seed: int | None = None, device: str 
         "configs": {"preset": cfg.preset, **cfg.to_dict()}, "sources": pipe.sources,
     }
     _write_json(out / "report.json", report)
-    _write_text(out / "report.md", report_markdown(report))
+    write_atomic(out / "report.md", report_markdown(report))
     log(f"[demo] {summary_line(report)}")
     log(f"[demo] samples -> {out / 'samples.png'}; report -> {out / 'report.md'} and {out / 'report.json'}")
     return report
@@ -464,7 +458,7 @@ def write_eval(result: dict) -> tuple[Path, Path]:
     run = Path(result["run"])
     _write_json(run / "eval.json", result)
     md = run / "eval.md"
-    _write_text(md, f"# minidalle eval: {run}\n\n{result['date']}; {describe_machine(result['machine'])}.\n\n"
+    write_atomic(md, f"# minidalle eval: {run}\n\n{result['date']}; {describe_machine(result['machine'])}.\n\n"
                     f"{summary_line(result)}.\n\n{accuracy_markdown(result)}")
     return run / "eval.json", md
 
