@@ -9,6 +9,14 @@ Layout, one folder per saved step under `{out_dir}/checkpoints/`:
                             so it loads with torch.load(weights_only=True)
         manifest.json       sha256 + size of the three files above; written LAST
 
+An FSDP run, whose parameters are sliced across processes, writes a *sharded* checkpoint
+instead: `sharded/` (torch.distributed.checkpoint: one file per process plus `.metadata`) holds
+the weights, the AdamW moments and the EMA; `config.json`, `state.pt` (step, every rank's RNG)
+and `manifest.json` (checksums of every file, `"kind": "sharded"`) sit beside it as usual, and the
+same write-then-rename rule makes it atomic. It resumes on any number of processes (the loader
+re-slices the tensors) and reads back as full tensors for sampling; `export_checkpoint` turns it
+into the single-file form above.
+
 Why each rule (the DESIGN.md checkpoint convention):
 - Atomic. Everything is written into `.tmp-step_0000500-<pid>/` beside the final folder, fsynced,
   then renamed. A rename inside one directory is atomic on POSIX, so a folder called `step_*` is
@@ -43,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 
 from .errors import CheckpointError, ConfigError
 
@@ -59,6 +67,8 @@ CONFIG_FILE = "config.json"
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
 PAYLOAD = (MODEL_FILE, CONFIG_FILE, STATE_FILE)  # what the manifest must vouch for
+SHARDED_DIR = "sharded"  # a sharded checkpoint's torch.distributed.checkpoint folder
+SHARDED_PAYLOAD = (CONFIG_FILE, STATE_FILE, f"{SHARDED_DIR}/.metadata")
 FORMAT = 1  # bump when the layout changes, so old readers refuse new folders clearly
 
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
@@ -127,7 +137,10 @@ def _write_folder(tmp: Path, step: int, model: torch.nn.Module, state: dict, con
     """
     # save_model (not save_file) because safetensors refuses tensors that share memory, such as a
     # token embedding tied to the output head; save_model stores one copy and apply_weights fills the other names.
-    save_model(model, str(tmp / MODEL_FILE))
+    if isinstance(model, dict):  # full tensors already in hand (an exported sharded checkpoint)
+        save_file({k: v.contiguous() for k, v in model.items()}, str(tmp / MODEL_FILE))
+    else:
+        save_model(model, str(tmp / MODEL_FILE))
     _fsync_file(tmp / MODEL_FILE)
     _write_text(tmp / CONFIG_FILE, config_text)
     torch.save(state, tmp / STATE_FILE)
@@ -209,8 +222,13 @@ def verify_checkpoint(path: str | Path) -> dict:
     step, named = manifest.get("step"), _STEP_DIR.match(path.name)
     if not isinstance(step, int) or isinstance(step, bool) or (named and int(named.group(1)) != step):
         raise CheckpointError(f"{mpath} says step {step!r}, but the folder is {path.name}; the folder is damaged")
-    files = manifest["files"]
-    for name in PAYLOAD:
+    files, kind = manifest["files"], manifest.get("kind", "full")
+    if kind not in ("full", "sharded"):
+        raise CheckpointError(f"{mpath} says kind {kind!r}; a checkpoint is 'full' or 'sharded'")
+    names = PAYLOAD if kind == "full" else sorted(set(SHARDED_PAYLOAD) | set(files))
+    for name in names:
+        if not isinstance(name, str) or name.startswith(("/", "\\")) or ".." in Path(name).parts:
+            raise CheckpointError(f"{mpath} lists {name!r}, which is not a file inside the folder; the folder is damaged")
         want = files.get(name)
         if want is None:
             raise CheckpointError(f"{mpath} does not list {name}; the folder is damaged")
@@ -257,9 +275,10 @@ class Loaded:
     tensors: dict  # name -> tensor, as safetensors stored them (a tied tensor once)
     state: dict  # what torch.load(weights_only=True) rebuilt from state.pt
     config: dict  # config.json
+    sharded: bool = False  # written by an FSDP run: weights and optimizer live in `sharded/`
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Loaded:
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", full_weights: bool = True) -> Loaded:
     """Verify a checkpoint and read all of it back; raise CheckpointError if any part cannot be read.
 
     A file can match its manifest and still be unreadable: the manifest was rewritten by hand, or
@@ -271,11 +290,24 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     manifest = verify_checkpoint(path)
     config = read_config(path, verify=False)
+    if manifest.get("kind") == "sharded":
+        state = _load_state(path, map_location)
+        tensors = {}
+        if full_weights:  # the sampler's view: every tensor whole (resuming re-slices instead: load_sharded)
+            payload = _read_sharded(path)
+            tensors = payload.get("model", {})
+            if "ema" in payload:
+                state["ema"] = payload["ema"]
+        return Loaded(path, manifest["step"], tensors, state, config, sharded=True)
     try:
         tensors = load_file(str(path / MODEL_FILE), device=str(map_location))
     except Exception as e:  # noqa: BLE001 -- SafetensorError, OSError, ...: all mean "not readable"
         raise CheckpointError(f"{path / MODEL_FILE} cannot be read as safetensors ({type(e).__name__}: "
                               f"{_first_line(e)})") from None
+    return Loaded(path, manifest["step"], tensors, _load_state(path, map_location), config)
+
+
+def _load_state(path: Path, map_location) -> dict:
     try:
         state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 -- UnpicklingError, EOFError, RuntimeError, ... all mean the same here
@@ -283,7 +315,125 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                               f"{_first_line(e)}); refusing to unpickle it") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path / STATE_FILE} holds a {type(state).__name__}, not a state mapping")
-    return Loaded(path, manifest["step"], tensors, state, config)
+    return state
+
+
+# --- sharded checkpoints (FSDP) ------------------------------------------------------------------
+
+def save_sharded(root: str | Path, step: int, model: torch.nn.Module, optimizer, state: dict, config: dict,
+                 ctx, keep_last: int = 2, ema: dict | None = None) -> Path:
+    """Every process writes its slices into `.tmp-step_.../sharded/`; then rank 0 alone adds the
+    config, state and manifest, renames the folder into place and prunes, as `save_checkpoint` does.
+
+    A process killed at any point leaves no `step_*` folder, so the previous checkpoint stays the
+    newest; a later start removes the temp folder. Every process must call this together.
+    Example: save_sharded(root, 500, fsdp_model, optimizer, {"step": 500, ...}, cfg, ctx)
+    """
+    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from . import distributed
+
+    if keep_last < 2:
+        raise ConfigError(f"keep_last={keep_last}: keep at least 2 checkpoints")
+    _check_plain(state, "state")
+    config_text = _json_text(config, CONFIG_FILE)
+    root, final, tmp = Path(root), Path(root) / step_dir_name(step), None
+    if ctx.main:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    tmp = Path(distributed.broadcast(str(tmp), ctx))
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    payload = {"model": model_sd, "optimizer": optim_sd, **({"ema": ema} if ema is not None else {})}
+    dcp_save(payload, checkpoint_id=str(tmp / SHARDED_DIR))
+    distributed.barrier(ctx)  # every slice is on disk before rank 0 vouches for them
+    if ctx.main:
+        _write_text(tmp / CONFIG_FILE, config_text)
+        torch.save(state, tmp / STATE_FILE)
+        _fsync_file(tmp / STATE_FILE)
+        for f in (tmp / SHARDED_DIR).iterdir():
+            _fsync_file(f)
+        fsync_dir(tmp / SHARDED_DIR)
+        files = {str(f.relative_to(tmp)): {"sha256": _sha256(f), "bytes": f.stat().st_size}
+                 for f in sorted(tmp.rglob("*")) if f.is_file()}
+        manifest = {"format": FORMAT, "step": step, "kind": "sharded", "world": ctx.world, "files": files}
+        _write_text(tmp / MANIFEST_FILE, _json_text(manifest, MANIFEST_FILE))
+        fsync_dir(tmp)
+        if final.exists():
+            _remove_dir(final)
+        os.rename(tmp, final)
+        fsync_dir(root)
+        prune_checkpoints(root, keep_last, newest=step)
+    distributed.barrier(ctx)
+    return final
+
+
+def load_sharded(path: str | Path, model: torch.nn.Module, optimizer, ema: dict | None = None) -> None:
+    """Fill a live model and optimizer (sharded over any number of processes, or not at all) from a
+    sharded checkpoint: each process reads just the pieces of its own slices.
+
+    Example: load_sharded(".../step_0000500", fsdp_model, optimizer)
+    """
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = Path(path)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    payload = {"model": model_sd, "optimizer": optim_sd, **({"ema": ema} if ema is not None else {})}
+    try:
+        dcp_load(payload, checkpoint_id=str(path / SHARDED_DIR))
+    except Exception as e:  # noqa: BLE001 -- DCP raises CheckpointException/RuntimeError for a mismatch
+        raise CheckpointError(f"{path / SHARDED_DIR} does not fit this model and optimizer ({type(e).__name__}: "
+                              f"{_first_line(e)}); was it saved from a different architecture or config?") from None
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+
+
+def _read_sharded(path: Path) -> dict:
+    """A sharded checkpoint's tensors, whole, on the CPU, with no process group (for sampling and export)."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "whole.pt"
+        try:
+            dcp_to_torch_save(str(path / SHARDED_DIR), str(out))
+            return torch.load(out, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{path / SHARDED_DIR} cannot be read back ({type(e).__name__}: "
+                                  f"{_first_line(e)})") from None
+
+
+def export_checkpoint(path: str | Path, out: str | Path | None = None) -> Path:
+    """Write a sharded checkpoint as one full checkpoint folder (model.safetensors, config, state with
+    the step, loss and EMA; no optimizer), the form every loader reads. Default: `<path>-full`.
+
+    Example: export_checkpoint("runs/x/transformer/checkpoints/step_0000500") -> Path(".../step_0000500-full")
+    """
+    loaded = read_checkpoint(path)
+    src = Path(path)
+    out = Path(out) if out is not None else src.with_name(src.name + "-full")
+    if not loaded.sharded:
+        raise CheckpointError(f"{src} is already a full checkpoint (model.safetensors); load it directly")
+    if out.exists():
+        raise CheckpointError(f"{out} already exists; remove it or pass another --out")
+    state = {k: loaded.state[k] for k in ("step", "loss", "ema") if k in loaded.state}
+    state["exported_from"] = str(src)
+    _check_plain(state, "state")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{TMP_PREFIX}{out.name}-{os.getpid()}")
+    tmp.mkdir()
+    try:
+        _write_folder(tmp, loaded.step, loaded.tensors, state, _json_text(loaded.config, CONFIG_FILE))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.rename(tmp, out)
+    fsync_dir(out.parent)
+    return out
 
 
 def apply_weights(model: torch.nn.Module, tensors: dict, where: str | Path) -> None:
@@ -320,7 +470,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module | None = None,
 
 
 def find_resumable(root: str | Path, map_location: str | torch.device = "cpu",
-                   check=None) -> tuple[Loaded | None, list[tuple[Path, str]]]:
+                   check=None, full_weights: bool = True) -> tuple[Loaded | None, list[tuple[Path, str]]]:
     """The newest checkpoint in `root` that reads back completely, and each newer one rejected, with why.
 
     `check(loaded)` may raise CheckpointError to reject a checkpoint for what it holds (the trainer
@@ -331,7 +481,7 @@ def find_resumable(root: str | Path, map_location: str | torch.device = "cpu",
     rejected = []
     for _, p in reversed(list_checkpoints(root)):
         try:
-            loaded = read_checkpoint(p, map_location)
+            loaded = read_checkpoint(p, map_location, full_weights=full_weights)
             if check is not None:
                 check(loaded)
             return loaded, rejected

@@ -30,7 +30,9 @@ QUANTIZERS = ("gumbel", "vq")
 # (losses.binned_logit_laplace_nll; the toy presets use it, see why there); mse: for comparison.
 LIKELIHOODS = ("logit_laplace", "logit_laplace_binned", "mse")
 MAX_IMAGE_SIZE = 2048  # the paper trains at 256; 2048x2048x3 is already 12 MB a sample
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PARALLEL = ("none", "ddp", "fsdp")
+NONFINITE = ("stop", "skip")
 ATTN_IMPLS = ("auto", "sdpa", "flex")  # attention.py's execution paths
 
 
@@ -72,8 +74,14 @@ class TrainConfig:
     log_every: int = 10  # write a metrics line every this many updates
     seed: int = 1337  # seed of torch, numpy and python RNGs
     device: str = "auto"  # auto (cuda -> mps -> cpu) or an explicit torch device string
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16 (with a loss scaler)
     ema_decay: float = 0.0  # keep an exponential moving average of the weights with this decay (0 = off)
+    parallel: str = "none"  # none | ddp (a copy per GPU) | fsdp (parameters sharded); launch with torchrun
+    grad_accum: int = 1  # micro-batches per update; global batch = batch_size x grad_accum x processes
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
+    nonfinite: str = "stop"  # a non-finite loss or gradient: stop (raise) | skip the update and count it
+    dist_timeout: float = 600.0  # seconds a collective may wait for the other processes before it errors
+    powersgd_rank: int = 0  # ddp only: compress gradients with PowerSGD of this rank (0 = off)
     out_dir: str = "runs/default"  # where metrics.jsonl and checkpoints go
 
 
@@ -446,6 +454,11 @@ _TRAIN_RULES = {
     "log_every": _at_least(1), "seed": _at_least(0), "device": ((lambda v: bool(v.strip())), "a device name or auto"),
     "precision": ((lambda v: v in PRECISIONS), f"one of {', '.join(PRECISIONS)}"),
     "ema_decay": ((lambda v: 0 <= v < 1), "in [0, 1) (0 = off)"),
+    "parallel": ((lambda v: v in PARALLEL), f"one of {', '.join(PARALLEL)}"),
+    "grad_accum": _at_least(1),
+    "nonfinite": ((lambda v: v in NONFINITE), f"one of {', '.join(NONFINITE)}"),
+    "dist_timeout": ((lambda v: v > 0), "> 0 seconds"),
+    "powersgd_rank": _at_least(0),
     "out_dir": ((lambda v: bool(v.strip())), "a folder name"),
 }
 RULES: dict[str, dict[str, tuple]] = {

@@ -389,6 +389,7 @@ class _ShuffledStream(IterableDataset):
     turning one sample's still-encoded image and caption bytes into `(image, caption)`."""
 
     name = "dataset"
+    splits_by_rank = True  # each process reads its own files (split_for_consumer); the Trainer reads all it gets
 
     def __init__(self, image_size: int, seed: int, shuffle: bool, max_skip_rate: float, min_files: int,
                  max_pixels: int):

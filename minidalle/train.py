@@ -8,7 +8,18 @@ Each update does, in order:
     loss.backward(); clip the global grad norm to cfg.grad_clip; AdamW step
     ema   = decay * ema + (1 - decay) * weights   only when cfg.ema_decay > 0 (saved with the state)
 
-The loss runs under bf16 autocast when cfg.precision resolves to bf16 (auto: CUDA only).
+The loss runs under bf16 autocast when cfg.precision resolves to bf16 (auto: CUDA only), or under
+fp16 autocast with a gradient scaler (precision=fp16: an overflowing update is skipped and the
+scale lowered, as torch.amp does). A non-finite loss or gradient norm stops the run before the
+optimizer touches the weights (cfg.nonfinite=stop), or skips that update and counts it (skip).
+
+Under torchrun with cfg.parallel = ddp or fsdp (distributed.py) every process runs this same
+loop on its own share of each batch: with cfg.grad_accum = A micro-batches per update and W
+processes, update s reads micro-batches j = ((s - 1) A + m) W + rank for m < A, so the global
+batch (batch_size x A x W samples) and the data order are the same for any W and A with the
+same product -- one process with A = 2 trains exactly what two processes with A = 1 do. Rank 0
+alone writes metrics, the progress bar and the shared checkpoint files; a stop requested on any
+process is agreed by all before the next update.
 
 and then, each on its own schedule: a JSON line in `{out_dir}/metrics.jsonl` (every cfg.log_every
 updates and the last), an evaluation (every cfg.eval_every; needs eval_data), a checkpoint (every
@@ -39,7 +50,7 @@ import os
 import random
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,12 +59,14 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import Config, TrainConfig, check_section
 from .errors import CheckpointError, ConfigError, DataError, MinidalleError
 
 EVENTS = ("on_fit_start", "on_before_optimizer_step", "on_step_end", "on_eval", "on_checkpoint", "on_fit_end")
 _RESERVED = {"step", "split", "loss", "lr", "grad_norm", "step_ms"}  # keys a loss_fn extra may not use
 _END = object()  # sentinel for "iterator exhausted"
+_RANK_SEED = 1_000_003  # rank r's RNG stream starts at seed + r * this (rank 0: exactly the seed)
 
 
 def pick_device(pref: str = "auto", key: str = "train.device") -> torch.device:
@@ -74,7 +87,7 @@ def pick_device(pref: str = "auto", key: str = "train.device") -> torch.device:
 
 
 def resolve_precision(pref: str, device: torch.device) -> str:
-    """train.precision -> "bf16" or "fp32". auto: bf16 autocast on CUDA (its tensor cores), fp32 elsewhere
+    """train.precision -> "bf16", "fp16" or "fp32". auto: bf16 autocast on CUDA (its tensor cores), fp32 elsewhere
     (CPU bf16 matmuls are slower than fp32 on most CPUs). Example: resolve_precision("auto", cpu) -> "fp32"
     """
     if pref == "auto":
@@ -191,14 +204,25 @@ class Trainer:
         check_section(cfg, self.section)
         self.out_flag = out_flag or f"--{self.section}.out_dir"
         self.cfg, self.config = cfg, _config_dict(cfg, config)
-        self.device = pick_device(cfg.device, f"{self.section}.device")
-        self.model = model.to(self.device)
+        device = pick_device(cfg.device, f"{self.section}.device")
+        self.precision = resolve_precision(cfg.precision, device)
+        if self.precision == "fp16" and cfg.parallel == "fsdp":
+            raise ConfigError(f"{self.section}.precision=fp16 needs a loss scaler whose overflow check every shard "
+                              f"agrees on; with {self.section}.parallel=fsdp use bf16 (the default on GPU)")
+        # The process group (if any) and this rank's device; then the model is wrapped or sharded, and
+        # only then is the optimizer built, so under FSDP it holds the sharded parameters.
+        self.dist = distributed.setup(cfg.parallel, device, cfg.dist_timeout, self.section)
+        self.device, self.module = self.dist.device, model
+        self.model = distributed.wrap(model, self.dist, self.precision, cfg.activation_checkpointing,
+                                      cfg.powersgd_rank, self.section)
         self.optimizer = configure_optimizer(self.model, cfg)
-        self.precision = resolve_precision(cfg.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.skipped = 0  # updates skipped: non-finite (nonfinite=skip) or an fp16 overflow
         # EMA of the weights (paper stage 2: decay 0.99), kept in fp32 beside the model and saved in the
         # training state, so a resume continues it exactly. None when train.ema_decay = 0.
-        self.ema = ({k: v.detach().float().clone() for k, v in self.model.state_dict().items()
+        self.ema = ({k: v.detach().float().clone() for k, v in self.module.state_dict().items()
                      if v.is_floating_point()} if cfg.ema_decay > 0 else None)
+        progress = progress and self.dist.main  # one bar, on rank 0
         self.train_data, self.loss_fn, self.eval_data, self.progress = train_data, loss_fn, eval_data, progress
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
@@ -238,45 +262,51 @@ class Trainer:
         if start_over and resume not in (False, True, None):
             raise ConfigError(f"resume={resume!r} names a checkpoint to continue, start_over=True sets the run "
                               "aside: choose one")
-        with ckpt.RunLock(self.out_dir, self.out_flag):
+        # Rank 0 alone holds the lock; if it cannot, every process stops (none waits at a collective).
+        lock, err = ckpt.RunLock(self.out_dir, self.out_flag), None
+        if self.dist.main:
+            try:
+                lock.acquire()
+            except MinidalleError as e:
+                err = e
+        if distributed.agree_any(err is not None, self.dist):
+            raise err or MinidalleError(f"rank 0 could not lock {self.out_dir}; its message says why")
+        try:
             return self._fit(resume, start_over)
+        finally:
+            if self.dist.main:
+                lock.release()
 
     def _fit(self, resume, start_over: bool) -> dict[str, list[dict]]:
-        cfg = self.cfg
-        seed_everything(cfg.seed)
-        start = self._resume_point(resume, start_over)
-        # Only now, with the run's checkpoints accounted for, remove what dead savers left behind.
-        ckpt.clean_stale_temp(self.ckpt_root)
+        cfg, ctx = self.cfg, self.dist
+        seed_everything(cfg.seed + _RANK_SEED * ctx.rank)
+        start = self._agreed_resume_point(resume, start_over)
+        if ctx.main:  # only now, with the run's checkpoints accounted for, remove what dead savers left
+            ckpt.clean_stale_temp(self.ckpt_root)
         self.step, rng = 0, None
         if start is not None:
             # Compare configs before loading the weights: if a changed model size makes the load
             # fail, the warning has already said which setting changed.
-            self._warn_if_config_changed(start)
-            # The optimizer first: its load checks the parameter counts before changing anything,
-            # and apply_weights checks every name and shape before copying, so a checkpoint that
-            # does not fit leaves the model exactly as it was.
-            try:
-                self.optimizer.load_state_dict(start.state["optimizer"])
-            except (ValueError, KeyError, RuntimeError) as e:
-                raise CheckpointError(f"{start.path / ckpt.STATE_FILE}: its optimizer state does not fit this "
-                                      f"model's parameters ({e})") from None
-            ckpt.apply_weights(self.model, start.tensors, start.path / ckpt.MODEL_FILE)
-            if self.ema is not None:
-                self._load_ema(start)
-            self.step, rng = start.step, start.state["rng"]
+            if ctx.main:
+                self._warn_if_config_changed(start)
+            self._load(start)
+            self.step, rng = start.step, self._rank_rng(start)
             self.loss, self.last_checkpoint = float(start.state.get("loss", math.nan)), start.path
-        stream = _BatchStream(self.train_data, cfg.seed, start=self.step)  # fast-forwards an iterable
+            self.skipped = int(start.state.get("skipped", 0))
+        # fast-forwards an iterable to this rank's next micro-batch
+        stream = _BatchStream(self.train_data, cfg.seed, start=self.step * cfg.grad_accum, rank=ctx.rank,
+                              world=ctx.world, split_by_rank=_splits_itself(self.train_data))
         if rng is not None:
             ckpt.restore_rng_state(rng)  # after the fast-forward, which must not disturb it
         self.history, self._stop = {"train": [], "eval": []}, False
         self.model.train()
-        metrics = _open_metrics(self.out_dir / "metrics.jsonl", keep_upto=self.step)
+        metrics = _open_metrics(self.out_dir / "metrics.jsonl", keep_upto=self.step) if ctx.main else None
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not self.progress,
                    dynamic_ncols=True)
         try:
             self._fire("on_fit_start")
             while self.step < cfg.max_steps and not self._stop:
-                record = self._update(_to_device(stream.next(), self.device), self.step + 1)
+                record = self._update(stream, self.step + 1)
                 self.step, self.loss = record["step"], record["loss"]
                 self.history["train"].append(record)
                 bar.update(1)
@@ -284,44 +314,101 @@ class Trainer:
                 self._after_update(record, metrics)
         finally:
             bar.close()
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
         self._fire("on_fit_end")
         return self.history
 
-    def _update(self, batch, step: int) -> dict:
-        """One optimizer update; returns its metrics record. `step` is the number it will complete."""
-        t0 = time.perf_counter()
-        lr = lr_at(step, self.cfg)
+    def _update(self, stream: "_BatchStream", step: int) -> dict:
+        """One optimizer update from cfg.grad_accum micro-batches; returns its metrics record.
+        `step` is the number it will complete."""
+        t0, cfg, accum = time.perf_counter(), self.cfg, self.cfg.grad_accum
+        lr = lr_at(step, cfg)
         for group in self.optimizer.param_groups:  # the schedule is a pure function: no scheduler state
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)  # None, not 0: saves memory, and skips unused params
-        with self.autocast():
-            out = self.loss_fn(self.model, batch)
-        loss, value, extras = _unpack_loss(out, f"step {step}", self.section, need_grad=True)
-        loss.backward()
+        values, sums = [], {}
+        for m in range(accum):
+            batch = _to_device(stream.next(), self.device)
+            with self._grad_sync(m == accum - 1):  # gradients cross processes once per update, not per micro-batch
+                with self.autocast():
+                    out = self.loss_fn(self.model, batch)
+                loss, value, extras = _unpack_loss(out, f"step {step}", self.section, need_grad=True)
+                # Backward even when the loss is not finite: under ddp every process must join the
+                # gradient all-reduce, and the agreement below throws the result away.
+                loss = loss / accum
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            values.append(value)
+            for k, v in extras.items():
+                sums[k] = sums.get(k, 0.0) + v / accum
+        # The whole global batch's loss and extras, the same on every process; a NaN anywhere is
+        # a NaN everywhere, so every process takes the decision below together.
+        names = sorted(sums)
+        value, *rest = distributed.mean_all([sum(values) / accum] + [sums[k] for k in names], self.dist)
+        sums = dict(zip(names, rest))
+        if not math.isfinite(value):
+            return self._nonfinite(step, lr, value, t0, f"loss is {value} (not finite)", "loss_fn")
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # true gradients, so clipping and the logged norm mean what they say
         # clip_grad_norm_ returns the norm *before* clipping, the number worth logging: a spike there
         # warns of divergence before the loss shows it. With clipping off we pass inf, which only measures.
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        # The norm is global (ddp: gradients already averaged; fsdp: a collective), so every process agrees.
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        grad_norm = _to_float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         if not math.isfinite(grad_norm):
-            raise MinidalleError(f"step {step}: gradient norm is {grad_norm} (loss {value:.4g}); the weights were "
-                                 f"not updated. Lower {self.section}.lr or look for a log(0) / division by 0 in loss_fn")
+            if self.scaler is not None:  # an fp16 overflow: the scaler skips the step and halves its scale
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.skipped += 1
+                return self._record(step, lr, value, grad_norm, sums, t0)
+            return self._nonfinite(step, lr, value, t0, f"gradient norm is {grad_norm} (loss {value:.4g})",
+                                   "a log(0) / division by 0 in loss_fn")
         self._fire("on_before_optimizer_step")  # grads are final here: clipped, not yet applied
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         if self.ema is not None:
             self._update_ema()
-        return {"step": step, "split": "train", "loss": value, "lr": lr, "grad_norm": grad_norm, **extras,
-                "step_ms": round(1000 * (time.perf_counter() - t0), 3)}
+        return self._record(step, lr, value, grad_norm, sums, t0)
+
+    def _record(self, step: int, lr: float, value: float, grad_norm: float, extras: dict, t0: float) -> dict:
+        rec = {"step": step, "split": "train", "loss": value, "lr": lr, "grad_norm": grad_norm, **extras}
+        if self.skipped:
+            rec["skipped"] = self.skipped
+        if self.scaler is not None:
+            rec["loss_scale"] = self.scaler.get_scale()
+        return {**rec, "step_ms": round(1000 * (time.perf_counter() - t0), 3)}
+
+    def _nonfinite(self, step: int, lr: float, value: float, t0: float, what: str, where: str) -> dict:
+        """A non-finite loss or gradient, agreed by every process: stop (default) or skip and count."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.nonfinite == "stop":
+            raise MinidalleError(f"step {step}: {what}; the weights were not updated. Lower {self.section}.lr, check "
+                                 f"the batch for NaNs or look for {where}; or pass --{self.section}.nonfinite=skip "
+                                 "to skip such updates and count them")
+        self.skipped += 1
+        return self._record(step, lr, value, math.nan, {}, t0)
+
+    def _grad_sync(self, last: bool):
+        """ddp / fsdp: all-reduce gradients only on an update's last micro-batch (the others accumulate)."""
+        if self.dist.parallel == "ddp" and not last:
+            return self.model.no_sync()
+        if self.dist.parallel == "fsdp":
+            self.model.set_requires_gradient_sync(last)
+        return nullcontext()
 
     def autocast(self):
-        """bf16 autocast when train.precision resolves to bf16 (CUDA by default), else a no-op context."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        """bf16 (or fp16) autocast when train.precision resolves to it (bf16: CUDA by default), else a no-op."""
+        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.precision in ("bf16", "fp16"))
 
     @torch.no_grad()
     def _update_ema(self) -> None:
         d = self.cfg.ema_decay
-        for name, value in self.model.state_dict().items():
+        for name, value in self.module.state_dict().items():
             if name in self.ema:
                 self.ema[name].mul_(d).add_(value.detach().float(), alpha=1 - d)
 
@@ -336,6 +423,7 @@ class Trainer:
             self.history["eval"].append(self.evaluate())
             _write_line(metrics, self.last_eval)
             self._fire("on_eval")
+        self._stop = distributed.agree_any(self._stop, self.dist)  # one process's stop is everyone's
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or last or self._stop:
             self.save_checkpoint()
 
@@ -368,15 +456,89 @@ class Trainer:
         return self.last_eval
 
     def save_checkpoint(self) -> Path:
-        """Write checkpoints/step_{step:07d}/ (model, config, optimizer + RNG state, manifest) atomically."""
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": ckpt.capture_rng_state(),
-                 "loss": self.loss}  # so a finished run, resumed, can still say where it ended
-        if self.ema is not None:
-            state["ema"] = {k: v.cpu() for k, v in self.ema.items()}
-        self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_root, self.step, self.model, state, self.config,
-                                                    self.cfg.keep_last)
+        """Write checkpoints/step_{step:07d}/ (model, config, optimizer + RNG state, manifest) atomically.
+
+        Every process calls this together. ddp: rank 0 writes the usual folder (the copies are equal);
+        fsdp: each process writes its slices into one sharded folder (checkpoint.save_sharded).
+        """
+        rngs = distributed.gather(ckpt.capture_rng_state(), self.dist)
+        state = {"step": self.step, "rng": rngs[0], "rng_ranks": rngs, "world": self.dist.world,
+                 "loss": self.loss, "skipped": self.skipped}  # loss: so a finished run, resumed, says where it ended
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        if self.dist.parallel == "fsdp":
+            self.last_checkpoint = ckpt.save_sharded(self.ckpt_root, self.step, self.model, self.optimizer, state,
+                                                     self.config, self.dist, self.cfg.keep_last, ema=self.ema)
+        else:
+            if self.dist.main:
+                state["optimizer"] = self.optimizer.state_dict()
+                if self.ema is not None:
+                    state["ema"] = {k: v.cpu() for k, v in self.ema.items()}
+                ckpt.save_checkpoint(self.ckpt_root, self.step, self.module, state, self.config, self.cfg.keep_last)
+            distributed.barrier(self.dist)  # nobody runs ahead of a save that may yet fail
+            self.last_checkpoint = self.ckpt_root / ckpt.step_dir_name(self.step)
         self._fire("on_checkpoint")
         return self.last_checkpoint
+
+    def _agreed_resume_point(self, resume, start_over: bool) -> ckpt.Loaded | None:
+        """`_resume_point` on rank 0 (which may warn, refuse or set the run aside), then the same
+        checkpoint read on every other process; an error on rank 0 stops them all."""
+        if not self.dist.active or self.dist.world == 1:
+            return self._resume_point(resume, start_over)
+        start, err = None, None
+        if self.dist.main:
+            try:
+                start = self._resume_point(resume, start_over)
+            except MinidalleError as e:
+                err = e
+        chosen = distributed.broadcast(("error", str(err)) if err else ("ok", start and str(start.path)), self.dist)
+        if err is not None:
+            raise err
+        if chosen[0] == "error":
+            raise CheckpointError(f"rank 0 could not resume: {chosen[1]}")
+        if self.dist.main or chosen[1] is None:
+            return start
+        loaded = ckpt.read_checkpoint(chosen[1], full_weights=False)
+        _check_state(loaded)
+        return loaded
+
+    def _load(self, start: ckpt.Loaded) -> None:
+        """Put a checkpoint's weights, optimizer moments, EMA and loss scale into this run."""
+        if start.sharded:  # any number of processes, sharded or not: each reads its own slices
+            ckpt.load_sharded(start.path, self.model, self.optimizer, self.ema)
+        else:
+            if self.dist.parallel == "fsdp":
+                raise CheckpointError(f"{start.path} is a full checkpoint (written by a ddp or single-process run); "
+                                      f"an fsdp run resumes from the sharded checkpoints it writes. Resume it with "
+                                      f"--{self.section}.parallel=ddp, or start over")
+            # The optimizer first: its load checks the parameter counts before changing anything,
+            # and apply_weights checks every name and shape before copying, so a checkpoint that
+            # does not fit leaves the model exactly as it was.
+            try:
+                self.optimizer.load_state_dict(start.state["optimizer"])
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise CheckpointError(f"{start.path / ckpt.STATE_FILE}: its optimizer state does not fit this "
+                                      f"model's parameters ({e})") from None
+            ckpt.apply_weights(self.module, start.tensors, start.path / ckpt.MODEL_FILE)
+            if self.ema is not None:
+                self._load_ema(start)
+        if self.scaler is not None and isinstance(start.state.get("scaler"), dict):
+            self.scaler.load_state_dict(start.state["scaler"])
+
+    def _rank_rng(self, start: ckpt.Loaded) -> dict | None:
+        """This process's saved RNG state; None (fresh per-rank seeds) when the world size changed."""
+        ranks = start.state.get("rng_ranks")
+        if isinstance(ranks, list) and len(ranks) == self.dist.world:
+            return ranks[self.dist.rank]
+        saved_world = len(ranks) if isinstance(ranks, list) else 1
+        if saved_world == self.dist.world == 1:
+            return start.state["rng"]
+        if self.dist.main:
+            warnings.warn(f"{start.path.name} was saved by {saved_world} processes and resumes on {self.dist.world}: "
+                          "weights, optimizer and data order continue exactly, the random streams (dropout) start "
+                          "afresh", stacklevel=4)
+        seed_everything(self.cfg.seed + _RANK_SEED * self.dist.rank + start.step)
+        return None
 
     def _resume_point(self, resume, start_over: bool) -> ckpt.Loaded | None:
         """The checkpoint fit() starts from, read back and checked (None = from scratch); see fit()."""
@@ -391,7 +553,7 @@ class Trainer:
                                       f"--start-over (start_over=True), or choose another folder ({self.out_flag})")
             return None
         if resume is True:
-            loaded, rejected = ckpt.find_resumable(self.ckpt_root, check=_check_state)
+            loaded, rejected = ckpt.find_resumable(self.ckpt_root, check=_check_state, full_weights=False)
             if loaded is None and rejected:
                 why = "; ".join(f"{p.name}: {reason.replace(str(p) + os.sep, '')}" for p, reason in rejected)
                 raise CheckpointError(f"cannot resume: none of the {len(rejected)} checkpoints in {self.ckpt_root} "
@@ -400,7 +562,7 @@ class Trainer:
             for p, reason in rejected:
                 warnings.warn(f"skipping invalid checkpoint {p.name}: {reason}", stacklevel=4)
             return loaded
-        loaded = ckpt.read_checkpoint(resume)  # an explicitly named checkpoint must be intact
+        loaded = ckpt.read_checkpoint(resume, full_weights=False)  # an explicitly named checkpoint must be intact
         _check_state(loaded)
         newer = [p.name for s, p in existing if s > loaded.step]
         if newer:
@@ -455,26 +617,44 @@ class Trainer:
 
 
 class _BatchStream:
-    """Hands out training batches in order, and can start again at any batch index.
+    """Hands out one process's training micro-batches in order, and can start again at any of them.
 
+    `start` counts this process's micro-batches already consumed. With `world` processes, process
+    `rank` reads global batch j = k * world + rank for its k-th micro-batch: `batch_at(j)` directly,
+    or, from an iterable every process walks identically, every world-th batch. An iterable that
+    already gives each process its own share (`split_by_rank`: the folder and tar datasets split their
+    files by rank) is read whole; its ranks may hold unequal numbers of batches, and each simply
+    starts its next epoch sooner: every process still makes exactly max_steps updates, so none waits.
     Example: _BatchStream(lambda i: i, seed=0, start=5).next() -> 5
+             _BatchStream(lambda i: i, seed=0, start=5, rank=1, world=2).next() -> 11
     """
 
-    def __init__(self, data, seed: int, start: int = 0):
+    def __init__(self, data, seed: int, start: int = 0, rank: int = 0, world: int = 1, split_by_rank: bool = False):
         self.data, self.seed, self.epoch, self._it = data, seed, -1, None
-        self.index = start if callable(data) else 0
-        while self.index < start:  # an iterable cannot jump: draw the consumed batches and drop them
+        self.rank, self.world = (0, 1) if split_by_rank else (rank, world)
+        self.k = start if callable(data) else 0  # this process's micro-batches handed out
+        self._drawn = 0  # iterables: batches drawn from the shared stream
+        while self.k < start:  # an iterable cannot jump: draw the consumed batches and drop them
             self.next()
 
     def next(self):
+        j = self.k * self.world + self.rank
         if callable(self.data):
-            batch = self.data(self.index)
+            batch = self.data(j)
         else:
-            batch = _END if self._it is None else next(self._it, _END)
-            if batch is _END:
-                self._it = self._new_epoch()
-                batch = next(self._it)
-        self.index += 1
+            while True:
+                batch = self._draw()
+                self._drawn += 1
+                if self._drawn - 1 == j:
+                    break
+        self.k += 1
+        return batch
+
+    def _draw(self):
+        batch = _END if self._it is None else next(self._it, _END)
+        if batch is _END:
+            self._it = self._new_epoch()
+            batch = next(self._it)
         return batch
 
     def _new_epoch(self):
@@ -500,13 +680,24 @@ def _check_state(loaded: ckpt.Loaded) -> None:
     if state.get("step") != loaded.step:
         problems.append(f"step {state.get('step')!r} (the manifest says {loaded.step})")
     opt = state.get("optimizer")
-    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)):
-        problems.append("no optimizer state")
+    if not loaded.sharded and not (isinstance(opt, dict) and isinstance(opt.get("state"), dict)
+                                   and isinstance(opt.get("param_groups"), list)):
+        problems.append("no optimizer state")  # (a sharded checkpoint keeps it in sharded/)
     rng = state.get("rng")
     if not (isinstance(rng, dict) and {"python", "numpy", "torch"} <= set(rng)):
         problems.append("no RNG states")
     if problems:
         raise CheckpointError(f"{where} is not a training state: {', '.join(problems)}")
+
+
+def _splits_itself(data) -> bool:
+    """True when the data (or a DataLoader's dataset) deals itself out by rank (`splits_by_rank`)."""
+    return any(getattr(part, "splits_by_rank", False) for part in (data, getattr(data, "dataset", None)))
+
+
+def _to_float(t) -> float:
+    """A 0-d tensor's value; an FSDP norm arrives as a replicated DTensor."""
+    return float(t.full_tensor()) if hasattr(t, "full_tensor") else float(t)
 
 
 def set_epoch(data, epoch: int) -> None:
@@ -540,7 +731,7 @@ def _unpack_loss(out, where: str, section: str, need_grad: bool) -> tuple[torch.
         raise MinidalleError(f"{where}: the loss does not require grad; was it computed under torch.no_grad() "
                              "or detached?")
     value = loss.item()
-    if not math.isfinite(value):
+    if not need_grad and not math.isfinite(value):  # training decides in Trainer._update, agreed by every process
         raise MinidalleError(f"{where}: loss is {value} (not finite); nothing was updated. Lower {section}.lr, "
                              "check the batch for NaNs, or look for log(0) in loss_fn")
     if not isinstance(extras, dict) or _RESERVED & set(extras):
@@ -612,5 +803,7 @@ def _open_metrics(path: Path, keep_upto: int):
 
 
 def _write_line(f, record: dict) -> None:
+    if f is None:  # not rank 0
+        return
     f.write(json.dumps(record) + "\n")
     f.flush()  # one line per flush: `tail -f` and a crashed run both see every finished step

@@ -1,0 +1,131 @@
+"""One process of a distributed test, launched by torchrun from tests/test_distributed.py.
+
+It trains a tiny residual MLP with the project's Trainer (gloo on CPU) and, on rank 0, writes
+the final parameters (full tensors) to --result. Faults are injected here, in the test's own
+process, never in the library:
+  --kill-rank R --kill-at S   on the first attempt, rank R SIGKILLs itself after update S
+  --stop-at S                 stop after update S (a checkpoint is saved), to resume elsewhere
+  --kill-in-save S            rank 0 SIGKILLs itself inside the save at step S, after every shard
+                              is written and before the manifest (a sharded save half done)
+  --scenario mismatch         the ranks call different collectives: must fail within the timeout
+  --scenario dead-peer        rank 1 leaves after update 2: rank 0's next collective must fail
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minidalle import checkpoint as ckpt
+from minidalle import distributed
+from minidalle.config import TrainConfig
+from minidalle.train import Trainer
+
+
+class Net(nn.Module):
+    def __init__(self, width: int = 8, depth: int = 3):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + torch.tanh(b(x))
+        return self.head(x)
+
+
+def batch_at(i: int):
+    g = torch.Generator().manual_seed(1000 + i)
+    x = torch.randn(4, 8, generator=g)
+    return x, x.sum(1, keepdim=True).sin()
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return F.mse_loss(model(x), y)
+
+
+def make_trainer(args) -> Trainer:
+    torch.manual_seed(0)  # the same initial weights in every process (and in the test's reference run)
+    cfg = TrainConfig(max_steps=args.steps, batch_size=4, lr=3e-2, min_lr=3e-3, warmup_steps=2, grad_clip=1.0,
+                      eval_every=0, ckpt_every=args.ckpt_every, log_every=1, seed=7, device="cpu",
+                      precision="fp32", parallel=args.parallel, grad_accum=args.accum, dist_timeout=args.timeout,
+                      out_dir=args.out)
+    return Trainer(Net(), cfg, batch_at, loss_fn, progress=False)
+
+
+def full_params(trainer: Trainer) -> dict:
+    if trainer.dist.parallel == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().clone() for k, v in trainer.module.state_dict().items()}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--parallel", default="ddp")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--accum", type=int, default=1)
+    p.add_argument("--ckpt-every", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--result", default=None)
+    p.add_argument("--kill-rank", type=int, default=None)
+    p.add_argument("--kill-at", type=int, default=None)
+    p.add_argument("--kill-in-save", type=int, default=None)
+    p.add_argument("--stop-at", type=int, default=None)
+    p.add_argument("--scenario", default="train")
+    args = p.parse_args()
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+
+    if args.scenario == "mismatch":
+        ctx = distributed.setup("ddp", torch.device("cpu"), timeout_s=args.timeout)
+        t0 = time.perf_counter()
+        try:
+            if ctx.rank == 0:
+                torch.distributed.all_reduce(torch.ones(3))
+            else:
+                torch.distributed.barrier()
+                torch.distributed.broadcast(torch.ones(5), src=1)
+        except RuntimeError as e:
+            print(f"rank {ctx.rank}: collective failed after {time.perf_counter() - t0:.1f} s: "
+                  f"{type(e).__name__}", file=sys.stderr, flush=True)
+            return 3
+        return 0
+
+    trainer = make_trainer(args)
+    rank = trainer.dist.rank
+    if args.scenario == "dead-peer" and rank == 1:
+        trainer.add_callback("on_step_end", lambda t: t.step == 2 and os._exit(0))
+    if args.kill_at is not None and rank == args.kill_rank and first_attempt:
+        trainer.add_callback("on_step_end", lambda t: t.step == args.kill_at and os.kill(os.getpid(), signal.SIGKILL))
+    if args.stop_at is not None:
+        trainer.add_callback("on_step_end", lambda t: t.step == args.stop_at and t.request_stop())
+    if args.kill_in_save is not None and rank == 0 and first_attempt:
+        real = ckpt._write_text
+
+        def dying_write(path, text):  # the sharded save's manifest: every shard is already on disk
+            if path.name == ckpt.MANIFEST_FILE and f"step_{args.kill_in_save:07d}" in str(path.parent):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(path, text)
+
+        ckpt._write_text = dying_write
+    trainer.fit(resume=True)
+    params = full_params(trainer)
+    if rank == 0 and args.result:
+        torch.save({"params": params, "step": trainer.step, "losses": [r["loss"] for r in trainer.history["train"]]},
+                   args.result)
+    distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
