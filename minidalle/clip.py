@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import data
+from . import data, distributed
 from .bpe import Tokenizer
 from .captions import CaptionError, CaptionSpec, parse_caption
 from .config import ClipConfig, Config
@@ -595,8 +595,9 @@ def train_clip(cfg: Config, resume: bool | str = False, start_over: bool = False
     tc = cfg.clip_train
     seed_everything(tc.seed)
     model = CLIP.from_config(cfg)  # a bad shape is refused before any tokenizer is trained
-    pick_device(tc.device, "clip_train.device")
-    tok, bpe = prepare_bpe(cfg, log, "[train clip]")
+    ctx = distributed.setup(tc.parallel, pick_device(tc.device, "clip_train.device"), tc.dist_timeout, "clip_train")
+    with distributed.main_first(ctx, "preparing the text tokenizer"):  # rank 0 trains it if missing
+        tok, bpe = prepare_bpe(cfg, log if ctx.main else (lambda _: None), "[train clip]")
     root = Path(tc.out_dir) / "checkpoints"
     recorded = None if start_over or resume is False else \
         _recorded_bpe(root) if resume is True else (ckpt.read_config(resume).get("tokenizers") or {}).get("bpe")

@@ -164,6 +164,23 @@ class DALLE(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
+    def init_parameter(self, name: str, t: torch.Tensor, generator: torch.Generator) -> None:
+        """Fill one full parameter tensor `t` by the same rule as __init__, from `generator`: what
+        distributed.materialize calls for a model built on the meta device and sharded (the 12B config).
+
+        Example: model.init_parameter("blocks.0.proj.weight", torch.empty(d, d), torch.Generator().manual_seed(0))
+        """
+        owner, _, attr = name.rpartition(".")
+        mod = self.get_submodule(owner)
+        if isinstance(mod, nn.LayerNorm):
+            t.fill_(1.0 if attr == "weight" else 0.0)
+        elif attr == "bias":
+            t.zero_()
+        else:
+            residual = owner.startswith("blocks.") and owner.endswith((".proj", ".mlp.2"))
+            std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if residual else 0.02
+            t.normal_(0.0, std, generator=generator)
+
     @classmethod
     def from_config(cls, cfg: Config, **kwargs) -> "DALLE":
         return cls(cfg.model, Layout.from_config(cfg), **kwargs)

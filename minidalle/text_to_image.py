@@ -21,6 +21,7 @@ import copy
 import hashlib
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,12 +29,13 @@ from typing import Callable
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed
 from .attention import choose_impl
 from .bpe import RegexTokenizer, Tokenizer
 from .config import Config
 from .data import ShapesWorld, build_dataset, eval_split, longest_caption
 from .dvae import DVAE, count_parameters
-from .errors import CheckpointError, DataError
+from .errors import CheckpointError, ConfigError, DataError
 from .image_tokenizer import encode_dataset, load_dvae, tokenizer_id, train_dvae
 from .model import DALLE, Layout, dalle_loss, flops_per_token
 from .train import Trainer, pick_device, seed_everything
@@ -137,6 +139,10 @@ def prepare_tokenizers(cfg: Config, progress: bool = True, log: Callable[[str], 
     """(dVAE in eval mode, BPE tokenizer, TokenizerIds): finished ones in the run folder are reused;
     a missing or unfinished dVAE is trained (or continued), a missing BPE model trained."""
     done = finished_dvae(cfg)
+    if done is None and distributed.launched_world() > 1:
+        raise ConfigError(f"no finished image tokenizer in {cfg.dvae_train.out_dir}, and under torchrun the stages run "
+                          "one at a time: train it first with `python -m minidalle train dvae --preset "
+                          f"{cfg.preset}` (or under torchrun with --dvae_train.parallel=ddp), then this command")
     if done is None:
         log(f"[train transformer] no finished image tokenizer in {cfg.dvae_train.out_dir}: training it first "
             f"({cfg.dvae_train.max_steps} updates; an unfinished run there is continued)")
@@ -334,7 +340,43 @@ def train_transformer(cfg: Config, resume: bool | str = False, start_over: bool 
     """
     seed_everything(cfg.train.seed)
     layout = Layout.from_config(cfg)
-    model = DALLE(cfg.model, layout)  # a bad shape is refused before any tokenizer is trained
+    # Under fsdp the model is built on the meta device (no memory) and each process materialises
+    # only its own slices (distributed.materialize): the 12B config never exists whole in one place.
+    with torch.device("meta") if cfg.train.parallel == "fsdp" else nullcontext():
+        model = DALLE(cfg.model, layout)  # a bad shape is refused before any tokenizer is trained
+    ctx = distributed.setup(cfg.train.parallel, pick_device(cfg.train.device), cfg.train.dist_timeout)
+    # Rank 0 trains or finds the tokenizers and caches the codes; the other processes then read them.
+    with distributed.main_first(ctx, "preparing the tokenizers"):
+        dvae, tok, ids = _prepare_all(cfg, progress and ctx.main, log if ctx.main else _quiet, out_flag, resume,
+                                      start_over)
+        train, val = build_pairs(cfg, dvae.to(torch.device("cpu")), tok, ids, progress and ctx.main)
+    if train.cut and ctx.main:
+        log(f"[train transformer] {train.cut} of {len(train)} training captions were longer than "
+            f"text.text_len={cfg.text.text_len} tokens and were cut")
+    config = {**cfg.to_dict(), "tokenizers": ids.to_dict()}
+    trainer = Trainer(model, cfg.train, train, dalle_loss, eval_data=val, config=config, progress=progress,
+                      out_flag=out_flag or "--train.out_dir")
+    for event, fns in (callbacks or {}).items():
+        for fn in fns if isinstance(fns, (list, tuple)) else [fns]:
+            trainer.add_callback(event, fn)
+    impl, why = choose_impl(cfg.model.attn_impl, trainer.device, True, layout.length)
+    if ctx.main:
+        log(f"[train transformer] {len(train)} training pairs; attention: {impl} ({why}); precision "
+            f"{trainer.precision}; {cfg.train.parallel} on {ctx.world} process(es), global batch "
+            f"{cfg.train.batch_size * cfg.train.grad_accum * ctx.world}")
+    t0 = time.perf_counter()
+    trainer.fit(resume=resume, start_over=start_over)
+    info = {"pairs": len(train), "captions_cut": train.cut, "train_seconds": round(time.perf_counter() - t0, 1),
+            "attention": f"{impl} ({why})", "tokenizers": ids.to_dict()}
+    return model, trainer, info
+
+
+def _quiet(_: str) -> None:
+    """The log of processes other than rank 0: rank 0 says it once."""
+
+
+def _prepare_all(cfg: Config, progress: bool, log, out_flag, resume, start_over) -> tuple:
+    """The tokenizers, checked against the ones the run's checkpoints were trained with."""
     dvae, tok, ids = prepare_tokenizers(cfg, progress, log, out_flag)
     root = Path(cfg.train.out_dir) / "checkpoints"
     recorded = None if start_over or resume is False else \
@@ -345,23 +387,7 @@ def train_transformer(cfg: Config, resume: bool | str = False, start_over: bool 
                               f"found now (dVAE {ids.dvae[:12]}, BPE {ids.bpe[:12]}); their codes would mean something "
                               "else to the model. Start over with --start-over, or point --dvae_train.out_dir and "
                               "--text.out_dir at the tokenizers it was trained with")
-    train, val = build_pairs(cfg, dvae.to(torch.device("cpu")), tok, ids, progress)
-    if train.cut:
-        log(f"[train transformer] {train.cut} of {len(train)} training captions were longer than "
-            f"text.text_len={cfg.text.text_len} tokens and were cut")
-    config = {**cfg.to_dict(), "tokenizers": ids.to_dict()}
-    trainer = Trainer(model, cfg.train, train, dalle_loss, eval_data=val, config=config, progress=progress,
-                      out_flag=out_flag or "--train.out_dir")
-    for event, fns in (callbacks or {}).items():
-        for fn in fns if isinstance(fns, (list, tuple)) else [fns]:
-            trainer.add_callback(event, fn)
-    impl, why = choose_impl(cfg.model.attn_impl, trainer.device, True, layout.length)
-    log(f"[train transformer] {len(train)} training pairs; attention: {impl} ({why}); precision {trainer.precision}")
-    t0 = time.perf_counter()
-    trainer.fit(resume=resume, start_over=start_over)
-    info = {"pairs": len(train), "captions_cut": train.cut, "train_seconds": round(time.perf_counter() - t0, 1),
-            "attention": f"{impl} ({why})", "tokenizers": ids.to_dict()}
-    return model, trainer, info
+    return dvae, tok, ids
 
 
 def load_transformer(path: str | Path, ema: bool = True) -> tuple[DALLE, Config, dict]:

@@ -21,6 +21,7 @@ import torch
 from minidalle import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # dist_worker
 WORKER = str(ROOT / "tests" / "dist_worker.py")
 LIMIT = 120  # seconds any one launch may take before the test fails (typical: 6-20 s on 2 cores)
 FSDP_TOL = 1e-6  # FSDP reduce-scatters in another order than one process sums: equal up to rounding
@@ -173,3 +174,109 @@ def test_a_checkpoint_written_by_one_process_resumes_on_two(tmp_path, reference)
     check(rc, err)
     got = params_of(tmp_path / "r.pt")
     assert got["step"] == 6 and max_diff(got["params"], reference["params"]) < FSDP_TOL
+
+
+def test_train_commands_run_under_torchrun_and_the_sharded_transformer_samples(tmp_path):
+    """The documented launch: `torchrun -m minidalle train ...` with ddp (dVAE) then fsdp (transformer,
+    built on the meta device); the sharded checkpoint then loads whole in this one process."""
+    from minidalle.text_to_image import load_transformer
+
+    flags = [f"--dvae_train.out_dir={tmp_path}/dvae", f"--text.out_dir={tmp_path}/bpe", f"--train.out_dir={tmp_path}/tr"]
+    env = {**_env(), "MINIDALLE_SMOKE": "1"}
+    for what, parallel in (("dvae", "--dvae_train.parallel=ddp"), ("transformer", "--train.parallel=fsdp")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "minidalle",
+               "train", what, "--preset", "smoke", parallel, *flags]
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LIMIT, cwd=tmp_path)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert p.stdout.count(f"[train {what}] step 20") == 1 if what == "transformer" else True  # rank 0 alone prints
+    newest = ckpt.list_checkpoints(tmp_path / "tr" / "checkpoints")[-1][1]
+    assert ckpt.verify_checkpoint(newest)["kind"] == "sharded"
+    model, cfg, _ = load_transformer(newest)
+    assert sum(p.numel() for p in model.parameters()) > 0 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# --- in this process: the pieces, without launching anything ---------------------------------------
+
+def test_rank_r_reads_every_world_th_batch_and_a_self_splitting_dataset_whole():
+    from minidalle.train import _BatchStream
+
+    assert [_BatchStream(lambda i: i, 0, start=0, rank=1, world=2).next() for _ in range(1)] == [1]
+    s = _BatchStream(lambda i: i, 0, start=3, rank=1, world=2)
+    assert [s.next(), s.next()] == [7, 9]
+    it = _BatchStream(list(range(10)), 0, start=1, rank=0, world=3)  # a shared list: every 3rd from rank 0
+    assert [it.next(), it.next()] == [3, 6]
+    own = _BatchStream(list(range(4)), 0, start=0, rank=1, world=2, split_by_rank=True)
+    assert [own.next() for _ in range(5)] == [0, 1, 2, 3, 0]  # its own share, epoch after epoch
+
+
+def test_parallel_none_under_a_multi_process_launch_is_refused(monkeypatch):
+    from minidalle import distributed
+    from minidalle.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="train.parallel=ddp"):
+        distributed.setup("none", torch.device("cpu"))
+
+
+def test_fp16_with_fsdp_is_refused_before_any_process_group_starts(tmp_path):
+    import dist_worker
+    from minidalle.config import TrainConfig
+    from minidalle.errors import ConfigError
+    from minidalle.train import Trainer
+
+    cfg = TrainConfig(max_steps=2, device="cpu", precision="fp16", parallel="fsdp", out_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="use bf16"):
+        Trainer(dist_worker.Net(), cfg, dist_worker.batch_at, dist_worker.loss_fn, progress=False)
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_a_non_finite_loss_stops_or_is_skipped_and_counted(tmp_path, policy):
+    import dist_worker
+    from minidalle.config import TrainConfig
+    from minidalle.errors import MinidalleError
+    from minidalle.train import Trainer
+
+    def loss_fn(model, batch):  # update 2's loss is NaN
+        loss = dist_worker.loss_fn(model, batch)
+        return loss * float("nan") if batch[0][0, 0].item() == dist_worker.batch_at(1)[0][0, 0].item() else loss
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(max_steps=4, device="cpu", precision="fp32", nonfinite=policy, warmup_steps=0, ckpt_every=0,
+                      eval_every=0, log_every=1, out_dir=str(tmp_path))
+    trainer = Trainer(dist_worker.Net(), cfg, dist_worker.batch_at, loss_fn, progress=False)
+    if policy == "stop":
+        with pytest.raises(MinidalleError, match="step 2: loss is nan.*nonfinite=skip"):
+            trainer.fit()
+        return
+    before = {k: v.clone() for k, v in trainer.module.state_dict().items()}
+    trainer.add_callback("on_step_end", lambda t: t.step == 1 and before.update(
+        {k: v.clone() for k, v in t.module.state_dict().items()}))
+    after2 = {}
+    trainer.add_callback("on_step_end", lambda t: t.step == 2 and after2.update(
+        {k: v.clone() for k, v in t.module.state_dict().items()}))
+    trainer.fit()
+    assert trainer.step == 4 and trainer.skipped == 1
+    assert all(torch.equal(before[k], after2[k]) for k in before)  # the NaN update changed nothing
+    assert trainer.history["train"][-1]["skipped"] == 1
+
+
+def test_fp16_uses_a_loss_scaler_that_resumes_with_the_run(tmp_path):
+    import dist_worker
+    from minidalle.config import TrainConfig
+    from minidalle.train import Trainer
+
+    def run(steps, resume):
+        torch.manual_seed(0)
+        cfg = TrainConfig(max_steps=steps, device="cpu", precision="fp16", warmup_steps=0, ckpt_every=2,
+                          eval_every=0, log_every=1, out_dir=str(tmp_path))
+        t = Trainer(dist_worker.Net(), cfg, dist_worker.batch_at, dist_worker.loss_fn, progress=False)
+        t.fit(resume=resume)
+        return t
+
+    t = run(4, False)
+    scale = t.scaler.get_scale()
+    assert t.history["train"][-1]["loss_scale"] == scale and scale > 0
+    assert ckpt.read_checkpoint(t.last_checkpoint).state["scaler"]["scale"] == scale
+    t2 = run(6, True)  # continues with the saved scale, not a fresh 2**16
+    assert t2.history["train"][0]["step"] == 5
