@@ -18,6 +18,11 @@
     python -m minidalle bench sampling [--no-compile] [--json]    the cached sampler against the reference
     python -m minidalle bench all [--skip dvae,sampling] [--out runs/bench]   every benchmark, one summary
     python -m minidalle info --preset paper [--json]              parameters, lengths, FLOPs (meta device)
+    python -m minidalle export CHECKPOINT [--out DIR]             a sharded (FSDP) checkpoint as one safetensors folder
+    torchrun --standalone --nproc_per_node=N -m minidalle train transformer --train.parallel=ddp|fsdp
+                                   any `train` on N processes (README, "Training on many GPUs")
+    python -m minidalle plan --preset paper --gpus 1024 --gpu-mem 16 [--batch B] [--steps S] [--json]
+                                   memory per GPU (DDP / FSDP, checkpointing or not) and days of training
 
 Every command accepts config overrides as `--section.key=value` (e.g. `--data.seed=3`); they are
 type-checked against minidalle/config.py. Errors the user can fix print one line and exit 2.
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -319,6 +325,16 @@ def _rerank_curve(args, cfg: cfglib.Config) -> dict:
     return res
 
 
+def cmd_export(args, cfg: cfglib.Config) -> dict:
+    """A sharded checkpoint, read whole on this one process, written as model.safetensors + config + state."""
+    from . import checkpoint as ckpt
+
+    out = ckpt.export_checkpoint(args.checkpoint, args.out)
+    n = len(ckpt.read_checkpoint(out).tensors)
+    print(f"[export] {args.checkpoint} -> {out} ({n} tensors); `generate --checkpoint {out}` and every loader read it")
+    return {"checkpoint": str(args.checkpoint), "out": str(out), "tensors": n}
+
+
 def cmd_info(args, cfg: cfglib.Config) -> dict:
     """Parameters of every stage, sequence lengths and the transformer's FLOPs per token (meta device)."""
     from .text_to_image import describe
@@ -332,6 +348,16 @@ def cmd_info(args, cfg: cfglib.Config) -> dict:
           f"{res['d_model']}, {cfg.model.n_head} heads x {cfg.model.head_dim}); layers {res['layer_schedule']}")
     print(f"  training FLOPs per token: {res['flops_per_token']:.3g} (weights {res['flops_weights']:.3g}, attention "
           f"{res['flops_attention']:.3g} at mask density {res['mask_density']:.3f})")
+    return res
+
+
+def cmd_plan(args, cfg: cfglib.Config) -> dict:
+    """Memory per GPU under DDP and FSDP, with and without activation checkpointing, and days (minidalle/plan.py)."""
+    from .plan import format_plan, plan
+
+    res = plan(cfg, args.gpus, args.gpu_mem, mfu=args.mfu, gpu_tflops=args.gpu_tflops, batch=args.batch,
+               steps=args.steps, scores=not args.no_scores)
+    print(format_plan(res))
     return res
 
 
@@ -415,6 +441,22 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _collective_errors() -> tuple:
+    """The exceptions a failed collective raises (gloo: RuntimeError; nccl: DistBackendError)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return ()
+    return (dist.DistError, RuntimeError)
+
+
+def _looks_collective(e: BaseException) -> bool:
+    import torch.distributed as dist
+
+    text = str(e).lower()
+    return isinstance(e, dist.DistError) or any(w in text for w in ("gloo", "nccl", "connection", "timed out", "timeout"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -512,9 +554,32 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_flags(d)
     d.set_defaults(func=cmd_eval)
 
+    d = sub.add_parser("export", help="write a sharded checkpoint (from an fsdp run) as one full checkpoint folder")
+    d.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/x/checkpoints/step_0000500")
+    d.add_argument("--out", default=None, help="the folder to write (default: CHECKPOINT-full beside it)")
+    d.set_defaults(func=cmd_export, preset="smoke")
+
     d = sub.add_parser("info", help="parameters, sequence lengths and FLOPs of a preset (nothing is trained)")
     common(d)
     d.set_defaults(func=cmd_info)
+
+    d = sub.add_parser("plan", help="memory per GPU (DDP / FSDP, with and without activation checkpointing) and "
+                                    "days of training for a preset on many GPUs (nothing is trained)")
+    common(d)
+    d.add_argument("--gpus", type=_positive_int, required=True, help="number of GPUs (data parallel)")
+    d.add_argument("--gpu-mem", type=_positive_float, required=True, dest="gpu_mem",
+                   help="memory of one GPU in GiB (a 16 GB V100: 16); 10%% of it is kept free")
+    d.add_argument("--mfu", type=_unit_interval, default=0.3,
+                   help="model FLOPs utilisation, the fraction of the peak reached, in (0, 1] (default 0.3)")
+    d.add_argument("--gpu-tflops", type=_positive_float, default=125.0, dest="gpu_tflops",
+                   help="peak TFLOP/s of one GPU (default 125: a V100's 16-bit tensor-core peak)")
+    d.add_argument("--batch", type=_positive_int, default=None,
+                   help="global batch (default: the preset's train.batch_size, per process, times --gpus)")
+    d.add_argument("--steps", type=_positive_int, default=None, help="optimizer updates (default train.max_steps)")
+    d.add_argument("--no-scores", action="store_true", dest="no_scores",
+                   help="count no attention scores in the activations, as FlexAttention (minidalle on CUDA) "
+                        "and flash attention keep none (default: scores at the masks' density)")
+    d.set_defaults(func=cmd_plan)
     return p
 
 
@@ -545,6 +610,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    if os.environ.get("RANK", "0") not in ("", "0"):  # under torchrun, rank 0 alone prints (errors still show)
+        import contextlib
+
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            return _run(argv)
+    return _run(argv)
+
+
+def _run(argv: list[str] | None) -> int:
+    from . import distributed
+
+    try:
+        return _command(argv)
+    finally:
+        distributed.shutdown()  # leave the process group, if a command joined one
+
+
+def _command(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
@@ -564,6 +647,14 @@ def _main(argv: list[str] | None) -> int:
     except MinidalleError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except _collective_errors() as e:  # another process died or called a different collective
+        if not _looks_collective(e):
+            raise
+        rank = os.environ.get("RANK", "0")
+        print(f"error: rank {rank}: a collective with the other processes failed ({type(e).__name__}: "
+              f"{str(e).splitlines()[0][:300]}). Another process probably failed first: read its error above; a hang "
+              "would have ended after --train.dist_timeout seconds", file=sys.stderr)
+        return 3
     except OSError as e:  # a folder we cannot write, a full disk: say which path
         where = f": {e.filename}" if e.filename else ""
         print(f"error: {e.strerror or e}{where}" + (f" -> {e.filename2}" if e.filename2 else ""), file=sys.stderr)

@@ -31,13 +31,14 @@ import datetime
 import functools
 import os
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .errors import ConfigError
+from .errors import ConfigError, MinidalleError
 
 
 @dataclass(frozen=True)
@@ -267,6 +268,30 @@ def agree_any(flag: bool, ctx: Context) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+@contextmanager
+def main_first(ctx: Context, what: str):
+    """Run a block on rank 0 first (train a tokenizer, write a cache), then on the others, which
+    find its results on disk; if rank 0 fails, the others stop with its message instead of waiting.
+
+    Example: with main_first(ctx, "preparing the tokenizers"): dvae, tok, ids = prepare_tokenizers(cfg)
+    """
+    if not ctx.active or ctx.world == 1:
+        yield
+        return
+    if ctx.main:
+        try:
+            yield
+        except BaseException as e:
+            broadcast(("error", f"{type(e).__name__}: {e}"), ctx)
+            raise
+        broadcast(("ok", ""), ctx)
+    else:
+        status, message = broadcast(None, ctx)
+        if status == "error":
+            raise MinidalleError(f"rank 0 failed while {what}: {message}")
+        yield
 
 
 def mean_all(values: list[float], ctx: Context) -> list[float]:
