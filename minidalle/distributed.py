@@ -186,6 +186,12 @@ def wrap(model: torch.nn.Module, ctx: Context, precision: str, activation_checkp
                           f"instead: use --{key}.parallel=ddp or --{key}.powersgd_rank=0")
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    scalars = [name for name, p in model.named_parameters() if p.dim() == 0]
+    if scalars:  # FSDP2 cuts every parameter along dim 0; a 0-d one has none
+        raise ConfigError(f"fsdp cannot shard the 0-d parameter{'s' if len(scalars) > 1 else ''} "
+                          f"{', '.join(scalars[:3])} of {type(model).__name__}; a model this small fits one GPU: "
+                          f"use --{key}.parallel=ddp")
+
     # The paper's recipe: 16-bit weights for compute, gradients averaged in fp32 so small
     # contributions from many processes are not rounded away.
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \

@@ -70,7 +70,7 @@ def train_dvae(cfg: Config, resume: bool | str = False, progress: bool = True,
     seed_everything(tc.seed)
     model = DVAE(cfg.dvae)
     model.grid_size(cfg.data.image_size)  # a size the encoder cannot divide is refused before any data is read
-    if pick_device(tc.device, "dvae_train.device").type == "cpu":
+    if pick_device(tc.device, "dvae_train.device").type == "cpu" and tc.parallel != "fsdp":  # fsdp: contiguous only
         # Channels-last weights let oneDNN skip layout reorders around every conv, and nearest
         # upsampling of channels-last maps is ~10x faster on CPU: a toy update costs ~13% less
         # (measured interleaved, 2 cores). Checkpoints are unaffected (saved contiguous).

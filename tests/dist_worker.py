@@ -9,6 +9,8 @@ process, never in the library:
                               is written and before the manifest (a sharded save half done)
   --scenario mismatch         the ranks call different collectives: must fail within the timeout
   --scenario dead-peer        rank 1 leaves after update 2: rank 0's next collective must fail
+  --folder DIR                train on a folder dataset (images + captions) that deals its files out
+                              by rank, unevenly when the file count is odd
 """
 
 from __future__ import annotations
@@ -52,12 +54,27 @@ def loss_fn(model, batch):
     return F.mse_loss(model(x), y)
 
 
+def folder_batches(path: str):
+    """A DataLoader over a folder dataset: each rank reads its own files (one image per batch)."""
+    from minidalle.realdata import FolderDataset
+
+    ds = FolderDataset(path, 8, min_files=1)
+    return torch.utils.data.DataLoader(ds, batch_size=1, collate_fn=lambda items: torch.stack([im for im, _ in items]))
+
+
+def folder_loss(model, images):
+    x = images.float().flatten(1)[:, :8] / 255.0
+    return F.mse_loss(model(x), x.sum(1, keepdim=True).sin())
+
+
 def make_trainer(args) -> Trainer:
     torch.manual_seed(0)  # the same initial weights in every process (and in the test's reference run)
     cfg = TrainConfig(max_steps=args.steps, batch_size=4, lr=3e-2, min_lr=3e-3, warmup_steps=2, grad_clip=1.0,
                       eval_every=0, ckpt_every=args.ckpt_every, log_every=1, seed=7, device="cpu",
                       precision="fp32", parallel=args.parallel, grad_accum=args.accum, dist_timeout=args.timeout,
                       out_dir=args.out)
+    if getattr(args, "folder", None):
+        return Trainer(Net(), cfg, folder_batches(args.folder), folder_loss, progress=False)
     return Trainer(Net(), cfg, batch_at, loss_fn, progress=False)
 
 
@@ -83,6 +100,7 @@ def main() -> int:
     p.add_argument("--kill-in-save", type=int, default=None)
     p.add_argument("--stop-at", type=int, default=None)
     p.add_argument("--scenario", default="train")
+    p.add_argument("--folder", default=None)
     args = p.parse_args()
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
 
@@ -119,6 +137,8 @@ def main() -> int:
 
         ckpt._write_text = dying_write
     trainer.fit(resume=True)
+    if args.folder:
+        print(f"rank {rank}: {trainer.step} updates, in epoch {trainer.train_data.dataset.epoch}", file=sys.stderr, flush=True)
     params = full_params(trainer)
     if rank == 0 and args.result:
         torch.save({"params": params, "step": trainer.step, "losses": [r["loss"] for r in trainer.history["train"]]},

@@ -280,3 +280,31 @@ def test_fp16_uses_a_loss_scaler_that_resumes_with_the_run(tmp_path):
     assert ckpt.read_checkpoint(t.last_checkpoint).state["scaler"]["scale"] == scale
     t2 = run(6, True)  # continues with the saved scale, not a fresh 2**16
     assert t2.history["train"][0]["step"] == 5
+
+
+def test_uneven_folder_shards_do_not_make_a_rank_wait(tmp_path):
+    """5 files for 2 ranks: rank 0 reads 3 a pass, rank 1 reads 2, so rank 1 starts more epochs;
+    both make every update and the run ends (a rank waiting at a collective would hit the timeout)."""
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "images"
+    data.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"picture {i}\n")
+    rc, err, seconds = launch(2, "--parallel", "ddp", "--folder", str(data), "--steps", "7", "--out",
+                              str(tmp_path / "run"), "--timeout", "20")
+    check(rc, err)
+    assert "rank 0: 7 updates, in epoch 2" in err and "rank 1: 7 updates, in epoch 3" in err, err[-2000:]
+
+
+def test_fsdp_refuses_a_model_with_a_0d_parameter_and_names_the_fix():
+    from minidalle import distributed
+    from minidalle.clip import CLIP
+    from minidalle.config import get_config
+    from minidalle.errors import ConfigError
+
+    ctx = distributed.Context("fsdp")  # refused before any process group is needed
+    with pytest.raises(ConfigError, match="0-d parameter log_scale of CLIP.*clip_train.parallel=ddp"):
+        distributed.wrap(CLIP.from_config(get_config("smoke")), ctx, "fp32", key="clip_train")
