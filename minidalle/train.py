@@ -176,7 +176,10 @@ class Trainer:
     """Trains `model` by minimising `loss_fn(model, batch)`; see the module docstring for the loop.
 
     Args:
-        model: any nn.Module; moved to the device picked from cfg.device.
+        model: any nn.Module; moved to the device picked from cfg.device, and wrapped (ddp) or
+            sharded in place (fsdp) as cfg.parallel says: `trainer.model` is what the loss sees,
+            `trainer.module` the model itself. Under fsdp a model built on the meta device is
+            materialised slice by slice (it needs `init_parameter`, see distributed.materialize).
         cfg: a TrainConfig, or a whole Config (its `.train` is used and all of it is saved).
         train_data: `batch_at(i) -> batch` (exact, instant resume) or a re-iterable of batches.
         loss_fn: `loss_fn(model, batch) -> loss` or `-> (loss, {name: float})`; loss a 0-d tensor.
