@@ -22,7 +22,8 @@ STAMP := $(VENV)/.minidalle-installed
 # transformer (~15 minutes), 08 the reranker and 09 the whole pipeline (unless `make demo` ran): smoke only.
 # 07 samples from the trained toy run when there is one, else an untrained model.
 TOY_NOTEBOOKS := notebooks/00_setup_check.ipynb notebooks/01_toy_dataset.ipynb notebooks/02_vq_tokenizer.ipynb \
-                 notebooks/04_bpe_text_tokenizer.ipynb notebooks/05_sparse_attention.ipynb notebooks/07_gpu_sampling.ipynb
+                 notebooks/04_bpe_text_tokenizer.ipynb notebooks/05_sparse_attention.ipynb notebooks/07_gpu_sampling.ipynb \
+                 notebooks/10_scaling_to_full_configs.ipynb
 NBVAL := --nbval-lax --nbval-current-env
 
 .PHONY: demo test test-browser setup clean
