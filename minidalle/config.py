@@ -529,6 +529,14 @@ def check_section(values, section: str) -> None:
         if not ok:
             need = f"between 0 and {section}.lr={values.lr!r}" if name == "min_lr" else need
             raise ConfigError(f"{section}.{name}={value!r} is invalid: it must be {need}")
+    if isinstance(values, TrainConfig):
+        if values.parallel == "fsdp" and values.precision == "fp16":
+            raise ConfigError(f"{section}.precision=fp16 needs a loss scaler whose overflow check every shard "
+                              f"agrees on; with {section}.parallel=fsdp use bf16 (the default on GPU)")
+        if values.powersgd_rank and values.parallel != "ddp":
+            raise ConfigError(f"{section}.powersgd_rank={values.powersgd_rank} is a DDP communication hook (FSDP "
+                              f"reduce-scatters its gradients instead): add --{section}.parallel=ddp or set "
+                              f"--{section}.powersgd_rank=0")
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:

@@ -181,9 +181,6 @@ def wrap(model: torch.nn.Module, ctx: Context, precision: str, activation_checkp
         if powersgd_rank:
             add_powersgd(ddp, powersgd_rank)
         return ddp
-    if powersgd_rank:
-        raise ConfigError(f"{key}.powersgd_rank is a DDP communication hook; FSDP reduce-scatters its gradients "
-                          f"instead: use --{key}.parallel=ddp or --{key}.powersgd_rank=0")
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     scalars = [name for name, p in model.named_parameters() if p.dim() == 0]

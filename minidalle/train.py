@@ -209,9 +209,6 @@ class Trainer:
         self.cfg, self.config = cfg, _config_dict(cfg, config)
         device = pick_device(cfg.device, f"{self.section}.device")
         self.precision = resolve_precision(cfg.precision, device)
-        if self.precision == "fp16" and cfg.parallel == "fsdp":
-            raise ConfigError(f"{self.section}.precision=fp16 needs a loss scaler whose overflow check every shard "
-                              f"agrees on; with {self.section}.parallel=fsdp use bf16 (the default on GPU)")
         # The process group (if any) and this rank's device; then the model is wrapped or sharded, and
         # only then is the optimizer built, so under FSDP it holds the sharded parameters.
         self.dist = distributed.setup(cfg.parallel, device, cfg.dist_timeout, self.section)

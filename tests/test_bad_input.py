@@ -32,6 +32,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in tests/conftest.
 
 # --- inputs the cases need, made in the test's folder -------------------------------------------------
 
+def full_checkpoint(d: Path) -> None:
+    ckpt.save_checkpoint(d / "ck", 1, torch.nn.Linear(2, 2), {"step": 1}, {"train": {}})
+
+
 def a_file(d: Path) -> None:
     (d / "notes.txt").write_text("not a folder\n")
 
@@ -105,6 +109,14 @@ CASES = {
     "keep_last=1": (TRAIN + ["--dvae_train.keep_last=1"], no_setup, "dvae_train.keep_last=1 is invalid"),
     "min_lr>lr": (TRAIN + ["--dvae_train.min_lr=1"], no_setup,
                   "dvae_train.min_lr=1.0 is invalid: it must be between 0 and dvae_train.lr=0.0003"),
+    "parallel=mpi": (TRAIN + ["--dvae_train.parallel=mpi"], no_setup, "dvae_train.parallel='mpi' is invalid"),
+    "grad_accum=0": (TRAIN + ["--dvae_train.grad_accum=0"], no_setup, "dvae_train.grad_accum=0 is invalid"),
+    "fp16 with fsdp": (TRAIN + ["--dvae_train.parallel=fsdp", "--dvae_train.precision=fp16"], no_setup,
+                       "with dvae_train.parallel=fsdp use bf16"),
+    "powersgd without ddp": (TRAIN + ["--dvae_train.powersgd_rank=4"], no_setup,
+                             "add --dvae_train.parallel=ddp or set --dvae_train.powersgd_rank=0"),
+    "export nowhere": (["export", "{d}/nowhere"], no_setup, "no checkpoint folder at {d}/nowhere"),
+    "export a full checkpoint": (["export", "{d}/ck/step_0000001"], full_checkpoint, "is already a full checkpoint"),
     "hidden=6": (TRAIN + ["--dvae.hidden=6"], no_setup, "dvae.hidden=6 is invalid"),
     "quantizer": (TRAIN + ["--dvae.quantizer=kmeans"], no_setup, "dvae.quantizer='kmeans' is invalid"),
     "tau_end=0": (TRAIN + ["--dvae.tau_end=0"], no_setup, "dvae.tau_end=0.0 is invalid"),
