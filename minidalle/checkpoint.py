@@ -15,7 +15,9 @@ the weights, the AdamW moments and the EMA; `config.json`, `state.pt` (step, eve
 and `manifest.json` (checksums of every file, `"kind": "sharded"`) sit beside it as usual, and the
 same write-then-rename rule makes it atomic. It resumes on any number of processes (the loader
 re-slices the tensors) and reads back as full tensors for sampling; `export_checkpoint` turns it
-into the single-file form above.
+into the single-file form above. One caveat: PyTorch's distributed-checkpoint reader unpickles the
+`.metadata` index, so the never-unpickle rule below holds for full checkpoints only. Resume sharded
+checkpoints your own runs wrote, and share the exported form.
 
 Why each rule (the DESIGN.md checkpoint convention):
 - Atomic. Everything is written into `.tmp-step_0000500-<pid>/` beside the final folder, fsynced,
@@ -278,7 +280,21 @@ class Loaded:
     sharded: bool = False  # written by an FSDP run: weights and optimizer live in `sharded/`
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", full_weights: bool = True) -> Loaded:
+def weights_id(path: str | Path) -> str:
+    """A checksum naming a checkpoint's weights (a tokenizer's identity in cache keys): the sha256 of
+    model.safetensors, or for a sharded checkpoint one sha256 over its slice files' checksums.
+
+    Example: weights_id(".../step_0000500") -> "3f9a..."
+    """
+    files = verify_checkpoint(path)["files"]
+    if MODEL_FILE in files:
+        return files[MODEL_FILE]["sha256"]
+    shards = sorted((k, v["sha256"]) for k, v in files.items() if k.startswith(f"{SHARDED_DIR}/"))
+    return hashlib.sha256(json.dumps(shards).encode()).hexdigest()
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", full_weights: bool = True,
+                    verify: bool = True) -> Loaded:
     """Verify a checkpoint and read all of it back; raise CheckpointError if any part cannot be read.
 
     A file can match its manifest and still be unreadable: the manifest was rewritten by hand, or
@@ -288,7 +304,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     Example: read_checkpoint(".../step_0000500").state["step"] -> 500
     """
     path = Path(path)
-    manifest = verify_checkpoint(path)
+    # verify=False: another process already checked these very files (a resume's rank 0)
+    manifest = verify_checkpoint(path) if verify else json.loads((path / MANIFEST_FILE).read_text())
     config = read_config(path, verify=False)
     if manifest.get("kind") == "sharded":
         state = _load_state(path, map_location)
@@ -371,40 +388,71 @@ def save_sharded(root: str | Path, step: int, model: torch.nn.Module, optimizer,
     return final
 
 
-def load_sharded(path: str | Path, model: torch.nn.Module, optimizer, ema: dict | None = None) -> None:
+def load_sharded(path: str | Path, model: torch.nn.Module, optimizer, ema: dict | None = None) -> bool:
     """Fill a live model and optimizer (sharded over any number of processes, or not at all) from a
-    sharded checkpoint: each process reads just the pieces of its own slices.
+    sharded checkpoint: each process reads just the pieces of its own slices. Returns whether an EMA
+    was loaded into `ema` (False when the run saved none: the caller starts it from the weights).
 
-    Example: load_sharded(".../step_0000500", fsdp_model, optimizer)
+    Example: load_sharded(".../step_0000500", fsdp_model, optimizer) -> False
     """
     from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     path = Path(path)
+    saved = _sharded_keys(path)
+    has_ema = ema is not None and any(k.startswith("ema.") for k in saved)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    payload = {"model": model_sd, "optimizer": optim_sd, **({"ema": ema} if ema is not None else {})}
+    payload = {"model": model_sd, "optimizer": optim_sd, **({"ema": ema} if has_ema else {})}
     try:
         dcp_load(payload, checkpoint_id=str(path / SHARDED_DIR))
-    except Exception as e:  # noqa: BLE001 -- DCP raises CheckpointException/RuntimeError for a mismatch
+    except _DCP_ERRORS as e:
         raise CheckpointError(f"{path / SHARDED_DIR} does not fit this model and optimizer ({type(e).__name__}: "
                               f"{_first_line(e)}); was it saved from a different architecture or config?") from None
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    return has_ema
+
+
+def _dcp_errors() -> tuple:
+    # DCP wraps a failure in CheckpointException, a BaseException: `except Exception` would miss it.
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
+_DCP_ERRORS = _dcp_errors()
+
+
+def _sharded_keys(path: Path) -> dict:
+    """The flattened keys ("model.blocks.0.qkv.weight", "optimizer.state...", "ema...") a sharded
+    checkpoint holds, with their storage metadata (shape, dtype), from its index alone."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        return dict(FileSystemReader(str(path / SHARDED_DIR)).read_metadata().state_dict_metadata)
+    except _DCP_ERRORS as e:
+        raise CheckpointError(f"{path / SHARDED_DIR / '.metadata'} cannot be read ({type(e).__name__}: "
+                              f"{_first_line(e)})") from None
 
 
 def _read_sharded(path: Path) -> dict:
-    """A sharded checkpoint's tensors, whole, on the CPU, with no process group (for sampling and export)."""
-    import tempfile
+    """A sharded checkpoint's weights and EMA, whole, on the CPU, with no process group (for sampling
+    and export); the optimizer moments, twice the weights' size, are not read."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "whole.pt"
-        try:
-            dcp_to_torch_save(str(path / SHARDED_DIR), str(out))
-            return torch.load(out, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{path / SHARDED_DIR} cannot be read back ({type(e).__name__}: "
-                                  f"{_first_line(e)})") from None
+    wanted = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in _sharded_keys(path).items()
+              if k.startswith(("model.", "ema.")) and isinstance(m, TensorStorageMetadata)}
+    try:
+        dcp_load(wanted, storage_reader=FileSystemReader(str(path / SHARDED_DIR)), no_dist=True)
+    except _DCP_ERRORS as e:
+        raise CheckpointError(f"{path / SHARDED_DIR} cannot be read back ({type(e).__name__}: "
+                              f"{_first_line(e)})") from None
+    out: dict = {}
+    for key, t in wanted.items():
+        part, name = key.split(".", 1)
+        out.setdefault(part, {})[name] = t
+    return out
 
 
 def export_checkpoint(path: str | Path, out: str | Path | None = None) -> Path:
@@ -495,7 +543,7 @@ def latest_valid_checkpoint(root: str | Path) -> Path | None:
 
     Example: step_0000004 (tampered), step_0000002 (fine) -> warns about step_0000004, returns .../step_0000002
     """
-    loaded, rejected = find_resumable(root)
+    loaded, rejected = find_resumable(root, full_weights=False)  # a path is wanted, not the weights
     for p, why in rejected:
         warnings.warn(f"skipping invalid checkpoint {p.name}: {why}", stacklevel=2)
     return None if loaded is None else loaded.path

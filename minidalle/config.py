@@ -503,6 +503,10 @@ def validate(cfg: "Config") -> "Config":
     """
     for section in RULES:
         check_section(getattr(cfg, section), section)
+    if cfg.dvae.quantizer == "vq" and cfg.dvae_train.parallel != "none":
+        raise ConfigError(f"dvae.quantizer=vq with dvae_train.parallel={cfg.dvae_train.parallel}: the VQ codebook "
+                          "is updated from each process's own batch (an EMA and dead-code restarts), so the processes' "
+                          "codebooks would drift apart; train the VQ-VAE on one process, or use dvae.quantizer=gumbel")
     if cfg.clip.text_width % cfg.clip.text_heads:
         raise ConfigError(f"clip.text_width={cfg.clip.text_width} is invalid: it must be a multiple of "
                           f"clip.text_heads={cfg.clip.text_heads}")
@@ -533,6 +537,12 @@ def check_section(values, section: str) -> None:
         if values.parallel == "fsdp" and values.precision == "fp16":
             raise ConfigError(f"{section}.precision=fp16 needs a loss scaler whose overflow check every shard "
                               f"agrees on; with {section}.parallel=fsdp use bf16 (the default on GPU)")
+        if values.powersgd_rank and (values.precision == "fp16" or values.nonfinite == "skip"):
+            raise ConfigError(f"{section}.powersgd_rank={values.powersgd_rank} with "
+                              f"{'precision=fp16' if values.precision == 'fp16' else 'nonfinite=skip'}: a skipped "
+                              "update's inf/nan gradients would stay in PowerSGD's error-feedback memory and spoil "
+                              f"every later update; use bf16 and --{section}.nonfinite=stop, or "
+                              f"--{section}.powersgd_rank=0")
         if values.powersgd_rank and values.parallel != "ddp":
             raise ConfigError(f"{section}.powersgd_rank={values.powersgd_rank} is a DDP communication hook (FSDP "
                               f"reduce-scatters its gradients instead): add --{section}.parallel=ddp or set "

@@ -19,8 +19,9 @@ process ever waits for a collective the others will not make:
 - every process runs the same updates, evaluations and saves, in the same order;
 - a decision one process makes alone (stop, skip a non-finite update) is first agreed with
   `agree_any`, so they all take it together;
-- a collective that cannot complete (a dead peer, a mismatched call) raises after
-  `train.dist_timeout` seconds instead of hanging.
+- a collective that cannot complete (a dead peer, a mismatched call) fails after
+  `train.dist_timeout` seconds instead of hanging: on gloo (CPU) it raises, which the command line
+  turns into one error line; on NCCL its watchdog aborts the process, and torchrun reports it.
 
 Example: ctx = setup("ddp", torch.device("cpu"), timeout_s=60)  # under torchrun: rank, world from its env
 """
@@ -274,27 +275,47 @@ def agree_any(flag: bool, ctx: Context) -> bool:
 
 
 @contextmanager
-def main_first(ctx: Context, what: str):
+def main_first(ctx: Context, what: str, wait_s: float = 86_400.0):
     """Run a block on rank 0 first (train a tokenizer, write a cache), then on the others, which
     find its results on disk; if rank 0 fails, the others stop with its message instead of waiting.
 
+    The others wait in a group of their own whose timeout is `wait_s` (a day), not train.dist_timeout:
+    rank 0 may legitimately spend an hour encoding a dataset.
     Example: with main_first(ctx, "preparing the tokenizers"): dvae, tok, ids = prepare_tokenizers(cfg)
     """
     if not ctx.active or ctx.world == 1:
         yield
         return
+    group = _patient_group(wait_s)
+
+    def tell(msg):
+        box = [msg]
+        dist.broadcast_object_list(box, src=0, group=group)
+        return box[0]
+
     if ctx.main:
         try:
             yield
         except BaseException as e:
-            broadcast(("error", f"{type(e).__name__}: {e}"), ctx)
+            tell(("error", f"{type(e).__name__}: {e}"))
             raise
-        broadcast(("ok", ""), ctx)
+        tell(("ok", ""))
     else:
-        status, message = broadcast(None, ctx)
+        status, message = tell(None)
         if status == "error":
             raise MinidalleError(f"rank 0 failed while {what}: {message}")
         yield
+
+
+_PATIENT: dict = {}
+
+
+def _patient_group(wait_s: float):
+    """A gloo group over every process with a long timeout, made once (every process reaches the
+    first main_first together, as new_group requires)."""
+    if wait_s not in _PATIENT:
+        _PATIENT[wait_s] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=wait_s))
+    return _PATIENT[wait_s]
 
 
 def mean_all(values: list[float], ctx: Context) -> list[float]:
@@ -333,6 +354,7 @@ def barrier(ctx: Context) -> None:
 def shutdown() -> None:
     """Leave the process group (at the end of a command; a crashed process is cleaned up by torchrun)."""
     if dist.is_available() and dist.is_initialized():
+        _PATIENT.clear()
         dist.destroy_process_group()
 
 

@@ -97,8 +97,7 @@ def load_dvae(path: str | os.PathLike) -> tuple[DVAE, Config]:
 
 def tokenizer_id(checkpoint: str | os.PathLike) -> str:
     """The checksum of a checkpoint's weights, from its manifest: names the tokenizer in cache keys."""
-    manifest = ckpt.verify_checkpoint(checkpoint)
-    return manifest["files"][ckpt.MODEL_FILE]["sha256"]
+    return ckpt.weights_id(checkpoint)
 
 
 def dataset_id(dataset) -> dict:

@@ -9,9 +9,10 @@ Each update does, in order:
     ema   = decay * ema + (1 - decay) * weights   only when cfg.ema_decay > 0 (saved with the state)
 
 The loss runs under bf16 autocast when cfg.precision resolves to bf16 (auto: CUDA only), or under
-fp16 autocast with a gradient scaler (precision=fp16: an overflowing update is skipped and the
-scale lowered, as torch.amp does). A non-finite loss or gradient norm stops the run before the
-optimizer touches the weights (cfg.nonfinite=stop), or skips that update and counts it (skip).
+fp16 autocast with a gradient scaler (precision=fp16: an update whose gradients overflow is
+skipped and counted, and the scale lowered, as torch.amp does; that is how fp16 finds its scale).
+Otherwise a non-finite loss or gradient norm stops the run before the optimizer touches the weights
+(cfg.nonfinite=stop), or skips that update and counts it (skip).
 
 Under torchrun with cfg.parallel = ddp or fsdp (distributed.py) every process runs this same
 loop on its own share of each batch: with cfg.grad_accum = A micro-batches per update and W
@@ -38,6 +39,10 @@ and is exact when each epoch depends only on the RNG state at its start (true fo
 for lists): every epoch starts from the pinned seed `cfg.seed + epoch`. Resuming with a changed
 config (say a larger train.max_steps, to train longer) is allowed but warns, listing every changed
 key: the LR schedule is computed from the config, so the rest of the run follows the new values.
+(Exact means without PowerSGD, whose error-feedback memory lives in the communication hook and
+is not saved.) A resume on another number of processes continues the weights, moments and data
+exactly; the random streams restart, and if grad_accum x processes changed, so does the global batch,
+with the data continuing from the first sample not yet trained on.
 """
 
 from __future__ import annotations
@@ -229,7 +234,7 @@ class Trainer:
         self.callbacks: dict[str, list[Callable]] = {e: [] for e in EVENTS}
         self.step, self.loss, self.last_eval, self.last_checkpoint = 0, float("nan"), None, None
         self.history: dict[str, list[dict]] = {"train": [], "eval": []}
-        self._stop = False
+        self._stop, self._data_offset = False, 0
         if cfg.eval_every and eval_data is None:
             warnings.warn(f"{self.section}.eval_every={cfg.eval_every} but no eval_data was given; evaluation is skipped",
                           stacklevel=2)
@@ -267,7 +272,7 @@ class Trainer:
         if self.dist.main:
             try:
                 lock.acquire()
-            except MinidalleError as e:
+            except Exception as e:  # noqa: BLE001 -- a refusal, or an OSError: either way every rank stops
                 err = e
         if distributed.agree_any(err is not None, self.dist):
             raise err or MinidalleError(f"rank 0 could not lock {self.out_dir}; its message says why")
@@ -294,8 +299,16 @@ class Trainer:
             self.loss, self.last_checkpoint = float(start.state.get("loss", math.nan)), start.path
             self.skipped = int(start.state.get("skipped", 0))
         # fast-forwards an iterable to this rank's next micro-batch
+        per_update = cfg.grad_accum * ctx.world  # micro-batches in one global batch
+        done = int(start.state.get("micro_batches", start.step * per_update)) if start is not None else 0
+        split = _splits_itself(self.train_data)
+        self._data_offset = 0 if split else done - self.step * per_update  # nonzero: the global batch changed
+        if self._data_offset and ctx.main:
+            warnings.warn(f"the global batch changes from {done // max(self.step, 1) * cfg.batch_size} to "
+                          f"{per_update * cfg.batch_size} samples ({cfg.grad_accum} micro-batches x {ctx.world} "
+                          f"processes x {cfg.batch_size}); the data continues from micro-batch {done}", stacklevel=3)
         stream = _BatchStream(self.train_data, cfg.seed, start=self.step * cfg.grad_accum, rank=ctx.rank,
-                              world=ctx.world, split_by_rank=_splits_itself(self.train_data))
+                              world=ctx.world, split_by_rank=split, offset=self._data_offset)
         if rng is not None:
             ckpt.restore_rng_state(rng)  # after the fast-forward, which must not disturb it
         self.history, self._stop = {"train": [], "eval": []}, False
@@ -463,6 +476,7 @@ class Trainer:
         """
         rngs = distributed.gather(ckpt.capture_rng_state(), self.dist)
         state = {"step": self.step, "rng": rngs[0], "rng_ranks": rngs, "world": self.dist.world,
+                 "micro_batches": self._data_offset + self.step * self.cfg.grad_accum * self.dist.world,
                  "loss": self.loss, "skipped": self.skipped}  # loss: so a finished run, resumed, says where it ended
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
@@ -470,12 +484,17 @@ class Trainer:
             self.last_checkpoint = ckpt.save_sharded(self.ckpt_root, self.step, self.model, self.optimizer, state,
                                                      self.config, self.dist, self.cfg.keep_last, ema=self.ema)
         else:
+            err = None
             if self.dist.main:
                 state["optimizer"] = self.optimizer.state_dict()
                 if self.ema is not None:
                     state["ema"] = {k: v.cpu() for k, v in self.ema.items()}
-                ckpt.save_checkpoint(self.ckpt_root, self.step, self.module, state, self.config, self.cfg.keep_last)
-            distributed.barrier(self.dist)  # nobody runs ahead of a save that may yet fail
+                try:
+                    ckpt.save_checkpoint(self.ckpt_root, self.step, self.module, state, self.config, self.cfg.keep_last)
+                except Exception as e:  # noqa: BLE001 -- a full disk on rank 0 stops every rank, none waits
+                    err = e
+            if distributed.agree_any(err is not None, self.dist):  # nobody runs ahead of a save that failed
+                raise err or MinidalleError(f"rank 0 could not save step {self.step}; its message says why")
             self.last_checkpoint = self.ckpt_root / ckpt.step_dir_name(self.step)
         self._fire("on_checkpoint")
         return self.last_checkpoint
@@ -489,7 +508,7 @@ class Trainer:
         if self.dist.main:
             try:
                 start = self._resume_point(resume, start_over)
-            except MinidalleError as e:
+            except Exception as e:  # noqa: BLE001 -- rank 0's reason is the others' reason to stop
                 err = e
         chosen = distributed.broadcast(("error", str(err)) if err else ("ok", start and str(start.path)), self.dist)
         if err is not None:
@@ -498,14 +517,15 @@ class Trainer:
             raise CheckpointError(f"rank 0 could not resume: {chosen[1]}")
         if self.dist.main or chosen[1] is None:
             return start
-        loaded = ckpt.read_checkpoint(chosen[1], full_weights=False)
+        loaded = ckpt.read_checkpoint(chosen[1], full_weights=False, verify=False)  # rank 0 checked every file
         _check_state(loaded)
         return loaded
 
     def _load(self, start: ckpt.Loaded) -> None:
         """Put a checkpoint's weights, optimizer moments, EMA and loss scale into this run."""
         if start.sharded:  # any number of processes, sharded or not: each reads its own slices
-            ckpt.load_sharded(start.path, self.model, self.optimizer, self.ema)
+            if not ckpt.load_sharded(start.path, self.model, self.optimizer, self.ema) and self.ema is not None:
+                self._load_ema(start)  # EMA just switched on: it starts from the loaded weights
         else:
             if self.dist.parallel == "fsdp":
                 raise CheckpointError(f"{start.path} is a full checkpoint (written by a ddp or single-process run); "
@@ -535,8 +555,8 @@ class Trainer:
             return start.state["rng"]
         if self.dist.main:
             warnings.warn(f"{start.path.name} was saved by {saved_world} processes and resumes on {self.dist.world}: "
-                          "weights, optimizer and data order continue exactly, the random streams (dropout) start "
-                          "afresh", stacklevel=4)
+                          "weights, optimizer moments and the data continue exactly; the random streams (dropout) "
+                          "start afresh", stacklevel=4)
         seed_everything(self.cfg.seed + _RANK_SEED * self.dist.rank + start.step)
         return None
 
@@ -607,7 +627,7 @@ class Trainer:
         saved = start.state.get("ema")
         if not isinstance(saved, dict) or set(saved) != set(self.ema):
             warnings.warn(f"{start.path.name} holds no EMA of these weights; the EMA starts from them now", stacklevel=5)
-            saved = {k: v for k, v in self.model.state_dict().items() if k in self.ema}
+            saved = {k: v for k, v in self.module.state_dict().items() if k in self.ema}
         for k, v in saved.items():
             self.ema[k].copy_(v.float())
 
@@ -620,7 +640,8 @@ class _BatchStream:
     """Hands out one process's training micro-batches in order, and can start again at any of them.
 
     `start` counts this process's micro-batches already consumed. With `world` processes, process
-    `rank` reads global batch j = k * world + rank for its k-th micro-batch: `batch_at(j)` directly,
+    `rank` reads global batch j = offset + k * world + rank for its k-th micro-batch (offset: nonzero
+    only after a resume that changed grad_accum x world): `batch_at(j)` directly,
     or, from an iterable every process walks identically, every world-th batch. An iterable that
     already gives each process its own share (`split_by_rank`: the folder and tar datasets split their
     files by rank) is read whole; its ranks may hold unequal numbers of batches, and each simply
@@ -629,8 +650,9 @@ class _BatchStream:
              _BatchStream(lambda i: i, seed=0, start=5, rank=1, world=2).next() -> 11
     """
 
-    def __init__(self, data, seed: int, start: int = 0, rank: int = 0, world: int = 1, split_by_rank: bool = False):
-        self.data, self.seed, self.epoch, self._it = data, seed, -1, None
+    def __init__(self, data, seed: int, start: int = 0, rank: int = 0, world: int = 1, split_by_rank: bool = False,
+                 offset: int = 0):
+        self.data, self.seed, self.epoch, self._it, self.offset = data, seed, -1, None, offset
         self.rank, self.world = (0, 1) if split_by_rank else (rank, world)
         self.k = start if callable(data) else 0  # this process's micro-batches handed out
         self._drawn = 0  # iterables: batches drawn from the shared stream
@@ -638,7 +660,7 @@ class _BatchStream:
             self.next()
 
     def next(self):
-        j = self.k * self.world + self.rank
+        j = self.offset + self.k * self.world + self.rank
         if callable(self.data):
             batch = self.data(j)
         else:

@@ -9,6 +9,8 @@ process, never in the library:
                               is written and before the manifest (a sharded save half done)
   --scenario mismatch         the ranks call different collectives: must fail within the timeout
   --scenario dead-peer        rank 1 leaves after update 2: rank 0's next collective must fail
+  --nan-rank R --nan-at S     rank R's loss is NaN at update S (nonfinite=skip): every rank must skip it
+                              (each rank then writes its own --result, suffixed .rank<r>)
   --folder DIR                train on a folder dataset (images + captions) that deals its files out
                               by rank, unevenly when the file count is odd
 """
@@ -72,7 +74,7 @@ def make_trainer(args) -> Trainer:
     cfg = TrainConfig(max_steps=args.steps, batch_size=4, lr=3e-2, min_lr=3e-3, warmup_steps=2, grad_clip=1.0,
                       eval_every=0, ckpt_every=args.ckpt_every, log_every=1, seed=7, device="cpu",
                       precision="fp32", parallel=args.parallel, grad_accum=args.accum, dist_timeout=args.timeout,
-                      out_dir=args.out)
+                      nonfinite="skip" if getattr(args, "nan_at", None) else "stop", out_dir=args.out)
     if getattr(args, "folder", None):
         return Trainer(Net(), cfg, folder_batches(args.folder), folder_loss, progress=False)
     return Trainer(Net(), cfg, batch_at, loss_fn, progress=False)
@@ -101,6 +103,8 @@ def main() -> int:
     p.add_argument("--stop-at", type=int, default=None)
     p.add_argument("--scenario", default="train")
     p.add_argument("--folder", default=None)
+    p.add_argument("--nan-rank", type=int, default=None)
+    p.add_argument("--nan-at", type=int, default=None)
     args = p.parse_args()
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
 
@@ -121,6 +125,10 @@ def main() -> int:
 
     trainer = make_trainer(args)
     rank = trainer.dist.rank
+    if args.nan_at is not None and rank == args.nan_rank:
+        plain = trainer.loss_fn
+        trainer.loss_fn = lambda model, batch: plain(model, batch) * (float("nan") if trainer.step + 1 == args.nan_at
+                                                                       else 1.0)
     if args.scenario == "dead-peer" and rank == 1:
         trainer.add_callback("on_step_end", lambda t: t.step == 2 and os._exit(0))
     if args.kill_at is not None and rank == args.kill_rank and first_attempt:
@@ -140,9 +148,12 @@ def main() -> int:
     if args.folder:
         print(f"rank {rank}: {trainer.step} updates, in epoch {trainer.train_data.dataset.epoch}", file=sys.stderr, flush=True)
     params = full_params(trainer)
-    if rank == 0 and args.result:
-        torch.save({"params": params, "step": trainer.step, "losses": [r["loss"] for r in trainer.history["train"]]},
-                   args.result)
+    result = {"params": params, "step": trainer.step, "losses": [r["loss"] for r in trainer.history["train"]],
+              "skipped": trainer.skipped}
+    if args.result and args.nan_at is not None:
+        torch.save(result, f"{args.result}.rank{rank}")
+    elif rank == 0 and args.result:
+        torch.save(result, args.result)
     distributed.shutdown()
     return 0
 

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -141,7 +142,7 @@ def test_a_broken_collective_is_an_error_within_the_timeout_not_a_hang(tmp_path,
 
 def test_kill_during_a_sharded_save_keeps_the_previous_checkpoint_which_resumes_on_one_process(tmp_path, reference):
     run = tmp_path / "run"
-    rc, err, _ = launch(2, "--parallel", "fsdp", "--out", str(run), "--kill-in-save", "4")
+    rc, err, _ = launch(2, "--parallel", "fsdp", "--out", str(run), "--kill-in-save", "4", "--timeout", "10")
     assert rc != 0  # rank 0 died inside the save of step 4
     root = run / "checkpoints"
     assert [s for s, _ in ckpt.list_checkpoints(root)] == [2]
@@ -276,10 +277,10 @@ def test_fp16_uses_a_loss_scaler_that_resumes_with_the_run(tmp_path):
 
     t = run(4, False)
     scale = t.scaler.get_scale()
-    assert t.history["train"][-1]["loss_scale"] == scale and scale > 0
-    assert ckpt.read_checkpoint(t.last_checkpoint).state["scaler"]["scale"] == scale
+    assert t.history["train"][-1]["loss_scale"] == scale and 0 < scale < 2.0 ** 16  # it overflowed and backed off
+    assert t.skipped >= 1 and ckpt.read_checkpoint(t.last_checkpoint).state["scaler"]["scale"] == scale
     t2 = run(6, True)  # continues with the saved scale, not a fresh 2**16
-    assert t2.history["train"][0]["step"] == 5
+    assert t2.history["train"][0]["step"] == 5 and t2.history["train"][0]["loss_scale"] == scale
 
 
 def test_uneven_folder_shards_do_not_make_a_rank_wait(tmp_path):
@@ -308,3 +309,41 @@ def test_fsdp_refuses_a_model_with_a_0d_parameter_and_names_the_fix():
     ctx = distributed.Context("fsdp")  # refused before any process group is needed
     with pytest.raises(ConfigError, match="0-d parameter log_scale of CLIP.*clip_train.parallel=ddp"):
         distributed.wrap(CLIP.from_config(get_config("smoke")), ctx, "fp32", key="clip_train")
+
+
+def test_a_nan_on_one_rank_is_skipped_by_every_rank(tmp_path):
+    rc, err, _ = launch(2, "--parallel", "ddp", "--nan-rank", "1", "--nan-at", "3", "--out", str(tmp_path / "run"),
+                        "--result", str(tmp_path / "r.pt"), "--timeout", "20")
+    check(rc, err)
+    r0, r1 = (params_of(tmp_path / f"r.pt.rank{r}") for r in (0, 1))
+    assert r0["skipped"] == r1["skipped"] == 1 and r0["step"] == r1["step"] == 6
+    assert r0["losses"][2] != r0["losses"][2]  # NaN: the global batch's loss, rank 1's share included
+    assert max_diff(r0["params"], r1["params"]) == 0.0  # the copies never diverged
+
+
+def test_resuming_with_another_global_batch_continues_from_the_first_unseen_sample(tmp_path):
+    """2 updates of 1 micro-batch, then resumed with 2 micro-batches an update: update 3 reads
+    micro-batches 2 and 3 (not 4 and 5, which 3 x 2 would say), and the checkpoint counts them."""
+    from minidalle.config import TrainConfig
+    from minidalle.train import Trainer
+
+    seen = []
+
+    def loss_fn(model, batch):
+        seen.append(int(batch[0, 0]))
+        return model(batch).pow(2).mean()
+
+    def run(steps, accum, resume):
+        cfg = TrainConfig(max_steps=steps, batch_size=1, grad_accum=accum, device="cpu", precision="fp32",
+                          warmup_steps=0, ckpt_every=1, eval_every=0, out_dir=str(tmp_path))
+        t = Trainer(torch.nn.Linear(1, 1), cfg, lambda i: torch.tensor([[float(i)]]), loss_fn, progress=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t.fit(resume=resume)
+        return t, [str(w.message) for w in caught]
+
+    run(2, 1, False)
+    t, said = run(4, 2, True)
+    assert seen == [0, 1, 2, 3, 4, 5]
+    assert any("global batch changes from 1 to 2 samples" in m for m in said), said
+    assert ckpt.read_checkpoint(t.last_checkpoint).state["micro_batches"] == 6
