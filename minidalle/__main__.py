@@ -3,5 +3,8 @@
 import sys
 
 from .cli import main
+from .distributed import exit_now_if_distributed
 
-sys.exit(main())
+code = main()
+exit_now_if_distributed(code)  # a process that joined a process group leaves without interpreter teardown
+sys.exit(code)

@@ -619,12 +619,10 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
-    from . import distributed
-
-    try:
-        return _command(argv)
-    finally:
-        distributed.shutdown()  # leave the process group, if a command joined one
+    # A process group a command joined is left up: `python -m minidalle` then ends with os._exit
+    # (distributed.exit_now_if_distributed), and tearing the group down first, while the wrapped model
+    # may still exist, is what made workers hang on the way out.
+    return _command(argv)
 
 
 def _command(argv: list[str] | None) -> int:

@@ -18,6 +18,7 @@ process, never in the library:
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import signal
 import sys
@@ -106,6 +107,8 @@ def main() -> int:
     p.add_argument("--nan-rank", type=int, default=None)
     p.add_argument("--nan-at", type=int, default=None)
     args = p.parse_args()
+    # A worker stuck anywhere (not only in a collective, which dist_timeout bounds) prints where, then exits.
+    faulthandler.dump_traceback_later(args.timeout + 30, exit=True)
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
 
     if args.scenario == "mismatch":
@@ -154,9 +157,10 @@ def main() -> int:
         torch.save(result, f"{args.result}.rank{rank}")
     elif rank == 0 and args.result:
         torch.save(result, args.result)
-    distributed.shutdown()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    distributed.exit_now_if_distributed(code)  # as `python -m minidalle` does: no interpreter teardown
+    sys.exit(code)
