@@ -405,7 +405,7 @@ def load_sharded(path: str | Path, model: torch.nn.Module, optimizer, ema: dict 
     payload = {"model": model_sd, "optimizer": optim_sd, **({"ema": ema} if has_ema else {})}
     try:
         dcp_load(payload, checkpoint_id=str(path / SHARDED_DIR))
-    except _DCP_ERRORS as e:
+    except _dcp_errors() as e:  # evaluated only when something was raised
         raise CheckpointError(f"{path / SHARDED_DIR} does not fit this model and optimizer ({type(e).__name__}: "
                               f"{_first_line(e)}); was it saved from a different architecture or config?") from None
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
@@ -419,8 +419,6 @@ def _dcp_errors() -> tuple:
     return (Exception, CheckpointException)
 
 
-_DCP_ERRORS = _dcp_errors()
-
 
 def _sharded_keys(path: Path) -> dict:
     """The flattened keys ("model.blocks.0.qkv.weight", "optimizer.state...", "ema...") a sharded
@@ -429,7 +427,7 @@ def _sharded_keys(path: Path) -> dict:
 
     try:
         return dict(FileSystemReader(str(path / SHARDED_DIR)).read_metadata().state_dict_metadata)
-    except _DCP_ERRORS as e:
+    except _dcp_errors() as e:  # evaluated only when something was raised
         raise CheckpointError(f"{path / SHARDED_DIR / '.metadata'} cannot be read ({type(e).__name__}: "
                               f"{_first_line(e)})") from None
 
@@ -445,7 +443,7 @@ def _read_sharded(path: Path) -> dict:
               if k.startswith(("model.", "ema.")) and isinstance(m, TensorStorageMetadata)}
     try:
         dcp_load(wanted, storage_reader=FileSystemReader(str(path / SHARDED_DIR)), no_dist=True)
-    except _DCP_ERRORS as e:
+    except _dcp_errors() as e:  # evaluated only when something was raised
         raise CheckpointError(f"{path / SHARDED_DIR} cannot be read back ({type(e).__name__}: "
                               f"{_first_line(e)})") from None
     out: dict = {}

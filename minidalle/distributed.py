@@ -239,6 +239,10 @@ def materialize(model: torch.nn.Module, device: torch.device) -> None:
     if init is None:
         raise ConfigError(f"{type(model).__name__} was built on the meta device but has no init_parameter(name, "
                           "tensor, generator) to give it weights; build it on a real device instead")
+    buffers = [name for name, _ in model.named_buffers()]
+    if buffers:  # to_empty would leave them uninitialised, and they have no init rule here
+        raise ConfigError(f"{type(model).__name__} has buffers ({', '.join(buffers[:3])}) that a meta-device build "
+                          "cannot fill; build it on a real device instead")
     model.to_empty(device=device)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -248,20 +252,12 @@ def materialize(model: torch.nn.Module, device: torch.device) -> None:
             if isinstance(p, DTensor):  # every process computed the same full tensor: keep its slice, no traffic
                 value = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
             p.copy_(value)
-        for mod in model.modules():  # buffers: whatever the module's own reset gives
-            if hasattr(mod, "reset_buffers"):
-                mod.reset_buffers()
 
 
 def _name_seed(name: str) -> int:
     import hashlib
 
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") & (2**63 - 1)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module itself, without DDP's wrapper (FSDP2 shards in place: nothing to take off)."""
-    return getattr(model, "module", model)
 
 
 def agree_any(flag: bool, ctx: Context) -> bool:
