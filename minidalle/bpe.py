@@ -94,6 +94,15 @@ def _pairs(ids: list[int]) -> Counter:
     return Counter(zip(ids, ids[1:]))
 
 
+class TextTooLong(DataError):
+    """A text longer than the ids it must fit, refused: `what` says by how much (e.g. "encodes to 40
+    tokens, more than the model's 32"), so a caller can name its own way of cutting it (a flag)."""
+
+    def __init__(self, what: str, text: str):
+        super().__init__(f"text {what}; pass truncate=True to cut it: {text[:60]!r}")
+        self.what = what
+
+
 class Tokenizer:
     """Merges, vocabulary, special tokens, files. Subclasses say how text becomes chunks."""
 
@@ -237,13 +246,11 @@ class Tokenizer:
         cap = CHARS_PER_TOKEN_CAP * length if max_chars is None else max_chars
         too_long = len(text) > cap
         if too_long and not truncate:
-            raise DataError(f"text has {len(text):,} characters, more than the cap of {cap:,}; "
-                            f"pass truncate=True to cut it: {text[:60]!r}")
+            raise TextTooLong(f"has {len(text):,} characters, more than the cap of {cap:,}", text)
         ids = self.encode(text[:cap])
         cut = too_long or len(ids) > length
         if len(ids) > length and not truncate:
-            raise DataError(f"text encodes to {len(ids)} tokens, more than the model's {length}; "
-                            f"pass truncate=True to cut it: {text[:60]!r}")
+            raise TextTooLong(f"encodes to {len(ids)} tokens, more than the model's {length}", text)
         ids = ids[:length]
         return ids + [pad_id] * (length - len(ids)), cut
 

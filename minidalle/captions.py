@@ -74,9 +74,14 @@ def _words(text: str) -> list[str]:
     return re.sub(r"[^a-z]+", " ", text.lower()).split()
 
 
+SHOWN_CHARS = 80  # of a caption an error message quotes: a 10,000-character caption is not one line of output
+
+
 def _error(text: str, problem: str) -> CaptionError:
-    """Every caption error names the caption first. Example: ("", "x") -> CaptionError("caption '': x")"""
-    return CaptionError(f"caption {text!r}: {problem}")
+    """Every caption error names the caption first (its first SHOWN_CHARS characters and its length when
+    longer), then the problem. Example: ("", "x") -> CaptionError("caption '': x")"""
+    shown = repr(text) if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]!r}... ({len(text):,} characters)"
+    return CaptionError(f"caption {shown}: {problem}")
 
 
 def parse_caption(text: str) -> CaptionSpec:
@@ -98,7 +103,9 @@ def parse_caption(text: str) -> CaptionSpec:
                 unknown.append(words[i])
             i += 1
     if unknown:
-        raise _error(text, f"unknown words {unknown}; the judge reads ShapesWorld captions "
+        shown = sorted(set(unknown), key=unknown.index)
+        shown = f"{shown[:8]}" + (f" and {len(shown) - 8} more" if len(shown) > 8 else "")
+        raise _error(text, f"unknown words {shown}; the judge reads ShapesWorld captions "
                            f"(shapes {', '.join(data.SHAPES)}; colours {', '.join(data.COLORS)})")
     return _assemble(items, text)
 

@@ -56,6 +56,7 @@ import torch
 from safetensors.torch import load_file, save_file, save_model
 
 from .errors import CheckpointError, ConfigError
+from .files import pid_alive
 
 try:
     import fcntl
@@ -186,7 +187,7 @@ def clean_stale_temp(root: str | Path) -> list[Path]:
         if not p.name.startswith(TMP_PREFIX):
             continue
         pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
             continue  # another live process is writing here right now; not ours to delete
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
@@ -268,6 +269,32 @@ def read_config(path: str | Path, verify: bool = True) -> dict:
     return config
 
 
+STAGE_NAMES = {"transformer": "a transformer", "reranker": "a reranker (CLIP)", "dvae": "an image tokenizer (dVAE)"}
+
+
+def stage_of(config: dict) -> str:
+    """Which stage wrote a checkpoint, from its config.json: "transformer" (it records the dVAE and BPE it
+    was trained with), "reranker" (a BPE only) or "dvae" (no tokenizers: the image tokenizer, or a run
+    of the generic Trainer). Example: stage_of(read_config(".../clip/checkpoints/step_0000020")) -> "reranker"
+    """
+    ids = config.get("tokenizers") if isinstance(config, dict) else None
+    if not isinstance(ids, dict):
+        return "dvae"
+    return "transformer" if "dvae" in ids else "reranker"
+
+
+def wrong_stage(path: str | Path, found: str, wanted: str) -> CheckpointError:
+    """The error for a checkpoint of another stage than a loader reads, naming the command that reads it.
+
+    Example: wrong_stage(p, "reranker", "transformer") -> CheckpointError("p is a reranker (CLIP) checkpoint, not
+             a transformer one; `python -m minidalle eval clip --checkpoint p` reads it")
+    """
+    readers = {"transformer": "eval transformer --checkpoint", "reranker": "eval clip --checkpoint"}
+    why = " (its config.json records no tokenizers)" if found == "dvae" else ""
+    hint = f"; `python -m minidalle {readers[found]} {path}` reads it" if found in readers else ""
+    return CheckpointError(f"{path} is {STAGE_NAMES[found]} checkpoint{why}, not {STAGE_NAMES[wanted]} one{hint}")
+
+
 @dataclass
 class Loaded:
     """Everything one checkpoint folder holds, read back and checked, before any of it is applied."""
@@ -293,14 +320,29 @@ def weights_id(path: str | Path) -> str:
     return hashlib.sha256(json.dumps(shards).encode()).hexdigest()
 
 
+def sharded_refusal(path: str | Path) -> CheckpointError:
+    """The error for a sharded checkpoint that a reader was not told to trust: what it would run, what to do.
+
+    Example: sharded_refusal("runs/x/checkpoints/step_0000500") -> CheckpointError("... --trust-sharded ...")
+    """
+    return CheckpointError(
+        f"{path} is a sharded (FSDP) checkpoint: reading it means unpickling its {SHARDED_DIR}/.metadata (PyTorch's "
+        f"distributed-checkpoint index), and a pickle can run any code, which the checksums cannot prevent (whoever "
+        f"wrote the folder wrote the manifest too). If your own run wrote it, export it once with `python -m "
+        f"minidalle export {path} --trust-sharded` and use the exported folder (safetensors only), or pass "
+        f"--trust-sharded (trust_sharded=True in Python)")
+
+
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", full_weights: bool = True,
-                    verify: bool = True) -> Loaded:
+                    verify: bool = True, trust_sharded: bool = False) -> Loaded:
     """Verify a checkpoint and read all of it back; raise CheckpointError if any part cannot be read.
 
     A file can match its manifest and still be unreadable: the manifest was rewritten by hand, or
     the file was damaged before the checksums were taken. Reading everything *first*, and only then
     touching a model or optimizer, is what lets a resume fall back to an older checkpoint instead of
     stopping half-way with a model that holds some new and some old weights.
+    A sharded checkpoint's weights are read only with trust_sharded=True (its index is a pickle:
+    `sharded_refusal`); full_weights=False reads just its config and state, which are pickle-free.
     Example: read_checkpoint(".../step_0000500").state["step"] -> 500
     """
     path = Path(path)
@@ -308,6 +350,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     manifest = verify_checkpoint(path) if verify else json.loads((path / MANIFEST_FILE).read_text())
     config = read_config(path, verify=False)
     if manifest.get("kind") == "sharded":
+        if full_weights and not trust_sharded:
+            raise sharded_refusal(path)
         state = _load_state(path, map_location)
         tensors = {}
         if full_weights:  # the sampler's view: every tensor whole (resuming re-slices instead: load_sharded)
@@ -453,19 +497,21 @@ def _read_sharded(path: Path) -> dict:
     return out
 
 
-def export_checkpoint(path: str | Path, out: str | Path | None = None) -> Path:
+def export_checkpoint(path: str | Path, out: str | Path | None = None, trust_sharded: bool = False) -> Path:
     """Write a sharded checkpoint as one full checkpoint folder (model.safetensors, config, state with
     the step, loss and EMA; no optimizer), the form every loader reads. Default: `<path>-full`.
+    Reading the sharded one unpickles its index, so it needs trust_sharded=True (`sharded_refusal`).
 
-    Example: export_checkpoint("runs/x/transformer/checkpoints/step_0000500") -> Path(".../step_0000500-full")
+    Example: export_checkpoint("runs/x/transformer/checkpoints/step_0000500", trust_sharded=True)
+             -> Path(".../step_0000500-full")
     """
-    loaded = read_checkpoint(path)
     src = Path(path)
     out = Path(out) if out is not None else src.with_name(src.name + "-full")
-    if not loaded.sharded:
+    if verify_checkpoint(src).get("kind", "full") != "sharded":
         raise CheckpointError(f"{src} is already a full checkpoint (model.safetensors); load it directly")
     if out.exists():
         raise CheckpointError(f"{out} already exists; remove it or pass another --out")
+    loaded = read_checkpoint(src, trust_sharded=trust_sharded)
     state = {k: loaded.state[k] for k in ("step", "loss", "ema") if k in loaded.state}
     state["exported_from"] = str(src)
     _check_plain(state, "state")
@@ -482,12 +528,11 @@ def export_checkpoint(path: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
-def apply_weights(model: torch.nn.Module, tensors: dict, where: str | Path) -> None:
-    """Copy checkpoint tensors into `model`, strictly: every key and shape must match, or nothing is copied.
+def weight_problems(model: torch.nn.Module, tensors: dict) -> list[str]:
+    """How checkpoint tensors fail to fit `model` (missing and unexpected names, wrong shapes); [] when they fit.
 
-    `save_model` stored each tied tensor once (say a token embedding shared with the output head);
-    its other names are filled by the copy into the shared storage.
-    Example: apply_weights(model, read_checkpoint(p).tensors, p)
+    Tied names stored once (see apply_weights) are not missing. Nothing is copied.
+    Example: a 2-layer checkpoint, a 4-layer model -> ["missing blocks.2.attn.qkv.weight, ..."]
     """
     own = model.state_dict()
     stored_ptrs = {own[k].data_ptr() for k in tensors if k in own}
@@ -495,10 +540,21 @@ def apply_weights(model: torch.nn.Module, tensors: dict, where: str | Path) -> N
     missing = sorted(k for k in set(own) - set(tensors) if own[k].data_ptr() not in stored_ptrs)
     wrong = [f"{k}: {tuple(tensors[k].shape)} stored, {tuple(own[k].shape)} here"
              for k in tensors if k in own and tensors[k].shape != own[k].shape]
-    if unexpected or missing or wrong:
-        problems = [f"missing {', '.join(missing[:4])}" if missing else "",
-                    f"unexpected {', '.join(unexpected[:4])}" if unexpected else "", "; ".join(wrong[:4])]
-        raise CheckpointError(f"{where} does not fit this model ({'; '.join(p for p in problems if p)}); was it "
+    problems = [f"missing {', '.join(missing[:4])}" if missing else "",
+                f"unexpected {', '.join(unexpected[:4])}" if unexpected else "", "; ".join(wrong[:4])]
+    return [p for p in problems if p]
+
+
+def apply_weights(model: torch.nn.Module, tensors: dict, where: str | Path) -> None:
+    """Copy checkpoint tensors into `model`, strictly: every key and shape must match, or nothing is copied.
+
+    `save_model` stored each tied tensor once (say a token embedding shared with the output head);
+    its other names are filled by the copy into the shared storage.
+    Example: apply_weights(model, read_checkpoint(p).tensors, p)
+    """
+    problems = weight_problems(model, tensors)
+    if problems:
+        raise CheckpointError(f"{where} does not fit this model ({'; '.join(problems)}); was it "
                               "saved from a different architecture or config?")
     model.load_state_dict(tensors, strict=False)  # strict=False only for the tied names checked above
 
@@ -543,8 +599,19 @@ def latest_valid_checkpoint(root: str | Path) -> Path | None:
     """
     loaded, rejected = find_resumable(root, full_weights=False)  # a path is wanted, not the weights
     for p, why in rejected:
-        warnings.warn(f"skipping invalid checkpoint {p.name}: {why}", stacklevel=2)
+        warn_skipped(p, why, stacklevel=3)
     return None if loaded is None else loaded.path
+
+
+_SKIPPED: set[tuple[str, str]] = set()  # (checkpoint, why) already warned about
+
+
+def warn_skipped(path: Path, why: str, stacklevel: int = 2) -> None:
+    """Warn that an invalid checkpoint is skipped, once per process and checkpoint: a command (the demo)
+    may look in one folder several times, and one line says it."""
+    if (str(path), why) not in _SKIPPED:
+        _SKIPPED.add((str(path), why))
+        warnings.warn(f"skipping invalid checkpoint {path.name}: {why}", stacklevel=stacklevel + 1)
 
 
 # --- one writer per run folder ------------------------------------------------------------------------
@@ -566,8 +633,10 @@ class RunLock:
     Example: with RunLock("runs/x", "--train.out_dir"): ...  # a second holder -> CheckpointError
     """
 
-    def __init__(self, out_dir: str | Path, flag: str = "--train.out_dir"):
+    def __init__(self, out_dir: str | Path, flag: str = "--train.out_dir", holder: str = "training run",
+                 clash: str = "two writers would interleave their checkpoints"):
         self.path, self.flag, self._fd = Path(out_dir) / LOCK_FILE, flag, None
+        self.holder, self.clash = holder, clash  # for the refusal: "in use by another <holder> ...; <clash>"
 
     def acquire(self) -> "RunLock":
         if fcntl is None:
@@ -585,9 +654,9 @@ class RunLock:
                 time.sleep(0.2)
                 holder = os.pread(fd, 4096, 0)
             os.close(fd)
-            raise CheckpointError(f"{self.path.parent} is in use by another training run ({_holder(holder)}); "
-                                  f"two writers would interleave their checkpoints. Wait for it to finish, stop "
-                                  f"it, or choose another folder ({self.flag})") from None
+            raise CheckpointError(f"{self.path.parent} is in use by another {self.holder} ({_holder(holder)}); "
+                                  f"{self.clash}. Wait for it to finish, stop it, or choose another folder "
+                                  f"({self.flag})") from None
         previous = os.pread(fd, 4096, 0)
         if previous.strip():  # a holder that died without releasing (a crash or SIGKILL)
             logger.info("%s: replacing the stale lock of %s (it no longer holds it)", self.path, _holder(previous))
@@ -750,16 +819,3 @@ def _remove_dir(path: Path) -> None:
     doomed = path.with_name(f"{TMP_PREFIX}del-{path.name}-{os.getpid()}")
     os.rename(path, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
-        return False
-    try:
-        os.kill(pid, 0)  # signal 0: only asks "does it exist?"
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-

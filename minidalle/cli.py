@@ -11,14 +11,14 @@
     python -m minidalle train bpe --preset toy                    the text tokenizer, on the training captions
     python -m minidalle bench bpe [--mib 10] [--json]             BPE vs HF tokenizers, tiktoken, a naive trainer
     python -m minidalle train transformer --preset toy [--resume | --start-over]   stage 2 (tokenizers reused)
-    python -m minidalle eval transformer --preset toy [--n 256] [--json]           the judge on sampled images
+    python -m minidalle eval transformer --preset toy [--n 256] [--out DIR]        the judge on sampled images
     python -m minidalle train clip --preset toy [--resume | --start-over]   the reranker (reads the transformer's BPE)
     python -m minidalle eval clip --preset toy [--n 512] [--json]      its recall@1/@5 on val and heldout pairs
     python -m minidalle bench attention [--json]                  the masks' two paths against dense causal
     python -m minidalle bench sampling [--no-compile] [--json]    the cached sampler against the reference
     python -m minidalle bench all [--skip dvae,sampling] [--out runs/bench]   every benchmark, one summary
     python -m minidalle info --preset paper [--json]              parameters, lengths, FLOPs (meta device)
-    python -m minidalle export CHECKPOINT [--out DIR]             a sharded (FSDP) checkpoint as one safetensors folder
+    python -m minidalle export CHECKPOINT --trust-sharded [--out DIR]   a sharded (FSDP) checkpoint as one safetensors folder
     torchrun --standalone --nproc_per_node=N -m minidalle train transformer --train.parallel=ddp|fsdp
                                    any `train` on N processes (README, "Training on many GPUs")
     python -m minidalle plan --preset paper --gpus 1024 --gpu-mem 16 [--batch B] [--steps S] [--json]
@@ -26,6 +26,7 @@
 
 Every command accepts config overrides as `--section.key=value` (e.g. `--data.seed=3`); they are
 type-checked against minidalle/config.py. Errors the user can fix print one line and exit 2.
+What each command may write or replace, and what is safe to load from others: README, "Command line".
 Commands that measure something end with one JSON line, so scripts can read the last line.
 """
 
@@ -40,7 +41,7 @@ from pathlib import Path
 
 from . import config as cfglib
 from .data import SPLITS
-from .errors import ConfigError, MinidalleError
+from .errors import ConfigError, DataError, MinidalleError
 
 
 def cmd_data(args, cfg: cfglib.Config) -> dict:
@@ -53,15 +54,30 @@ def cmd_data(args, cfg: cfglib.Config) -> dict:
 
 
 def cmd_judge(args, cfg: cfglib.Config) -> dict:
+    from .captions import CaptionError
     from .data import read_split
-    from .judge import evaluate
-    from .realdata import load_image
+    from .judge import evaluate, to_spec
+    from .realdata import IMAGE_EXTENSIONS, load_image
 
     folder = Path(args.dir)
-    rows = read_split(folder)
+    rows = read_split(folder, numbered=True)
+    specs = []
+    for r in rows:  # every caption is read before any image: a bad line is named with its file and line
+        try:
+            specs.append(to_spec(r["caption"]))
+        except CaptionError as e:
+            raise DataError(f"{folder / 'captions.jsonl'}, line {r['line']} ({r['file'][:60]}): the judge cannot read "
+                            f"its caption: {e}") from None
     images = [load_image(folder / r["file"], None) for r in rows]  # judged at their own size
-    result = evaluate(images, [r["caption"] for r in rows])
+    result = evaluate(images, specs)
+    listed = {Path(r["file"]).as_posix() for r in rows}
+    unlisted = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
+                      and not p.name.startswith(".") and p.name not in listed)
+    result["unlisted"] = len(unlisted)
     _print_accuracy(f"judge on {len(rows)} images in {folder}", result)
+    if unlisted:
+        print(f"[judge] note: {len(unlisted)} image(s) in {folder} have no line in captions.jsonl and were not judged "
+              f"({', '.join(unlisted[:3])}{', ...' if len(unlisted) > 3 else ''})")
     return result
 
 
@@ -143,8 +159,9 @@ def cmd_train(args, cfg: cfglib.Config) -> dict:
     if args.what == "bpe":
         flag = "--resume" if args.resume else "--start-over" if args.start_over else None
         if flag:  # the tokenizer trains in seconds from the captions: there is nothing to resume
-            raise ConfigError(f"{flag} applies to `train dvae` and `train transformer`; `train bpe` always trains "
-                              "from the captions and replaces the files in --text.out_dir")
+            raise ConfigError(f"{flag} applies to `train dvae`, `train transformer` and `train clip`; `train bpe` "
+                              "always trains from the captions, and sets an earlier, different tokenizer in "
+                              "--text.out_dir aside (in its set-aside-<time>/) before writing the new one")
         check_out_folder(cfg.text.out_dir, "--text.out_dir")
         return train_text_tokenizer(cfg)
     if args.what == "transformer":
@@ -166,15 +183,11 @@ def cmd_train(args, cfg: cfglib.Config) -> dict:
 
 def cmd_demo(args, cfg: cfglib.Config) -> dict:
     """The main job: train (or reuse) every stage into --out, then sample, rerank, judge and report."""
-    from .pipeline import run_demo, set_aside
+    from .pipeline import run_demo
 
     out = check_out_folder(args.out or f"runs/demo-{cfg.preset}", "--out")
-    if args.start_over:
-        moved = set_aside(out)
-        if moved:
-            print(f"[demo] --start-over: the earlier run's stages are set aside in {moved}")
     report = run_demo(cfg, out, seed=args.seed, device=args.device, n_prompts=args.n_prompts, n=args.n,
-                      progress=not args.json)
+                      progress=not args.json, start_over=args.start_over, trust_sharded=args.trust_sharded)
     return {k: v for k, v in report.items() if k != "configs"}  # the configs are in OUT/report.json
 
 
@@ -185,7 +198,8 @@ def _train_transformer(args, cfg: cfglib.Config) -> dict:
     for key in ("dvae_train.out_dir", "text.out_dir", "train.out_dir"):
         sec, name = key.split(".")
         check_out_folder(getattr(getattr(cfg, sec), name), f"--{key}")
-    model, trainer, info = train_transformer(cfg, resume=args.resume, start_over=args.start_over)
+    model, trainer, info = train_transformer(cfg, resume=args.resume, start_over=args.start_over,
+                                             trust_sharded=args.trust_sharded)
     if not trainer.history["train"]:
         print(f"[train transformer] the run in {cfg.train.out_dir} already finished at step {trainer.step}; nothing "
               "was trained (raise --train.max_steps to train longer)")
@@ -246,8 +260,9 @@ def cmd_generate(args, cfg: cfglib.Config) -> dict:
     if not prompts:
         raise cfglib.ConfigError('give a prompt, e.g. `python -m minidalle generate "a red circle above a blue '
                                  'square"`, or --prompts FILE with one caption a line')
-    check_out_folder(args.out, "--out")
-    pipe = load_pipeline(cfg, run=args.run, device=args.device, need_clip=args.rank == "clip")
+    pipe = load_pipeline(cfg, run=args.run, device=args.device, need_clip=args.rank == "clip",
+                         checkpoint=args.checkpoint, trust_sharded=args.trust_sharded,
+                         no_clip_hint="or rank by the transformer's own likelihood (--rank likelihood)")
     res = generate(pipe, prompts, args.out, n=args.n, keep=args.keep, by=args.rank, seed=args.seed,
                    truncate=args.truncate, progress=not args.json, **_sampling_settings(args))
     for note in res["notes"]:
@@ -256,11 +271,14 @@ def cmd_generate(args, cfg: cfglib.Config) -> dict:
             flags.append(f"characters outside printable ASCII: {note['unusual_characters']!r}")
         if flags:
             print(f"[generate] note on {note['prompt'][:60]!r}: {'; '.join(flags)}")
+    shown = "" if res["grid_prompts"] == len(prompts) else f" of the first {res['grid_prompts']} prompts"
     print(f"[generate] {len(prompts)} prompt(s) x {args.n} candidates, kept {args.keep} each by {args.rank} -> "
-          f"{res['out']}/ ({res['files']} PNGs, captions.jsonl, grid.png); sampling {res['seconds']['sampling']} s, "
-          f"ranking {res['seconds']['ranking']} s")
+          f"{res['out']}/ ({res['files']} PNGs, captions.jsonl, grid.png{shown}); sampling "
+          f"{res['seconds']['sampling']} s, ranking {res['seconds']['ranking']} s")
     print(f"[generate] score them: python -m minidalle judge {res['out']}")
-    return res
+    # the per-prompt notes are in OUT/generate.json: one JSON line stays short however many prompts there are
+    noted = sum(bool(n["cut"] or n["lowercased"] or n["unusual_characters"]) for n in res["notes"])
+    return {**{k: v for k, v in res.items() if k != "notes"}, "prompts_noted": noted}
 
 
 def _sampling_settings(args) -> dict:
@@ -275,15 +293,17 @@ def cmd_eval(args, cfg: cfglib.Config) -> dict:
         return _eval_pipeline(args, cfg)
     if args.what == "rerank-curve":
         return _rerank_curve(args, cfg)
+    if args.out and args.what == "clip":
+        raise ConfigError("--out is not used by `eval clip`: it writes no figures, only the printed recall")
     if args.what == "clip":
         from .clip import evaluate_clip
 
-        result = evaluate_clip(cfg, n=args.n or 512, checkpoint=args.checkpoint)
+        result = evaluate_clip(cfg, n=args.n or 512, checkpoint=args.checkpoint, trust_sharded=args.trust_sharded)
         _print_recall(f"[eval clip] {result['checkpoint']}:", result)
         return result
 
     result = evaluate_transformer(cfg, n=args.n or 256, checkpoint=args.checkpoint, temperature=args.temperature,
-                                  progress=not args.json)
+                                  progress=not args.json, out=args.out, trust_sharded=args.trust_sharded)
     for split in ("val", "heldout"):
         _print_accuracy(f"[eval transformer] one sample per {split} prompt (temperature {args.temperature})",
                         result[split])
@@ -295,8 +315,11 @@ def _eval_pipeline(args, cfg: cfglib.Config) -> dict:
     """The whole pipeline's judge accuracy (single sample and reranked best of 16), written to RUN/eval.*."""
     from .pipeline import accuracy_markdown, evaluate_run, summary_line, write_eval
 
+    if args.out:
+        raise ConfigError("eval (pipeline) writes eval.json and eval.md into the run folder it judges: name it with "
+                          "--run, not --out")
     res = evaluate_run(cfg, run=args.run, n_prompts=args.n or 256, seed=args.seed, device=args.device,
-                       progress=not args.json, **_sampling_settings(args))
+                       progress=not args.json, trust_sharded=args.trust_sharded, **_sampling_settings(args))
     paths = write_eval(res)
     print(accuracy_markdown(res))
     print(f"[eval] {summary_line(res)}")
@@ -306,9 +329,17 @@ def _eval_pipeline(args, cfg: cfglib.Config) -> dict:
 
 def _rerank_curve(args, cfg: cfglib.Config) -> dict:
     from .generate import load_pipeline, rerank_curve, run_config
+    from .text_to_image import eval_folder
 
-    pipe = load_pipeline(cfg, run=args.run, device=args.device, checkpoint=args.checkpoint)
-    plot = Path(run_config(cfg, args.run).train.out_dir).parent / "rerank_curve.png"
+    pipe = load_pipeline(cfg, run=args.run, device=args.device, checkpoint=args.checkpoint, need_clip=False,
+                         trust_sharded=args.trust_sharded)
+    if pipe.clip is None:
+        print(f"[eval rerank-curve] no reranker in {run_config(cfg, args.run).clip_train.out_dir}: the curve shows "
+              "the transformer's likelihood and the judge only (train one with `python -m minidalle train clip`)")
+    # beside what the user named: --out, else the run folder (--run), else the checkpoint's run, else the preset's
+    where = Path(args.out) if args.out else Path(args.run) if args.run else \
+        eval_folder(args.checkpoint).parent if args.checkpoint else Path(run_config(cfg, None).train.out_dir).parent
+    plot = where / "rerank_curve.png"
     res = rerank_curve(pipe, n_prompts=args.n or 64, seed=args.seed, progress=not args.json, plot=plot,
                        **_sampling_settings(args))
     for split in ("val", "heldout"):
@@ -329,9 +360,10 @@ def cmd_export(args, cfg: cfglib.Config) -> dict:
     """A sharded checkpoint, read whole on this one process, written as model.safetensors + config + state."""
     from . import checkpoint as ckpt
 
-    out = ckpt.export_checkpoint(args.checkpoint, args.out)
+    out = ckpt.export_checkpoint(args.checkpoint, args.out, trust_sharded=args.trust_sharded)
     n = len(ckpt.read_checkpoint(out).tensors)
-    print(f"[export] {args.checkpoint} -> {out} ({n} tensors); `generate --checkpoint {out}` and every loader read it")
+    print(f"[export] {args.checkpoint} -> {out} ({n} tensors, safetensors: safe to share); `generate --checkpoint "
+          f"{out}` (a transformer) and every loader read it")
     return {"checkpoint": str(args.checkpoint), "out": str(out), "tensors": n}
 
 
@@ -459,6 +491,15 @@ def _looks_collective(e: BaseException) -> bool:
     return isinstance(e, dist.DistError) or any(w in text for w in ("gloo", "nccl", "connection", "timed out", "timeout"))
 
 
+TRUST_SHARDED_HELP = ("also read sharded (FSDP) checkpoints: their sharded/.metadata index is a pickle, which "
+                      "can run any code when read, whatever the checksums say. Pass it only for folders your own "
+                      "runs wrote; share and accept exported (safetensors) checkpoints instead")
+
+
+def _trust_flag(d) -> None:
+    d.add_argument("--trust-sharded", action="store_true", dest="trust_sharded", help=TRUST_SHARDED_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m minidalle", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -478,13 +519,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n-prompts", type=_positive_int, default=None, dest="n_prompts",
                    help="val and heldout prompts each that are sampled and judged (default 64; smoke 8)")
     d.add_argument("--n", type=_positive_int, default=16, help="candidates per prompt, reranked (default 16)")
+    _trust_flag(d)
     d.set_defaults(func=cmd_demo)
 
     d = sub.add_parser("data", help="write ShapesWorld samples to a folder")
     common(d)
     d.add_argument("--split", default="train", choices=SPLITS)
     d.add_argument("--n", type=_positive_int, default=100, help="number of samples")
-    d.add_argument("--out", required=True, help="output folder (empty, or one `data` wrote before)")
+    d.add_argument("--out", required=True, help="output folder: new, empty, or one `data` wrote before (its files "
+                                                "are then replaced, only those, and only if unchanged)")
     d.set_defaults(func=cmd_data)
 
     d = sub.add_parser("judge", help="score how well images in DIR match their captions")
@@ -519,6 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     either.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     either.add_argument("--start-over", action="store_true", dest="start_over",
                         help="move the folder's checkpoints and metrics into set-aside-<time>/, train from step 0")
+    _trust_flag(d)
     d.set_defaults(func=cmd_train)
 
     d = sub.add_parser("generate", help="images for captions: sample candidates, rerank, keep the best")
@@ -527,13 +571,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompts", default=None, metavar="FILE", help="a text file with one caption a line")
     d.add_argument("--n", type=_positive_int, default=32, help="candidates per prompt (default 32)")
     d.add_argument("--keep", type=_positive_int, default=4, help="images kept per prompt, best first (default 4)")
-    d.add_argument("--out", required=True, help="output folder (empty, new, or one generate wrote before)")
+    d.add_argument("--out", required=True, help="output folder: new, empty, or one generate wrote before (its files "
+                                                "are then replaced, only those, and only if unchanged)")
     d.add_argument("--rank", choices=["clip", "likelihood"], default="clip",
                    help="clip: the trained reranker (default); likelihood: the transformer's own log p(image | caption)")
     d.add_argument("--run", default=None, metavar="DIR",
                    help="a run folder with dvae/, bpe/, transformer/ and clip/ (default: the preset's runs/<preset>)")
+    d.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="a transformer checkpoint folder to sample from (default: the newest in the run's transformer/)")
     d.add_argument("--truncate", action="store_true", help="cut a prompt longer than text.text_len tokens (flagged)")
     _sampling_flags(d)
+    _trust_flag(d)
     d.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("eval", help="measure a trained stage")
@@ -551,12 +599,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--run", default=None, metavar="DIR",
                    help="pipeline, rerank-curve: a run folder with dvae/, bpe/, transformer/, clip/ (pipeline: default "
                         "runs/demo-<preset>, what `demo` writes; rerank-curve: default the preset's runs/<preset>)")
+    d.add_argument("--out", default=None, metavar="DIR",
+                   help="transformer, rerank-curve: the folder for the figures (default: the run folder of --checkpoint "
+                        "or --run, as named on this command line; never a folder read from a checkpoint)")
     _sampling_flags(d)
+    _trust_flag(d)
     d.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("export", help="write a sharded checkpoint (from an fsdp run) as one full checkpoint folder")
     d.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/x/checkpoints/step_0000500")
     d.add_argument("--out", default=None, help="the folder to write (default: CHECKPOINT-full beside it)")
+    d.add_argument("--trust-sharded", action="store_true", dest="trust_sharded",
+                   help="required: reading the sharded checkpoint unpickles its sharded/.metadata index, which can run "
+                        "any code; pass it only for a checkpoint your own run wrote (the exported folder is pickle-free)")
     d.set_defaults(func=cmd_export, preset="smoke")
 
     d = sub.add_parser("info", help="parameters, sequence lengths and FLOPs of a preset (nothing is trained)")

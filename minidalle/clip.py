@@ -639,23 +639,26 @@ def _checkpoint_folder(path: str | os.PathLike) -> Path:
 
 
 def load_clip(path: str | os.PathLike, bpe: str | os.PathLike | None = None,
-              ema: bool = True) -> tuple[CLIP, Config, Tokenizer]:
+              ema: bool = True, trust_sharded: bool = False) -> tuple[CLIP, Config, Tokenizer]:
     """Rebuild a trained reranker: (model in eval mode, its Config, the BPE tokenizer it was trained with).
 
     `path` is a checkpoint folder or a run folder (its newest valid checkpoint). The BPE is read from `bpe`
     (a bpe.model file or its folder), else from the run's text.out_dir, and refused unless its checksum is
     the one recorded in the checkpoint. ema=True uses the EMA of the weights when the run kept one.
+    A sharded checkpoint is read only with trust_sharded=True (checkpoint.sharded_refusal says why).
     Example: model, cfg, tok = load_clip("runs/toy/clip")
     """
     from .text_to_image import BPE_FILE, _file_sha256
 
     folder = _checkpoint_folder(path)
-    loaded = ckpt.read_checkpoint(folder)
+    kind = ckpt.stage_of(ckpt.read_config(folder))  # before the weights: a transformer's is named as one
+    if kind != "reranker":
+        raise ckpt.wrong_stage(folder, kind, "reranker")
+    loaded = ckpt.read_checkpoint(folder, trust_sharded=trust_sharded)
     config = copy.deepcopy(loaded.config)
-    ids = config.pop("tokenizers", None)
-    if not isinstance(ids, dict) or "bpe" not in ids or "dvae" in ids:
-        raise CheckpointError(f"{folder} is not a reranker checkpoint (its config.json records "
-                              f"{'a transformer' if isinstance(ids, dict) else 'no'} tokenizers)")
+    ids = config.pop("tokenizers")
+    if not isinstance(ids.get("bpe"), str):
+        raise CheckpointError(f"{folder}/config.json records no text tokenizer checksum (tokenizers.bpe)")
     cfg = Config.from_dict(config)
     model = CLIP.from_config(cfg)
     tensors = loaded.tensors
@@ -855,7 +858,8 @@ def fact_accuracy(model: CLIP, tok: Tokenizer, split: str, n: int, image_size: i
 
 
 def evaluate_clip(cfg: Config, n: int = 512, checkpoint: str | os.PathLike | None = None,
-                  model: CLIP | None = None, tok: Tokenizer | None = None, facts: bool = True) -> dict:
+                  model: CLIP | None = None, tok: Tokenizer | None = None, facts: bool = True,
+                  trust_sharded: bool = False) -> dict:
     """Recall@1/@5 both ways over the first n `val` and `heldout` ShapesWorld pairs, and (facts=True) the
     one-fact-changed accuracy of `fact_accuracy` on them; for the emoji, recall over the first n held-out
     emoji (`heldout_recall`; key "heldout" only). Uses `model` and `tok` when given, else loads
@@ -870,7 +874,7 @@ def evaluate_clip(cfg: Config, n: int = 512, checkpoint: str | os.PathLike | Non
     path = None
     if model is None:
         path = checkpoint or cfg.clip_train.out_dir
-        model, mcfg, tok = load_clip(path)
+        model, mcfg, tok = load_clip(path, trust_sharded=trust_sharded)
         model = model.to(pick_device(cfg.clip_train.device, "clip_train.device"))
     elif tok is None:
         raise ConfigError("evaluate_clip(model=...) needs the tokenizer too (tok=...)")

@@ -21,6 +21,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -370,59 +371,56 @@ class ShapesWorld(torch.utils.data.Dataset):
 
 
 def write_split(out_dir: str | Path, split: str = "train", n: int = 100, image_size: int = 32,
-                seed: int = 0, progress: bool = True) -> Path:
+                seed: int = 0, progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """Write n samples to `out_dir` for inspection: `00000.png` + `00000.txt` per sample (the
     folder-dataset layout, so the folder loader reads it back) and `captions.jsonl` with each
     file's caption and true scene (what the judge needs). Returns the folder.
 
-    The folder must be empty or one this function wrote before (its old samples are removed
-    first, so a smaller second run leaves no stale files for the folder loader to pick up)."""
+    The folder must be new, empty, or one this function wrote before with nothing else in it and
+    nothing changed since (files.OwnedFolder: its ledger names every file written). Then the earlier
+    samples are replaced, which `log` says, so a smaller second run leaves no stale files for the
+    folder loader. Anything else is refused before a file is touched, and a run that fails half-way
+    leaves the earlier samples as they were.
+    """
+    from io import BytesIO
+
     from PIL import Image
     from tqdm.auto import tqdm
+
+    from .files import OwnedFolder
 
     if n < 1:
         raise DataError(f"n={n}: write at least one sample")
     ds = ShapesWorld(split, image_size, seed, n)
-    out = Path(out_dir)
-    tmp = out / "captions.jsonl.tmp"
+    out = OwnedFolder(out_dir, "data", "--out").check()
     try:
-        _prepare_output_folder(out)
         width = max(5, len(str(n - 1)))  # names sort in sample order
-        with open(tmp, "w", encoding="utf-8") as f:
-            for i in tqdm(range(n), desc=f"writing {split}", disable=not progress):
-                scene, text = ds.example(i)
-                stem = f"{i:0{width}d}"
-                Image.fromarray(render(scene, image_size)).save(out / f"{stem}.png")
-                (out / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
-                f.write(json.dumps({"file": f"{stem}.png", "caption": text, "scene": scene.to_dict()}) + "\n")
-        tmp.replace(out / "captions.jsonl")  # the index appears only once every image is on disk
+        index = []
+        for i in tqdm(range(n), desc=f"writing {split}", disable=not progress):
+            scene, text = ds.example(i)
+            stem, png = f"{i:0{width}d}", BytesIO()
+            Image.fromarray(render(scene, image_size)).save(png, format="PNG")
+            out.write(f"{stem}.png", png.getvalue())
+            out.write(f"{stem}.txt", text + "\n")
+            index.append(json.dumps({"file": f"{stem}.png", "caption": text, "scene": scene.to_dict()}) + "\n")
+        out.write("captions.jsonl", "".join(index))
+        replaced = out.commit()
     except OSError as e:
-        raise DataError(f"cannot write ShapesWorld samples to {out}: {e}") from None
+        raise DataError(f"cannot write ShapesWorld samples to {out_dir}: {e}") from None
     finally:
-        if tmp.is_file():  # anything went wrong (Ctrl-C too): no half index is left behind
-            tmp.unlink()
-    return out
+        out.abandon()  # after a failure (Ctrl-C too): the staged files go, the earlier samples stay
+    if replaced:
+        log(f"[data] replaced the {replaced} files an earlier `data` wrote in {out_dir}")
+    return Path(out_dir)
 
 
-def _prepare_output_folder(out: Path) -> None:
-    """Create `out`, or empty it of a previous write_split's samples; refuse any other non-empty folder."""
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out} is a file; give a folder for the samples")
-    out.mkdir(parents=True, exist_ok=True)
-    index = out / "captions.jsonl"
-    if index.is_file():
-        for row in read_split(out):
-            for old in (out / row["file"], (out / row["file"]).with_suffix(".txt")):
-                old.unlink(missing_ok=True)
-        index.unlink()
-    leftovers = [p.name for p in out.iterdir() if p.name != "captions.jsonl.tmp"]
-    if leftovers:
-        raise DataError(f"{out} already holds files that write_split did not write ({', '.join(sorted(leftovers)[:3])}, ...); "
-                        "choose an empty or new folder")
+def read_split(folder: str | Path, numbered: bool = False) -> list[dict]:
+    """Read `captions.jsonl` written by `write_split` (or by hand: lines of {"file", "caption"}).
 
-
-def read_split(folder: str | Path) -> list[dict]:
-    """Read `captions.jsonl` written by `write_split` (or by hand: lines of {"file", "caption"})."""
+    Each "file" must name a file inside the folder (a relative path, no ".." part): the index says
+    which images to read, never where outside the folder to go. numbered=True adds each row's line
+    number as "line", for messages. Example: read_split("samples")[0] -> {"file": "00000.png", "caption": ...}
+    """
     path = Path(folder) / "captions.jsonl"
     if not path.is_file():
         raise DataError(f"{path} not found; write a split with `python -m minidalle data --out {folder}`")
@@ -442,6 +440,12 @@ def read_split(folder: str | Path) -> list[dict]:
                 and row["file"]):
             raise DataError(f"{path}, line {k}: expected a JSON object whose 'file' (an image name) and "
                             f"'caption' are strings, got {line[:80]!r}")
+        name = row["file"]
+        if name.startswith(("/", "\\")) or "\\" in name or ".." in Path(name).parts or Path(name).is_absolute():
+            raise DataError(f"{path}, line {k}: 'file' is {name[:80]!r}, which is not inside {folder}; name the "
+                            "image by its path inside the folder (e.g. 00000.png)")
+        if numbered:
+            row = {**row, "line": k}
         rows.append(row)
     return rows
 

@@ -1,12 +1,35 @@
-"""Writing a file so that a crash leaves the old one or the new one, never half of either.
+"""Files that survive a crash, and output folders a command may replace later, but only what it wrote.
 
     write_atomic(Path("runs/demo-toy/report.json"), text)   # str (UTF-8) or bytes
+
+    out = OwnedFolder("samples", "generate", "--out").check()   # refuses before anything is changed
+    out.write("00000.png", png_bytes)                            # into a hidden staging folder inside it
+    out.commit()   # the earlier run's files out, the new ones in; a crash before this changes nothing
+
+`OwnedFolder` is how `data --out` and `generate --out` treat their folder. The folder keeps a ledger,
+`.minidalle-written.json`, of every file the command wrote there, with its size and sha256. A second
+run into the same folder may remove exactly those files, and only while each is unchanged; a folder
+with anything else in it (a notes.txt, an edited image, a hand-written captions.jsonl, another
+command's output) is refused before a single file is touched. The ledger is read as untrusted input:
+a name in it that is not a plain file name of this folder makes the folder refused, never a path
+followed. New files are written into `.tmp-<command>-<pid>/` inside the folder and moved in at the
+end, so a run that fails or is killed half-way leaves the earlier results as they were.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
+import shutil
+import time
 from pathlib import Path
+
+from .errors import DataError
+
+LEDGER = ".minidalle-written.json"
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # what the commands name their files: no folders, no dots first
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
@@ -27,3 +50,211 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def file_digest(path: Path) -> dict:
+    """{"sha256", "bytes"} of a file, read 1 MiB at a time. Example: -> {"sha256": "3f9a...", "bytes": 812}"""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return {"sha256": h.hexdigest(), "bytes": size}
+
+
+def set_aside_folder(parent: Path) -> Path:
+    """A new, empty `parent/set-aside-<time>/` (a suffix -1, -2 ... when that second is taken): where
+    every command moves earlier results it replaces, as `--start-over` does. Example: -> runs/x/bpe/set-aside-20261206-101500"""
+    stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0
+    while True:  # mkdir, not exists() then mkdir: two in one second get two folders
+        aside = Path(parent) / (f"set-aside-{stamp}" + (f"-{n}" if n else ""))
+        try:
+            aside.mkdir(parents=True)
+            return aside
+        except FileExistsError:
+            n += 1
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (on POSIX; elsewhere False). Example: pid_alive(os.getpid()) -> True"""
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks "does it exist?"
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+class OwnedFolder:
+    """An output folder that `command` fills, and may later refill, touching only the files it wrote.
+
+    check(): create the folder (or accept it: empty, or holding only unchanged files this command's
+    ledger lists), make the staging folder (so an unwritable folder fails here, before any work),
+    or raise DataError naming what is in the way; nothing is removed. write(name, data): one new
+    file, staged. commit(): remove the earlier run's files, move the new ones in, write the ledger
+    (final=False: and stay claimed for more).
+    abandon(): drop the staging folder (the earlier results stay). `previous` counts the earlier
+    run's files that commit() replaces.
+    Example: OwnedFolder("samples", "generate", "--out").check().previous -> 0 (a new folder)
+    """
+
+    def __init__(self, path: str | os.PathLike, command: str, flag: str = "--out"):
+        self.path, self.command, self.flag = Path(path), command, flag
+        self.stage: Path | None = None
+        self.previous: dict[str, list[dict]] = {}  # name -> the digests the ledger allows for it
+        self.written: dict[str, dict] = {}  # name -> digest, of the new files staged
+        self.committed: dict[str, dict] = {}  # name -> digest, of the new files already moved in
+        self._lock = None  # held from check() to commit() or abandon(): one writer per folder
+
+    # --- before anything is written -------------------------------------------------------------------
+    def check(self) -> "OwnedFolder":
+        where = f"{self.flag} {self.path}"
+        for part in (self.path, *self.path.parents):  # a file where a folder belongs, at any level
+            if part.exists() and not part.is_dir():
+                raise DataError(f"{where}: {part} is a file, not a folder; choose another folder")
+        from .checkpoint import LOCK_FILE, RunLock
+
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock = RunLock(self.path, self.flag, f"`{self.command}`", "two of them would mix their files")
+            self._lock.acquire()
+            try:
+                self._clean_dead_stages()
+                entries = sorted(p.name for p in self.path.iterdir()
+                                 if p.name not in (LEDGER, LOCK_FILE) and not self._is_stage(p.name))
+                self.previous = self._claim(entries)
+                self.stage = self.path / f".tmp-{self.command}-{os.getpid()}-{os.urandom(3).hex()}"
+                self.stage.mkdir()
+            except BaseException:
+                self._release()
+                raise
+        except PermissionError as e:
+            raise DataError(f"{where}: cannot write there ({e.strerror}); choose a folder you can write to") from None
+        return self
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _claim(self, entries: list[str]) -> dict[str, list[dict]]:
+        """The earlier run's files (name -> allowed digests), once every entry is one of them, unchanged."""
+        if not entries:
+            return {}
+        ledger = self._read_ledger()
+        what = f"{self.flag} {self.path}"
+        if ledger is None:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise DataError(f"{what} already holds files that `{self.command}` did not write ({shown}); nothing was "
+                            "changed. Choose an empty or new folder")
+        if ledger["command"] != self.command:
+            raise DataError(f"{what} holds the output of `{ledger['command']}`; `{self.command}` writes only into an "
+                            f"empty folder or one `{self.command}` wrote. Nothing was changed; choose another folder")
+        files = ledger["files"]
+        foreign = [n for n in entries if n not in files]
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise DataError(f"{what} holds files that the earlier `{self.command}` there did not write ({shown}); "
+                            "nothing was changed. Move them out, or choose an empty or new folder")
+        for name in entries:
+            path = self.path / name
+            if not path.is_file() or path.is_symlink():
+                raise DataError(f"{what}: {name} is no longer the file `{self.command}` wrote there (now a "
+                                "folder or a link); nothing was changed. Move it out, or choose another folder")
+            if file_digest(path) not in files[name]:
+                raise DataError(f"{what}: {name} changed since `{self.command}` wrote it; nothing was changed. "
+                                "Move it out (or back), or choose another folder")
+        return {n: files[n] for n in entries}
+
+    def _read_ledger(self) -> dict | None:
+        """The ledger, checked entry by entry; None when there is none. Anything odd refuses the folder."""
+        path = self.path / LEDGER
+        if not path.is_file():
+            return None
+        bad = DataError(f"{self.flag} {self.path}: its {LEDGER} is not a ledger minidalle wrote (edited or damaged); "
+                        "nothing was changed. Choose an empty or new folder")
+        try:
+            ledger = json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, ValueError):
+            raise bad from None
+        if not (isinstance(ledger, dict) and isinstance(ledger.get("command"), str)
+                and isinstance(ledger.get("files"), dict)):
+            raise bad
+        files = {}
+        for name, digests in ledger["files"].items():
+            digests = digests if isinstance(digests, list) else [digests]
+            if not (isinstance(name, str) and _PLAIN_NAME.match(name) and name != LEDGER and digests
+                    and all(isinstance(d, dict) and set(d) == {"sha256", "bytes"} for d in digests)):
+                raise bad  # "../victim/keep.png", "/etc/x", ".hidden": never a path to follow
+            files[name] = digests
+        return {"command": ledger["command"], "files": files}
+
+    def _is_stage(self, name: str) -> bool:
+        return name.startswith(f".tmp-{self.command}-")
+
+    def _clean_dead_stages(self) -> None:
+        """Remove staging folders this command left when it was killed (their process is gone)."""
+        for p in self.path.iterdir():
+            if self._is_stage(p.name) and p.is_dir() and not p.is_symlink():
+                pid = p.name[len(f".tmp-{self.command}-"):].split("-")[0]
+                if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+                    shutil.rmtree(p, ignore_errors=True)
+
+    # --- writing --------------------------------------------------------------------------------------
+    def write(self, name: str, data: bytes | str) -> None:
+        """Stage one new file `name` (a plain file name) with `data`; recorded for the ledger."""
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        with open(self.staged(name), "wb") as f:
+            f.write(data)
+        self.written[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+    def staged(self, name: str) -> Path:
+        """Where to write new file `name` oneself (a plotting library's savefig, say); then `adopt(name)`."""
+        if self.stage is None:
+            raise DataError("OwnedFolder.staged before check(): nothing is staged yet")
+        if not _PLAIN_NAME.match(name) or name == LEDGER:
+            raise DataError(f"{name!r} is not a plain file name for {self.path}")
+        return self.stage / name
+
+    def adopt(self, name: str) -> None:
+        """Record a file written at `staged(name)` for the ledger."""
+        self.written[name] = file_digest(self.staged(name))
+
+    def commit(self, final: bool = True) -> int:
+        """Replace the earlier run's files by the new ones; returns how many earlier files were removed.
+
+        The ledger first lists old and new files together, so a crash in the middle leaves a folder
+        whose every file is still recorded, and the next run can clean it up. final=False keeps the
+        folder claimed for more files and a later commit() (generate moves its images in before it
+        draws the overview, so a failure there loses none of them)."""
+        ledger = {n: list(d) for n, d in self.previous.items()}
+        for n, d in {**self.committed, **self.written}.items():
+            ledger[n] = [*ledger.get(n, []), d]
+        self._write_ledger(ledger)
+        for name in self.previous:
+            if name not in self.written:
+                (self.path / name).unlink(missing_ok=True)
+        for name in self.written:
+            os.replace(self.stage / name, self.path / name)
+        self.committed.update(self.written)
+        self.written, replaced, self.previous = {}, len(self.previous), {}
+        self._write_ledger({n: [d] for n, d in self.committed.items()})
+        if final:
+            shutil.rmtree(self.stage, ignore_errors=True)
+            self.stage = None
+            self._release()
+        return replaced
+
+    def abandon(self) -> None:
+        """Drop the staged files: the folder is as it was before check() (an empty new folder stays)."""
+        if self.stage is not None:
+            shutil.rmtree(self.stage, ignore_errors=True)
+            self.stage = None
+        self._release()
+
+    def _write_ledger(self, files: dict) -> None:
+        write_atomic(self.path / LEDGER, json.dumps({"command": self.command, "files": files}, indent=0) + "\n")

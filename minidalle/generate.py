@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -69,13 +70,18 @@ def run_config(cfg: Config, run: str | Path | None) -> Config:
 
 
 def load_pipeline(cfg: Config, run: str | Path | None = None, device: str = "auto", need_clip: bool = True,
-                  checkpoint: str | Path | None = None) -> Pipeline:
+                  checkpoint: str | Path | None = None, trust_sharded: bool = False,
+                  no_clip_hint: str = "") -> Pipeline:
     """The trained transformer (the newest checkpoint in train.out_dir, or `checkpoint`), the dVAE and
-    BPE it was trained with, and (need_clip) the reranker in clip_train.out_dir.
+    BPE it was trained with, and the reranker: the newest checkpoint in clip_train.out_dir (a run
+    stopped before its own clip_train.max_steps is used as it is, with a warning).
 
-    A missing run is a CheckpointError that says which command trains it.
+    A missing run is a CheckpointError that says which command trains it; a missing reranker is one
+    only with need_clip (no_clip_hint: what else the caller can do, added to that message). Only
+    full checkpoints (safetensors) are read, unless trust_sharded: a sharded one's index is a pickle.
     """
-    from .clip import finished_clip, load_clip
+    from . import checkpoint as ckpt
+    from .clip import load_clip
     from .text_to_image import _tokenizers_for, finished_transformer, load_transformer
     from .train import pick_device
 
@@ -87,19 +93,25 @@ def load_pipeline(cfg: Config, run: str | Path | None = None, device: str = "aut
             (demo / "transformer").is_dir() else f"; `make demo` trained one: add --run {demo}"
         raise CheckpointError(f"no trained transformer in {cfg.train.out_dir}: train one with "
                               f"`python -m minidalle train transformer --preset {cfg.preset}`{hint}")
-    model, mcfg, ids = load_transformer(path)
-    dvae, tok = _tokenizers_for(ids, mcfg, cfg)
+    model, mcfg, ids = load_transformer(path, trust_sharded=trust_sharded)
+    dvae, tok = _tokenizers_for(ids, mcfg, cfg, trust_sharded=trust_sharded)
     dev = pick_device(device, "--device")
     pipe = Pipeline(mcfg, model.to(dev).eval(), dvae.to(dev).eval(), tok, device=dev,
                     sources={"transformer": str(path), "dvae": ids.get("dvae_checkpoint", ""), "bpe": ids["bpe"][:12]})
-    clip_path = finished_clip(cfg)
+    clip_path = ckpt.latest_valid_checkpoint(Path(cfg.clip_train.out_dir) / "checkpoints")
     if clip_path is not None:
-        pipe.clip, _, pipe.clip_tok = load_clip(clip_path)
+        pipe.clip, ccfg, pipe.clip_tok = load_clip(clip_path, trust_sharded=trust_sharded)
         pipe.clip = pipe.clip.to(dev).eval()
         pipe.sources["clip"] = str(clip_path)
+        step = ckpt.verify_checkpoint(clip_path)["step"]
+        if step < ccfg.clip_train.max_steps:
+            warnings.warn(f"the reranker in {clip_path} stopped at step {step} of the {ccfg.clip_train.max_steps} its "
+                          f"run was set to (interrupted?); ranking with it as it is (finish it with `python -m "
+                          f"minidalle train clip --resume --clip_train.out_dir={cfg.clip_train.out_dir}`)", stacklevel=2)
     elif need_clip:
-        raise CheckpointError(f"no trained reranker in {cfg.clip_train.out_dir}: run `python -m minidalle train clip "
-                              f"--preset {cfg.preset}`, or rank by the transformer's likelihood (--rank likelihood)")
+        raise CheckpointError(f"no reranker checkpoint in {Path(cfg.clip_train.out_dir) / 'checkpoints'}: train one "
+                              f"with `python -m minidalle train clip --preset {cfg.preset}`" +
+                              (f", {no_clip_hint}" if no_clip_hint else ""))
     return pipe
 
 
@@ -159,82 +171,170 @@ def rank(pipe: Pipeline, cands: Candidates, by: str = "clip") -> torch.Tensor:
 
 
 # --- generate: the kept images on disk ------------------------------------------------------------
+GRID_PROMPTS = 32  # prompts grid.png shows (the first ones): an overview costs seconds whatever the job's size
+GRID_CAPTION = 160  # characters of a prompt the grid writes above its images
+
+
 def generate(pipe: Pipeline, prompts: list[str], out: str | Path, n: int = 32, keep: int = 4, by: str = "clip",
-             seed: int = 0, truncate: bool = False, progress: bool = True, **settings) -> dict:
+             seed: int = 0, truncate: bool = False, progress: bool = True, chunk_size: int | None = None,
+             log=print, **settings) -> dict:
     """Draw n candidates per prompt, keep the `keep` best by `by`, write them to `out`.
 
     out/: 00000.png + 00000.txt per kept image (best first, prompt by prompt), captions.jsonl with each
-    file's caption, rank and scores, grid.png (each prompt above its kept images and their scores)
-    and generate.json (the settings and where each model came from). `out` must be empty, new, or a
-    folder generate wrote before (then its old files are replaced).
-    """
-    from PIL import Image
+    file's caption, rank and scores, grid.png (the first GRID_PROMPTS prompts above their kept images
+    and scores) and generate.json (the settings and where each model came from).
 
+    The candidates are streamed: `chunk_size` rows at a time (default: what the sampler fits in
+    memory, at most 1024) are sampled, decoded and scored, and each prompt keeps only its best `keep`
+    images, which go to disk as soon as its last candidate is scored. Memory stays bounded whatever
+    n and the number of prompts; a job of more than one chunk logs its estimated time after the first.
+    Before any sampling the prompts are checked and `out` is claimed (files.OwnedFolder): it must be
+    new, empty, or a folder generate wrote before with nothing else in it and nothing changed, whose
+    files are then replaced (said through `log`); a folder it cannot write to is refused there too.
+    The new files are staged inside `out` and moved in at the end, so a run that fails half-way
+    leaves the earlier results as they were.
+    Example: generate(pipe, ["a red circle"], "samples", n=32, keep=4) -> {"files": 4, "out": "samples", ...}
+    """
+    from .files import OwnedFolder
+    from .sampling import encode_prompts, warn_unguided
     from .viz import save_ranked_grid
 
+    if int(n) != n or n < 1:
+        raise ConfigError(f"n={n} is invalid: draw at least 1 candidate per prompt")
     if int(keep) != keep or not 1 <= keep <= n:
         raise ConfigError(f"keep={keep} is invalid: keep between 1 and n={n} images per prompt")
-    folder = _prepare_folder(Path(out))
-    cands = candidates(pipe, prompts, n, seed, truncate, progress, **settings)
-    t0 = time.perf_counter()
-    scores = rank(pipe, cands, by)
-    rank_seconds = time.perf_counter() - t0
-    order = scores.argsort(dim=1, descending=True)[:, :keep]  # (P, keep)
-    rows, kept, kept_scores = [], [], []
-    width = max(5, len(str(len(prompts) * keep - 1)))
-    for p, prompt in enumerate(cands.prompts):
-        for r, j in enumerate(order[p].tolist()):
-            stem = f"{len(rows):0{width}d}"
-            Image.fromarray(cands.images[p, j].numpy()).save(folder / f"{stem}.png")
-            (folder / f"{stem}.txt").write_text(prompt + "\n", encoding="utf-8")
-            rows.append({"file": f"{stem}.png", "caption": prompt, "prompt": p, "rank": r + 1, "candidate": j,
-                         "score": float(scores[p, j]), "log_likelihood": float(cands.logp[p, j])})
-        kept.append(cands.images[p, order[p]])
-        kept_scores.append(scores[p, order[p]].tolist())
-    _write_lines(folder / "captions.jsonl", rows)
-    grid = save_ranked_grid(cands.prompts, kept, kept_scores, folder / "grid.png",
-                            title=f"best {keep} of {n} by {by}")
-    total = sum(cands.seconds.values()) + rank_seconds
-    summary = {"out": str(folder), "files": len(rows), "grid": str(grid), "n": n, "keep": keep, "rank": by,
-               "seed": seed, "settings": settings, "sources": pipe.sources, "notes": cands.notes,
-               "seconds": {**{k: round(v, 3) for k, v in cands.seconds.items()}, "ranking": round(rank_seconds, 3)},
-               "rank_time_fraction": rank_seconds / total if total > 0 else 0.0}
-    (folder / MARKER).write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
+    if by not in RANKINGS:
+        raise ConfigError(f"rank by {by!r}? choose one of {', '.join(RANKINGS)}")
+    if by == "clip" and pipe.clip is None:
+        raise CheckpointError("no reranker is loaded: train one with `python -m minidalle train clip`, or rank by "
+                              "likelihood")
+    text, notes = encode_prompts(pipe.tok, prompts, pipe.model.layout, truncate=truncate)  # refused before any work
+    warn_unguided(pipe.model, settings.get("guidance", 1.0))
+    folder = OwnedFolder(out, "generate", "--out").check()  # may we write here? decided before sampling
+    try:
+        summary, grid_rows = _stream(pipe, folder, list(prompts), text, notes, n, keep, by, seed, progress,
+                                     chunk_size, log, settings)
+        summary["replaced"] = folder.commit(final=False)  # every image and captions.jsonl in place first
+        if summary["replaced"]:
+            log(f"[generate] replaced the {summary['replaced']} files an earlier generate wrote in {out}")
+        shown = len(grid_rows)
+        title = f"best {keep} of {n} by {by}" + (f" (the first {shown} of {len(prompts)} prompts)"
+                                                  if shown < len(prompts) else "")
+        save_ranked_grid([g[0] for g in grid_rows], [g[1] for g in grid_rows], [g[2] for g in grid_rows],
+                         folder.staged("grid.png"), title=title)
+        folder.adopt("grid.png")
+        folder.write(MARKER, json.dumps(summary, indent=1, default=str) + "\n")
+        folder.commit()
+    finally:
+        folder.abandon()  # after a failure: the staged files go, the earlier results (or the images) stay
     return summary
 
 
-def _prepare_folder(out: Path) -> Path:
-    """Create `out`, or clear a previous generate run's files from it; refuse any other non-empty folder."""
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} is a file; give a folder for the images")
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / MARKER).is_file():
-        from .data import read_split
+def _stream(pipe: Pipeline, folder, prompts: list[str], text: torch.Tensor, notes: list[dict], n: int, keep: int,
+            by: str, seed: int, progress: bool, chunk_size: int | None, log, settings: dict) -> dict:
+    """generate's work: sample, decode and score chunk by chunk, stage each prompt's best as it completes.
+    Returns the summary and the overview's rows (the first GRID_PROMPTS prompts' kept images)."""
+    from io import BytesIO
 
-        old = read_split(out) if (out / "captions.jsonl").is_file() else []
-        for row in old:
-            for f in (out / row["file"], (out / row["file"]).with_suffix(".txt")):
-                f.unlink(missing_ok=True)
-        for name in ("captions.jsonl", "grid.png", MARKER):
-            (out / name).unlink(missing_ok=True)
-    left = sorted(p.name for p in out.iterdir())
-    if left:
-        raise DataError(f"--out {out} already holds files that generate did not write ({', '.join(left[:3])}, ...); "
-                        "choose an empty or new folder")
-    return out
+    from PIL import Image
+
+    from .sampling import decode_images, rows_per_chunk, sample
+
+    P, layout = len(prompts), pipe.model.layout
+    total = P * n
+    if chunk_size is None:
+        dtype = next(pipe.model.parameters()).dtype
+        chunk_size = rows_per_chunk(pipe.model, pipe.device, dtype) // (2 if settings.get("guidance", 1.0) != 1 else 1)
+    chunk = max(1, min(int(chunk_size), total))
+    chunks = -(-total // chunk)
+    gen = torch.Generator(device=pipe.device).manual_seed(seed)
+    cut = any(note["cut"] for note in notes)  # prompts the user let the sampler cut: the reranker cuts them too
+    width = max(5, len(str(P * keep - 1)))
+    best: dict[int, list] = {}  # prompt -> up to `keep` (score, candidate, image, log p), best first
+    grid_rows, files = [], 0
+    seconds = {"sampling": 0.0, "decoding": 0.0, "ranking": 0.0}
+    index = open(folder.staged("captions.jsonl"), "w", encoding="utf-8")
+    bar = tqdm(total=total * layout.image_len, desc="sampling codes", unit="code", disable=not progress)
+    t_start = time.perf_counter()
+    try:
+        for c, r0 in enumerate(range(0, total, chunk)):
+            rows = torch.arange(r0, min(total, r0 + chunk))
+            owner = (rows // n).tolist()  # the prompt of each row
+            t0 = time.perf_counter()
+            codes, logp = sample(pipe.model, text[rows // n].to(pipe.device), generator=gen, chunk_size=chunk,
+                                 bar=bar, return_logp=True, **settings)
+            t1 = time.perf_counter()
+            images = decode_images(pipe.dvae, codes, layout.grid)  # (C, H, W, 3) uint8, CPU
+            t2 = time.perf_counter()
+            logp = logp.float().cpu()
+            scores = logp if by == "likelihood" else _clip_scores(pipe, [prompts[p] for p in owner], images, cut)
+            seconds["sampling"] += t1 - t0
+            seconds["decoding"] += t2 - t1
+            seconds["ranking"] += time.perf_counter() - t2
+            for k, p in enumerate(owner):
+                kept = best.setdefault(p, [])
+                kept.append((float(scores[k]), int(rows[k]) % n, images[k].clone(), float(logp[k])))
+                kept.sort(key=lambda e: -e[0])  # stable: of equal scores the earlier candidate stays first
+                del kept[keep:]
+                if int(rows[k]) % n == n - 1:  # the prompt's last candidate: its best go to disk now
+                    for r, (score, j, image, lp) in enumerate(best.pop(p)):
+                        stem, png = f"{files:0{width}d}", BytesIO()
+                        Image.fromarray(image.numpy()).save(png, format="PNG")
+                        folder.write(f"{stem}.png", png.getvalue())
+                        folder.write(f"{stem}.txt", prompts[p] + "\n")
+                        index.write(json.dumps({"file": f"{stem}.png", "caption": prompts[p], "prompt": p,
+                                                "rank": r + 1, "candidate": j, "score": score,
+                                                "log_likelihood": lp}) + "\n")
+                        files += 1
+                        if p < GRID_PROMPTS:
+                            if r == 0:
+                                grid_rows.append((_shown(pipe, text[p], prompts[p], notes[p]), [], []))
+                            grid_rows[-1][1].append(image)
+                            grid_rows[-1][2].append(score)
+            if c == 0 and chunks > 1:
+                per_row = (time.perf_counter() - t_start) / len(rows)
+                log(f"[generate] {total:,} candidates ({P} prompt(s) x {n}) in {chunks} chunks of {chunk}: about "
+                    f"{_duration(per_row * total)} in all, from the first chunk's {_duration(per_row * len(rows))}")
+    finally:
+        bar.close()
+        index.close()
+    folder.adopt("captions.jsonl")
+    total_s = sum(seconds.values())
+    summary = {"out": str(folder.path), "files": files, "grid": str(folder.path / "grid.png"),
+               "grid_prompts": len(grid_rows),
+               "prompts": P, "n": n, "keep": keep, "rank": by, "seed": seed, "chunk_size": chunk,
+               "settings": settings, "sources": pipe.sources, "notes": notes,
+               "seconds": {k: round(v, 3) for k, v in seconds.items()},
+               "rank_time_fraction": seconds["ranking"] / total_s if total_s > 0 else 0.0}
+    return summary, grid_rows
 
 
-def _write_lines(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+def _clip_scores(pipe: Pipeline, prompts: list[str], images: torch.Tensor, cut: bool) -> torch.Tensor:
+    from .clip import rerank
+
+    return rerank(pipe.clip, pipe.clip_tok, prompts, images, truncate=cut).float().cpu()
+
+
+def _shown(pipe: Pipeline, ids: torch.Tensor, prompt: str, note: dict) -> str:
+    """The prompt as grid.png writes it: what the model read (a cut prompt ends in "..."), at most
+    GRID_CAPTION characters. Example: a 10,000-character prompt cut to 32 tokens -> its first words + " ..." """
+    if note["cut"]:
+        prompt = pipe.tok.decode([i for i in ids.tolist() if i < pipe.model.layout.text_vocab]) + " ..."
+    return prompt if len(prompt) <= GRID_CAPTION else prompt[:GRID_CAPTION - 4] + " ..."
+
+
+def _duration(seconds: float) -> str:
+    """Example: 42 -> "42 s"; 600 -> "10.0 min"; 7200 -> "2.0 h" """
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def read_prompts(path: str | Path) -> list[str]:
     """One caption a line (blank lines skipped). Example: "a red circle\\n\\na blue square\\n" -> 2 prompts"""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark some editors write is not a character
     except FileNotFoundError:
         raise DataError(f"--prompts {path}: no such file") from None
     except UnicodeDecodeError as e:

@@ -86,9 +86,13 @@ def train_dvae(cfg: Config, resume: bool | str = False, progress: bool = True,
     return model, trainer
 
 
-def load_dvae(path: str | os.PathLike) -> tuple[DVAE, Config]:
-    """Rebuild a trained tokenizer from a checkpoint folder (weights verified, no pickle)."""
-    loaded = ckpt.read_checkpoint(path)
+def load_dvae(path: str | os.PathLike, trust_sharded: bool = False) -> tuple[DVAE, Config]:
+    """Rebuild a trained tokenizer from a checkpoint folder (weights verified, no pickle; a sharded
+    checkpoint only with trust_sharded=True, see checkpoint.sharded_refusal)."""
+    kind = ckpt.stage_of(ckpt.read_config(path))
+    if kind != "dvae":
+        raise ckpt.wrong_stage(path, kind, "dvae")
+    loaded = ckpt.read_checkpoint(path, trust_sharded=trust_sharded)
     cfg = Config.from_dict(loaded.config)
     model = DVAE(cfg.dvae)
     ckpt.apply_weights(model, loaded.tensors, Path(path) / ckpt.MODEL_FILE)

@@ -91,8 +91,10 @@ def default_prompts(cfg: Config) -> int:
 class _Stages:
     """Runs each stage once, records what it took in OUT/stages.json; a stage finished before is reused."""
 
-    def __init__(self, cfg: Config, out: Path, progress: bool, log: Callable[[str], None]):
+    def __init__(self, cfg: Config, out: Path, progress: bool, log: Callable[[str], None],
+                 trust_sharded: bool = False):
         self.cfg, self.out, self.progress, self.log = cfg, out, progress, log
+        self.trust_sharded = trust_sharded  # read stages trained under fsdp (sharded checkpoints: pickled index)
         self.record = _read_stages(out)
 
     def save(self, name: str, entry: dict) -> None:
@@ -123,8 +125,11 @@ def _dvae_stage(st: _Stages) -> dict:
                    f"{DVAE_MIN_JUDGE}): this seed's codes lost part of the images' meaning (e.g. two colours given "
                    f"one code). Training stage 1 again with dvae_train.seed={seed} (the old run is set aside in {cfg.dvae_train.out_dir})")
         run_cfg = replace(cfg, dvae_train=replace(cfg.dvae_train, seed=seed))
-        train_dvae(run_cfg, resume=not attempt, start_over=bool(attempt), progress=st.progress, out_flag="--out")
-        model, _ = load_dvae(finished_dvae(run_cfg))
+        _, trainer = train_dvae(run_cfg, resume=not attempt, start_over=bool(attempt), progress=st.progress,
+                                out_flag="--out")
+        if not attempt:
+            resumed, before = trainer.started_at, trainer.seconds_before
+        model, _ = load_dvae(finished_dvae(run_cfg), st.trust_sharded)
         if cfg.data.dataset != "shapes" or _smoke(cfg):  # no judge, or too few updates to have learned anything
             tries.append({"seed": seed, "judge": None})
             break
@@ -141,9 +146,11 @@ def _dvae_stage(st: _Stages) -> dict:
         if moved:
             st.log(f"[demo] the transformer trained on the rejected image tokenizer's codes is set aside in {moved}")
     facts = {k: v for k, v in tries[-1].items() if v is not None}
-    seconds = None if trained_before and len(tries) == 1 else round(time.perf_counter() - t0, 1)
+    seconds = None if trained_before and len(tries) == 1 else round(time.perf_counter() - t0 + before, 1)
     entry = {"seconds": seconds, "checkpoint": str(finished_dvae(cfg)), "tries": tries,
              "steps": cfg.dvae_train.max_steps, "facts": {"updates": cfg.dvae_train.max_steps, **facts}}
+    if resumed and seconds is not None:  # continued after an interruption: its earlier training time is counted
+        entry["resumed_from"] = resumed  # from its checkpoint, the earlier attempt's setup time is not
     st.save("dvae", entry)
     return {**entry, "reused": seconds is None}
 
@@ -175,10 +182,12 @@ def _finished(cfg: Config, name: str) -> Path | None:
 
 
 def _trained_stage(st: _Stages, name: str) -> dict:
-    """The transformer or the reranker: reuse a finished run in its folder, else continue or start it."""
+    """The transformer or the reranker: reuse a finished run in its folder, else continue or start it.
+    A run trained with other tokenizers than the ones the demo has now is set aside first and trained again."""
     from .clip import train_clip
     from .text_to_image import train_transformer
 
+    _set_aside_if_stale(st, name)
     before, done = st.record.get(name), _finished(st.cfg, name)
     if done is not None:  # finished (by this demo, or by `train` into this folder: then not timed)
         from . import checkpoint as ckpt
@@ -189,16 +198,50 @@ def _trained_stage(st: _Stages, name: str) -> dict:
         return {"seconds": None, "steps": step, "checkpoint": str(done), "facts": {"updates": step}, "reused": True}
     quiet = lambda m: None  # noqa: E731 -- the demo prints one line per stage, the bars show progress
     t0 = time.perf_counter()
-    train = train_transformer if name == "transformer" else train_clip
-    _, trainer, info = train(st.cfg, resume=True, progress=st.progress, out_flag="--out", log=quiet)
+    if name == "transformer":
+        _, trainer, info = train_transformer(st.cfg, resume=True, progress=st.progress, out_flag="--out", log=quiet,
+                                             trust_sharded=st.trust_sharded)
+    else:
+        _, trainer, info = train_clip(st.cfg, resume=True, progress=st.progress, out_flag="--out", log=quiet)
     facts = {"updates": trainer.step, "loss": trainer.loss}
     if trainer.last_eval:
         facts["eval_loss"] = trainer.last_eval.get("loss")
-    # A run interrupted before and continued now counts only the time spent here.
-    entry = {"seconds": round(time.perf_counter() - t0, 1), "steps": trainer.step, "facts": facts,
-             "train_seconds": info.get("train_seconds"), "checkpoint": str(trainer.last_checkpoint)}
+    # A run interrupted before and continued now: its earlier training time comes from its checkpoint
+    # (Trainer.seconds_before); the earlier attempt's setup time is not known, so the report says so.
+    entry = {"seconds": round(time.perf_counter() - t0 + trainer.seconds_before, 1), "steps": trainer.step,
+             "facts": facts, "train_seconds": round(trainer.train_seconds, 1),
+             "checkpoint": str(trainer.last_checkpoint)}
+    if trainer.started_at:
+        entry["resumed_from"] = trainer.started_at
     st.save(name, entry)
     return {**entry, "reused": False}
+
+
+def _set_aside_if_stale(st: _Stages, name: str) -> None:
+    """Set the transformer or reranker aside when its checkpoints were trained with another dVAE or BPE
+    than the ones in the run now (stage 1 trained again, a tokenizer replaced): their codes and ids
+    would mean something else to it, so it is trained again, and the log says why."""
+    from . import checkpoint as ckpt
+    from .image_tokenizer import tokenizer_id
+    from .text_to_image import BPE_FILE, _file_sha256, finished_dvae
+
+    tc = st.cfg.train if name == "transformer" else st.cfg.clip_train
+    path = ckpt.latest_valid_checkpoint(Path(tc.out_dir) / "checkpoints")
+    if path is None:
+        return
+    recorded = ckpt.read_config(path).get("tokenizers") or {}
+    now = {"bpe": _file_sha256(Path(st.cfg.text.out_dir) / BPE_FILE)}
+    if name == "transformer":
+        now["dvae"] = tokenizer_id(finished_dvae(st.cfg))
+    changed = [k for k in now if recorded.get(k) != now[k]]
+    if not changed:
+        return
+    moved = set_aside(st.out, [name])
+    st.record.pop(name, None)
+    what = " and ".join({"dvae": "image tokenizer", "bpe": "text tokenizer"}[k] for k in changed)
+    st.log(f"[demo] the {name} in {st.out / name} was trained with another {what} than the one in the run now "
+           f"({', '.join(f'{k} {str(recorded.get(k))[:12]} -> {now[k][:12]}' for k in changed)}); its codes would "
+           f"mean something else to it. It is set aside in {moved} and trained again")
 
 
 # --- judging the candidates -------------------------------------------------------------------------
@@ -266,12 +309,18 @@ def _headline(tables: dict, n: int) -> dict:
 
 # --- the demo ---------------------------------------------------------------------------------------
 def run_demo(cfg: Config, out: str | Path, seed: int | None = None, device: str = "auto", n_prompts: int | None = None,
-             n: int = CANDIDATES, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+             n: int = CANDIDATES, progress: bool = True, log: Callable[[str], None] = print, start_over: bool = False,
+             trust_sharded: bool = False) -> dict:
     """Train (or reuse) every stage in `out`, then sample, rerank, judge and write the report.
 
     n_prompts: prompts per split (val and heldout) that are sampled and judged (default_prompts);
-    n: candidates each. Returns report.json's content.
+    n: candidates each. The run folder is locked for the whole call (a second demo on it is refused).
+    start_over: first set the earlier run aside (`set_aside`). A stage already in `out` is reused or
+    continued only when it was trained with the settings this call asks for (`check_reuse`: refused
+    before anything is trained otherwise); one trained on other tokenizers than the run has now is
+    trained again. trust_sharded: read stages trained under fsdp. Returns report.json's content.
     """
+    from . import checkpoint as ckpt
     from .generate import load_pipeline
     from .train import pick_device
 
@@ -281,43 +330,148 @@ def run_demo(cfg: Config, out: str | Path, seed: int | None = None, device: str 
     t_start = time.perf_counter()
     pick_device(device, "--device")  # a device this machine lacks is refused before anything is written
     out = Path(out)
-    cfg = stage_config(cfg, out, seed)
-    if device != "auto":  # every stage trains on the device asked for
-        cfg = replace(cfg, dvae_train=replace(cfg.dvae_train, device=device), train=replace(cfg.train, device=device),
-                      clip_train=replace(cfg.clip_train, device=device))
-    st = _Stages(cfg, out, progress, log)
-    stages = {}
-    for i, name in enumerate(STAGES, 1):
-        log(f"[demo] stage {i}/{len(STAGES)} {name} -> {out / name}")
-        entry = _dvae_stage(st) if name == "dvae" else _bpe_stage(st) if name == "bpe" else _trained_stage(st, name)
-        st.summary_line(i, name, entry)
-        stages[name] = entry
-    pipe = load_pipeline(cfg, device=device)
-    log(f"[demo] sampling {n} candidates for {n_prompts} val and {n_prompts} heldout prompts, reranking, judging"
-        if cfg.data.dataset == "shapes" else f"[demo] sampling {n} candidates per prompt, reranking; held-out recall")
-    t0 = time.perf_counter()
-    if cfg.data.dataset == "shapes":
-        result = _judged_samples(pipe, out, n_prompts, n, progress)
-    else:
-        result = _unjudged_samples(pipe, cfg, out, n, progress)
-    sample_seconds = time.perf_counter() - t0
-    trained = [s["seconds"] for s in stages.values() if s.get("seconds") is not None]
-    report = {
-        "preset": cfg.preset, "out": str(out), "seed": seed, "device": str(pipe.device),
-        **result,
-        "stages": stages,
-        "minutes": round((sum(trained) + sample_seconds) / 60, 2),
-        "minutes_complete": all(s.get("seconds") is not None for s in stages.values()),
-        "this_run_minutes": round((time.perf_counter() - t_start) / 60, 2),
-        "sampling_seconds": round(sample_seconds, 1),
-        "machine": machine(), "date": utc_now(),
-        "configs": {"preset": cfg.preset, **cfg.to_dict()}, "sources": pipe.sources,
-    }
-    _write_json(out / "report.json", report)
-    write_atomic(out / "report.md", report_markdown(report))
+    out.mkdir(parents=True, exist_ok=True)
+    lock = ckpt.RunLock(out, "--out", "demo", "two demos would train the same stages at once").acquire()
+    try:
+        if start_over:
+            moved = set_aside(out)
+            if moved:
+                log(f"[demo] --start-over: the earlier run's stages are set aside in {moved}")
+        cfg = stage_config(cfg, out, seed)
+        if device != "auto":  # every stage trains on the device asked for
+            cfg = replace(cfg, dvae_train=replace(cfg.dvae_train, device=device),
+                          train=replace(cfg.train, device=device), clip_train=replace(cfg.clip_train, device=device))
+        check_reuse(cfg, out)
+        st = _Stages(cfg, out, progress, log, trust_sharded)
+        stages = {}
+        for i, name in enumerate(STAGES, 1):
+            log(f"[demo] stage {i}/{len(STAGES)} {name} -> {out / name}")
+            entry = _dvae_stage(st) if name == "dvae" else _bpe_stage(st) if name == "bpe" else _trained_stage(st, name)
+            st.summary_line(i, name, entry)
+            stages[name] = entry
+        pipe = load_pipeline(cfg, device=device, trust_sharded=trust_sharded)
+        log(f"[demo] sampling {n} candidates for {n_prompts} val and {n_prompts} heldout prompts, reranking, judging"
+            if cfg.data.dataset == "shapes" else f"[demo] sampling {n} candidates per prompt, reranking; held-out recall")
+        t0 = time.perf_counter()
+        if cfg.data.dataset == "shapes":
+            result = _judged_samples(pipe, out, n_prompts, n, progress)
+        else:
+            result = _unjudged_samples(pipe, cfg, out, n, progress)
+        sample_seconds = time.perf_counter() - t0
+        trained = [s["seconds"] for s in stages.values() if s.get("seconds") is not None]
+        resumed = {k: s["resumed_from"] for k, s in stages.items() if s.get("resumed_from") and not s.get("reused")}
+        report = {
+            "preset": cfg.preset, "out": str(out), "seed": cfg.train.seed, "seeds": _stage_seeds(pipe, cfg),
+            "device": str(pipe.device),
+            **result,
+            "stages": stages,
+            "minutes": round((sum(trained) + sample_seconds) / 60, 2),
+            # complete: every stage trained in one go by a demo; a stage continued after an interruption
+            # counts its earlier training time (from its checkpoint) but not that attempt's setup
+            "minutes_complete": all(s.get("seconds") is not None for s in stages.values()) and not resumed,
+            "resumed": resumed,
+            "this_run_minutes": round((time.perf_counter() - t_start) / 60, 2),
+            "sampling_seconds": round(sample_seconds, 1),
+            "machine": machine(), "date": utc_now(),
+            "configs": {"preset": cfg.preset, **cfg.to_dict()}, "sources": pipe.sources,
+        }
+        _write_json(out / "report.json", report)
+        write_atomic(out / "report.md", report_markdown(report))
+    finally:
+        lock.release()
     log(f"[demo] {summary_line(report)}")
     log(f"[demo] samples -> {out / 'samples.png'}; report -> {out / 'report.md'} and {out / 'report.json'}")
     return report
+
+
+def _stage_seeds(pipe, cfg: Config) -> dict:
+    """The training seed each stage's checkpoint records (what report.json calls `seeds`)."""
+    from . import checkpoint as ckpt
+    from .text_to_image import finished_dvae
+
+    paths = {"dvae": finished_dvae(cfg), "transformer": pipe.sources.get("transformer"),
+             "clip": pipe.sources.get("clip")}
+    section = {"dvae": "dvae_train", "transformer": "train", "clip": "clip_train"}
+    return {k: ckpt.read_config(p).get(section[k], {}).get("seed") for k, p in paths.items() if p}
+
+
+# --- may a stage in the run folder be reused? ----------------------------------------------------------
+STAGE_SECTIONS = {"dvae": ("data", "dvae", "dvae_train"), "transformer": ("data", "text", "model", "train"),
+                  "clip": ("data", "text", "clip", "clip_train")}
+# Settings that say where and how a stage runs, or how long, not what it learns: a stage trained with
+# other values of these is still the stage asked for (a longer max_steps continues it).
+RUN_SETTINGS = frozenset({"out_dir", "device", "precision", "parallel", "dist_timeout", "max_steps", "eval_every",
+                          "eval_batches", "ckpt_every", "keep_last", "log_every", "activation_checkpointing",
+                          "nonfinite", "n_val", "n_heldout", "max_skip_rate", "attn_impl"})
+
+
+def check_reuse(cfg: Config, out: Path) -> None:
+    """Refuse, before anything is trained, a run folder whose stages were trained with other settings
+    than `cfg` asks for (a seed, a learning rate, a model size; every key of the stage's sections but
+    RUN_SETTINGS), naming each difference. The BPE model is compared by training it again in memory
+    (seconds) from cfg's captions. A dVAE the demo retrained with a later seed (DVAE_TRIES) matches.
+    Example: a run trained with seed 1337, cfg with seed 8 -> ConfigError("... train.seed 1337, now 8 ...")
+    """
+    from . import checkpoint as ckpt
+
+    wanted, problems = cfg.to_dict(), []
+    for name, sections in STAGE_SECTIONS.items():
+        tc = getattr(cfg, {"dvae": "dvae_train", "transformer": "train", "clip": "clip_train"}[name])
+        path = ckpt.latest_valid_checkpoint(Path(tc.out_dir) / "checkpoints")
+        if path is None:
+            continue
+        recorded = ckpt.read_config(path)
+        diffs = []
+        for sec in sections:
+            old, new = _flat(recorded.get(sec)), _flat(wanted[sec])
+            for key in sorted(old.keys() | new.keys()):
+                if key in RUN_SETTINGS or old.get(key) == new.get(key):
+                    continue
+                if name == "dvae" and sec == "dvae_train" and key == "seed" and isinstance(old.get(key), int) \
+                        and 0 <= old[key] - new[key] < DVAE_TRIES:
+                    continue  # the demo's own retry of stage 1
+                diffs.append(f"{sec}.{key} {old.get(key, '(absent)')!r}, now {new.get(key, '(absent)')!r}")
+        if diffs:
+            problems.append(f"{name} ({', '.join(diffs[:5])}{', ...' if len(diffs) > 5 else ''})")
+    bpe = _bpe_mismatch(cfg)
+    if bpe:
+        problems.append(bpe)
+    if problems:
+        raise ConfigError(f"{out} holds stages trained with other settings than this demo asks for: "
+                          f"{'; '.join(problems)}. A stage is reused only with the settings it was trained with. "
+                          f"Nothing was changed: run the demo with those settings, choose another --out, or add "
+                          f"--start-over to set the earlier run aside in {out}/set-aside-<time>/")
+
+
+def _flat(d, prefix: str = "") -> dict:
+    """Example: {"a": 1, "b": {"c": 2}} -> {"a": 1, "b.c": 2} (lists compared as lists, JSON-normalised)"""
+    if not isinstance(d, dict):
+        return {}
+    out = {}
+    for k, v in json.loads(json.dumps(d)).items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _bpe_mismatch(cfg: Config) -> str | None:
+    """None when text.out_dir holds no bpe.model or the very one cfg's settings train; else what differs."""
+    import tempfile
+
+    from .bpe import RegexTokenizer, Tokenizer
+    from .text_to_image import BPE_FILE, _file_sha256, training_captions
+
+    path = Path(cfg.text.out_dir) / BPE_FILE
+    if not path.is_file():
+        return None
+    tok = RegexTokenizer(lowercase=cfg.text.lowercase).train(training_captions(cfg.data), cfg.text.vocab_size,
+                                                             progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = _file_sha256(tok.save(Path(tmp) / "bpe")[0])
+    if fresh == _file_sha256(path):
+        return None
+    old = Tokenizer.load(path)
+    return (f"bpe ({path} holds {old.vocab_size} tokens, lowercase {old.lowercase}; this demo's text.vocab_size "
+            f"{cfg.text.vocab_size}, text.lowercase {cfg.text.lowercase} and data.* train another one)")
 
 
 def judge_splits(pipe, n_prompts: int, n: int, seed: int = 0, progress: bool = True, **settings) -> dict:
@@ -429,7 +583,8 @@ def save_judged_grid(rows, path: str | Path, title: str | None = None, ncols: in
 
 # --- evaluation -------------------------------------------------------------------------------------
 def evaluate_run(cfg: Config, run: str | Path | None = None, n_prompts: int = 256, n: int = CANDIDATES,
-                 seed: int = 0, device: str = "auto", progress: bool = True, **settings) -> dict:
+                 seed: int = 0, device: str = "auto", progress: bool = True, trust_sharded: bool = False,
+                 **settings) -> dict:
     """The whole pipeline's judge accuracy on n_prompts `val` and `heldout` prompts, n candidates each.
 
     run: a folder with dvae/, bpe/, transformer/ and clip/ (default runs/demo-<preset>, what the demo writes).
@@ -446,7 +601,7 @@ def evaluate_run(cfg: Config, run: str | Path | None = None, n_prompts: int = 25
         raise DataError(f"the judge reads ShapesWorld images only; data.dataset is {cfg.data.dataset!r}")
     if n_prompts < 1 or n < 1:
         raise ConfigError(f"n_prompts={n_prompts} and n={n} must both be at least 1")
-    pipe = load_pipeline(cfg, run=run, device=device)
+    pipe = load_pipeline(cfg, run=run, device=device, trust_sharded=trust_sharded)
     judged = judge_splits(pipe, n_prompts, n, seed, progress, **settings)
     judged.pop("results")
     return {"run": str(run), **judged, "seed": seed, "settings": settings, "sources": pipe.sources,
@@ -466,17 +621,33 @@ def write_eval(result: dict) -> tuple[Path, Path]:
 def set_aside(out: str | Path, names: list[str] | None = None) -> Path | None:
     """Move `names` (default: every stage folder and the reports) of the run in `out` into
     out/set-aside-<time>/ (kept, not deleted), so the next demo trains them from scratch.
+    A stage folder a trainer is writing to right now (its `.lock` held) is refused, and nothing moves.
     Returns that folder, or None when there was nothing to move."""
+    from . import checkpoint as ckpt
+    from .files import set_aside_folder
+
     out = Path(out)
-    names = names or [*STAGES, STAGES_FILE, "report.json", "report.md", "samples.png"]
+    names = names or [*STAGES, STAGES_FILE, *REPORTS]
     present = [out / name for name in names if (out / name).exists()]
     if not present:
         return None
-    aside = out / time.strftime("set-aside-%Y%m%d-%H%M%S")
-    aside.mkdir(parents=True, exist_ok=True)
-    for path in present:
-        path.rename(aside / path.name)
+    locks = []
+    try:
+        for path in present:  # every stage folder is locked before the first one moves
+            if path.is_dir():
+                locks.append(ckpt.RunLock(path, "--out", "training run", "moving it aside would pull the folder from "
+                                          "under it").acquire())
+        aside = set_aside_folder(out)
+        for path in present:
+            path.rename(aside / path.name)
+        ckpt.fsync_dir(out)
+    finally:
+        for lock in locks:
+            lock.release()
     return aside
+
+
+REPORTS = ("report.json", "report.md", "samples.png", "eval.json", "eval.md", "rerank_curve.png")  # what set_aside moves
 
 
 # --- the report -------------------------------------------------------------------------------------
@@ -505,6 +676,19 @@ def accuracy_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _incomplete(report: dict) -> str:
+    """Why the minutes leave something out ("" when they do not)."""
+    if report["minutes_complete"]:
+        return ""
+    why = []
+    if any(s.get("seconds") is None for s in report["stages"].values()):
+        why.append("stages trained outside the demo are not counted")
+    for name, step in report.get("resumed", {}).items():
+        why.append(f"{name} was continued from step {step} after an interruption: its earlier training time comes "
+                   "from its checkpoint, the earlier attempt's setup time is not counted")
+    return f" ({'; '.join(why)})"
+
+
 def report_markdown(report: dict) -> str:
     lines = [f"# minidalle demo: preset `{report['preset']}`", "",
              f"{report['date']}; {describe_machine(report['machine'])}; device {report['device']}.", "",
@@ -519,7 +703,5 @@ def report_markdown(report: dict) -> str:
         facts = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in s["facts"].items())
         lines.append(f"| {name} | {took} | {facts} |")
     lines += ["", f"Sampling, reranking and judging: {report['sampling_seconds'] / 60:.1f} min. "
-              f"Whole pipeline: {report['minutes']} min" + ("" if report["minutes_complete"] else
-                                                              " (stages trained outside the demo are not counted)")
-              + ".", ""]
+              f"Whole pipeline: {report['minutes']} min" + _incomplete(report) + ".", ""]
     return "\n".join(lines)

@@ -257,7 +257,7 @@ def _compiled_step(model):
 def sample(model, text: torch.Tensor, temperature: float = 1.0, *, top_k: int = 0, top_p: float = 1.0,
            guidance: float = 1.0, prime: torch.Tensor | None = None, generator: torch.Generator | None = None,
            chunk_size: int | None = None, precision: str = "auto", guidance_batched: bool = True,
-           compile: bool = False, progress: bool = False, return_logp: bool = False):
+           compile: bool = False, progress: bool = False, return_logp: bool = False, bar=None):
     """Draw the image codes after each caption in `text` (B, T) with a key/value cache: (B, N) long.
 
     One row per caption row: to draw n candidates of a prompt, repeat its row n times. Rows are run
@@ -266,7 +266,8 @@ def sample(model, text: torch.Tensor, temperature: float = 1.0, *, top_k: int = 
     "fp32" or "bf16". Under the same generator, settings and chunk size this draws exactly the codes
     `sample_reference` draws. return_logp=True also returns log p(codes | caption) (B,), summed over
     the drawn codes from the model's own conditional logits (before guidance and filters): what
-    `log_likelihood` computes, for free.
+    `log_likelihood` computes, for free. bar: an open tqdm bar (in codes) to advance instead of a new
+    one, for callers that sample in several calls (`generate` streams its candidates chunk by chunk).
     Example: sample(model, text (64, 32), temperature=1.0, top_k=32, guidance=2.0) -> long (64, 64)
     """
     from .train import resolve_precision
@@ -289,7 +290,9 @@ def sample(model, text: torch.Tensor, temperature: float = 1.0, *, top_k: int = 
         KVCache.table(model, kind, device)
     out, logps = [], []
     N, n0 = model.layout.image_len, prime.shape[1]
-    bar = tqdm(total=text.shape[0] * (N - n0), desc="sampling codes", disable=not progress, unit="code")
+    own_bar = bar is None
+    if own_bar:
+        bar = tqdm(total=text.shape[0] * (N - n0), desc="sampling codes", disable=not progress, unit="code")
     try:
         # inference_mode, not no_grad: no autograd bookkeeping at all (~12% of a toy step); the results
         # are cloned out of it below, so they can feed a training step later
@@ -302,7 +305,8 @@ def sample(model, text: torch.Tensor, temperature: float = 1.0, *, top_k: int = 
                 logps.append(logp)
     finally:
         model.train(was_training)
-        bar.close()
+        if own_bar:
+            bar.close()
     codes = torch.cat(out).clone()
     return (codes, torch.cat(logps).clone()) if return_logp else codes
 
@@ -348,14 +352,16 @@ def _split(logits: list[torch.Tensor], B: int, twins: int, guided: bool):
 
 
 # --- prompts, likelihood, and the judge --------------------------------------------------------------
-def encode_prompts(tok, prompts: list[str], layout, truncate: bool = False) -> tuple[torch.Tensor, list[dict]]:
+def encode_prompts(tok, prompts: list[str], layout, truncate: bool = False,
+                   truncate_flag: str = "--truncate (truncate=True in Python)") -> tuple[torch.Tensor, list[dict]]:
     """Caption ids (P, T) for prompts typed by a person, and a note per prompt of what was changed.
 
     Refuses (DataError) an empty prompt, and one longer than text.text_len tokens unless truncate=True
-    (then it is cut and flagged). Flags, without refusing: letters lowercased by the tokenizer,
+    (then it is cut and flagged); the refusal names `truncate_flag`, the way to cut it. Flags, without refusing: letters lowercased by the tokenizer,
     characters outside printable ASCII (encoded byte by byte, pieces a ShapesWorld model never saw).
     Example: encode_prompts(tok, ["A red circle"], layout) -> (ids (1, 32), [{"lowercased": True, ...}])
     """
+    from .bpe import TextTooLong
     from .text_to_image import caption_ids
 
     if isinstance(prompts, str):
@@ -368,6 +374,9 @@ def encode_prompts(tok, prompts: list[str], layout, truncate: bool = False) -> t
             raise DataError(f"prompt {i + 1} is empty: give a caption such as 'a red circle above a blue square'")
         try:
             ids, cut = caption_ids(tok, prompt, layout, truncate=truncate)
+        except TextTooLong as e:
+            raise DataError(f"prompt {i + 1} ({prompt[:60]!r}) does not fit: it {e.what}; shorten "
+                            f"it, or pass {truncate_flag} to cut it") from None
         except DataError as e:
             raise DataError(f"prompt {i + 1} ({prompt[:60]!r}) does not fit: {e}") from None
         odd = sorted({c for c in prompt if not (" " <= c <= "~")})

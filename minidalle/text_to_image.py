@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -91,12 +92,11 @@ def train_text_tokenizer(cfg: Config, log: Callable[[str], None] = print) -> dic
         # counted here and again with the transformer's figures.
         log(f"[train bpe] warning: {what}; they will be cut to {tc.text_len} tokens")
     out = Path(tc.out_dir)
-    model, vocab = tok.save(out / "bpe")
-    hf = tok.export_hf(out / "tokenizer.json")
+    model, vocab, hf, aside = _save_bpe(tok, out, log)
     summary = {"stage": "bpe", "captions": len(captions), "captions_cut": len(over),
                "vocab_size": tok.vocab_size, "merges": len(tok.merges),
                "seconds": round(seconds, 2), "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths),
-               "model": str(model), "out": str(out)}
+               "model": str(model), "out": str(out), "set_aside": str(aside) if aside else None}
     log(f"[train bpe] {len(captions)} captions, {len(tok.merges)} merges in {seconds:.1f} s -> {model}, {vocab}, {hf}")
     log(f"[train bpe] tokens per caption: mean {summary['mean_tokens']:.1f}, max {max(lengths)} "
         f"(text.text_len={tc.text_len}): " + (f"{len(over)} will be cut" if over else "every training caption fits"))
@@ -107,6 +107,43 @@ def train_text_tokenizer(cfg: Config, log: Callable[[str], None] = print) -> dic
         log(f"[train bpe] the longest caption ShapesWorld can write takes {summary['longest_possible_tokens']} "
             f"tokens ({fits}): {longest!r}")
     return summary
+
+
+BPE_FILES = (BPE_FILE, "bpe.vocab", "tokenizer.json")  # what train_text_tokenizer writes into text.out_dir
+
+
+def _save_bpe(tok, out: Path, log) -> tuple[Path, Path, Path, Path | None]:
+    """Write the tokenizer's files into `out`. An earlier, different bpe.model there is not overwritten:
+    its files move into out/set-aside-<time>/ first (models trained with it record its checksum and still
+    need it), and `log` says so. The same tokenizer again changes nothing on disk.
+    Returns (bpe.model, bpe.vocab, tokenizer.json, the set-aside folder or None)."""
+    import shutil
+
+    from .files import set_aside_folder
+
+    out.mkdir(parents=True, exist_ok=True)
+    stage = out / f".tmp-bpe-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        model, vocab = tok.save(stage / "bpe")
+        hf = tok.export_hf(stage / "tokenizer.json")
+        old, aside = out / BPE_FILE, None
+        if old.is_file() and _file_sha256(old) == _file_sha256(model) and all((out / f).is_file() for f in BPE_FILES):
+            log(f"[train bpe] {out} already holds this very tokenizer (bpe.model {_file_sha256(old)[:12]}); kept")
+            return old, out / "bpe.vocab", out / "tokenizer.json", None
+        present = [out / f for f in BPE_FILES if (out / f).exists()]
+        if old.is_file():
+            aside = set_aside_folder(out)
+            for f in present:
+                os.replace(f, aside / f.name)
+            log(f"[train bpe] the earlier text tokenizer in {out} (bpe.model {_file_sha256(aside / BPE_FILE)[:12]}) "
+                f"is set aside in {aside}: a transformer or reranker trained with it records that checksum and needs "
+                "it back (move the files back, or point --text.out_dir there)")
+        for f in (model, vocab, hf):
+            os.replace(f, out / f.name)
+        return out / model.name, out / vocab.name, out / hf.name, aside
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 # --- the tokenizers stage 2 reads ---------------------------------------------------------------------
@@ -135,9 +172,10 @@ def finished_dvae(cfg: Config) -> Path | None:
 
 
 def prepare_tokenizers(cfg: Config, progress: bool = True, log: Callable[[str], None] = print,
-                       out_flag: str | None = None) -> tuple:
+                       out_flag: str | None = None, trust_sharded: bool = False) -> tuple:
     """(dVAE in eval mode, BPE tokenizer, TokenizerIds): finished ones in the run folder are reused;
-    a missing or unfinished dVAE is trained (or continued), a missing BPE model trained."""
+    a missing or unfinished dVAE is trained (or continued), a missing BPE model trained. A dVAE
+    trained under fsdp (a sharded checkpoint) is read only with trust_sharded=True."""
     done = finished_dvae(cfg)
     if done is None and distributed.launched_world() > 1:
         raise ConfigError(f"no finished image tokenizer in {cfg.dvae_train.out_dir}, and under torchrun the stages run "
@@ -148,7 +186,7 @@ def prepare_tokenizers(cfg: Config, progress: bool = True, log: Callable[[str], 
             f"({cfg.dvae_train.max_steps} updates; an unfinished run there is continued)")
         train_dvae(cfg, resume=True, progress=progress, out_flag=out_flag)
         done = finished_dvae(cfg)
-    dvae, dvae_cfg = load_dvae(done)
+    dvae, dvae_cfg = load_dvae(done, trust_sharded=trust_sharded)
     if (dvae_cfg.dvae.vocab_size, dvae_cfg.dvae.n_groups) != (cfg.dvae.vocab_size, cfg.dvae.n_groups):
         raise CheckpointError(f"the image tokenizer in {done} has K={dvae_cfg.dvae.vocab_size}, n_groups="
                               f"{dvae_cfg.dvae.n_groups}; this config asks for K={cfg.dvae.vocab_size}, n_groups="
@@ -332,8 +370,11 @@ def _recorded_ids(root: Path) -> dict | None:
 
 def train_transformer(cfg: Config, resume: bool | str = False, start_over: bool = False, progress: bool = True,
                       out_flag: str | None = None, log: Callable[[str], None] = print,
-                      callbacks: dict | None = None) -> tuple[DALLE, Trainer, dict]:
+                      callbacks: dict | None = None, trust_sharded: bool = False) -> tuple[DALLE, Trainer, dict]:
     """Train stage 2 with cfg.model and cfg.train; checkpoints go to train.out_dir.
+
+    trust_sharded: read a dVAE trained under fsdp (its checkpoint's index is a pickle); resuming this
+    run's own sharded checkpoints needs no flag.
 
     Returns the model, the trainer and a summary: pairs, captions cut, the tokenizers' checksums.
     Example: train_transformer(get_config("smoke")) -> (DALLE, Trainer, {"pairs": 512, ...})
@@ -348,7 +389,7 @@ def train_transformer(cfg: Config, resume: bool | str = False, start_over: bool 
     # Rank 0 trains or finds the tokenizers and caches the codes; the other processes then read them.
     with distributed.main_first(ctx, "preparing the tokenizers"):
         dvae, tok, ids = _prepare_all(cfg, progress and ctx.main, log if ctx.main else _quiet, out_flag, resume,
-                                      start_over)
+                                      start_over, trust_sharded)
         train, val = build_pairs(cfg, dvae.to(torch.device("cpu")), tok, ids, progress and ctx.main)
     if train.cut and ctx.main:
         log(f"[train transformer] {train.cut} of {len(train)} training captions were longer than "
@@ -375,9 +416,9 @@ def _quiet(_: str) -> None:
     """The log of processes other than rank 0: rank 0 says it once."""
 
 
-def _prepare_all(cfg: Config, progress: bool, log, out_flag, resume, start_over) -> tuple:
+def _prepare_all(cfg: Config, progress: bool, log, out_flag, resume, start_over, trust_sharded: bool) -> tuple:
     """The tokenizers, checked against the ones the run's checkpoints were trained with."""
-    dvae, tok, ids = prepare_tokenizers(cfg, progress, log, out_flag)
+    dvae, tok, ids = prepare_tokenizers(cfg, progress, log, out_flag, trust_sharded)
     root = Path(cfg.train.out_dir) / "checkpoints"
     recorded = None if start_over or resume is False else \
         _recorded_ids(root) if resume is True else ckpt.read_config(resume).get("tokenizers")
@@ -390,16 +431,18 @@ def _prepare_all(cfg: Config, progress: bool, log, out_flag, resume, start_over)
     return dvae, tok, ids
 
 
-def load_transformer(path: str | Path, ema: bool = True) -> tuple[DALLE, Config, dict]:
+def load_transformer(path: str | Path, ema: bool = True, trust_sharded: bool = False) -> tuple[DALLE, Config, dict]:
     """Rebuild a trained transformer from a checkpoint folder: (model in eval mode, its Config, tokenizer ids).
 
-    ema=True uses the EMA of the weights when the run kept one (train.ema_decay > 0).
+    ema=True uses the EMA of the weights when the run kept one (train.ema_decay > 0). A sharded
+    checkpoint is read only with trust_sharded=True (checkpoint.sharded_refusal says why).
     """
-    loaded = ckpt.read_checkpoint(path)
+    kind = ckpt.stage_of(ckpt.read_config(path))  # before the weights: a reranker's is named as one
+    if kind != "transformer":
+        raise ckpt.wrong_stage(path, kind, "transformer")
+    loaded = ckpt.read_checkpoint(path, trust_sharded=trust_sharded)
     config = copy.deepcopy(loaded.config)
-    ids = config.pop("tokenizers", None)
-    if not isinstance(ids, dict):
-        raise CheckpointError(f"{path} is not a transformer checkpoint (its config.json records no tokenizers)")
+    ids = config.pop("tokenizers")
     cfg = Config.from_dict(config)
     model = DALLE.from_config(cfg)
     tensors = loaded.tensors
@@ -415,31 +458,57 @@ def finished_transformer(cfg: Config) -> Path | None:
 
 
 # --- measuring ------------------------------------------------------------------------------------------
-def _tokenizers_for(ids: dict, mcfg: Config, cfg: Config) -> tuple:
-    """The dVAE and BPE a transformer was trained with, found by checksum (its recorded folder first)."""
-    candidates = [Path(ids.get("dvae_checkpoint", ""))] if ids.get("dvae_checkpoint") else []
+def _tokenizers_for(ids: dict, mcfg: Config, cfg: Config, trust_sharded: bool = False) -> tuple:
+    """The dVAE and BPE a transformer was trained with, found by checksum in the folders of its own
+    config and of `cfg` (the run the user named); a tokenizer set aside since (`train bpe`, `demo`) is
+    named in the error, with how to use it."""
+    candidates = []
     for c in (mcfg, cfg):
         done = finished_dvae(c)
-        if done is not None:
+        if done is not None and done not in candidates:
             candidates.append(done)
-    dvae = next((load_dvae(p)[0] for p in candidates if p.is_dir() and tokenizer_id(p) == ids["dvae"]), None)
+    dvae = next((load_dvae(p, trust_sharded)[0] for p in candidates if tokenizer_id(p) == ids["dvae"]), None)
     if dvae is None:
+        aside = _set_aside_match([Path(c.dvae_train.out_dir) for c in (mcfg, cfg)], "checkpoints/step_*",
+                                 lambda p: ckpt.verify_checkpoint(p) and tokenizer_id(p) == ids["dvae"])
+        where = ", ".join(str(p) for p in candidates) or f"{cfg.dvae_train.out_dir} (no finished checkpoint)"
         raise CheckpointError(f"the image tokenizer this transformer was trained with (weights {ids['dvae'][:12]}) "
-                              f"is not in {', '.join(str(p) for p in candidates) or 'the run folder'}; point "
-                              "--dvae_train.out_dir at it")
+                              f"is not in {where}" + (f"; it was set aside in {aside}: move its checkpoints/ back, "
+                                                      f"or point --dvae_train.out_dir at that folder" if aside else
+                                                      "; point --dvae_train.out_dir at the run folder that holds it"))
     for c in (mcfg, cfg):
         path = Path(c.text.out_dir) / BPE_FILE
         if path.is_file() and _file_sha256(path) == ids["bpe"]:
             return dvae, Tokenizer.load(path)
+    aside = _set_aside_match([Path(c.text.out_dir) for c in (mcfg, cfg)], BPE_FILE,
+                             lambda p: _file_sha256(p) == ids["bpe"])
     raise CheckpointError(f"the text tokenizer this transformer was trained with (bpe.model {ids['bpe'][:12]}) is not "
-                          f"in {mcfg.text.out_dir} or {cfg.text.out_dir}; point --text.out_dir at it")
+                          f"in {mcfg.text.out_dir} or {cfg.text.out_dir}" +
+                          (f"; it was set aside in {aside}: move its files back, or pass --text.out_dir={aside}"
+                           if aside else "; point --text.out_dir at the folder that holds it"))
+
+
+def _set_aside_match(folders: list[Path], pattern: str, matches) -> Path | None:
+    """The newest `set-aside-*` folder inside one of `folders` holding a `pattern` entry that `matches`."""
+    for folder in folders:
+        for aside in sorted(folder.glob("set-aside-*"), reverse=True):
+            for entry in sorted(aside.glob(pattern), reverse=True):
+                try:
+                    if matches(entry):
+                        return aside
+                except CheckpointError:
+                    continue
+    return None
 
 
 def evaluate_transformer(cfg: Config, n: int = 256, checkpoint: str | Path | None = None, temperature: float = 1.0,
-                         batch_size: int = 64, progress: bool = True) -> dict:
+                         batch_size: int = 64, progress: bool = True, out: str | Path | None = None,
+                         trust_sharded: bool = False) -> dict:
     """One sample per prompt for the first n `val` and `heldout` ShapesWorld captions, read by the judge.
 
     `val_all_single` / `heldout_all_single`: the fraction of samples with every stated attribute right.
+    The sample grids (samples_val.png, samples_heldout.png) go to `out`, by default the run folder of
+    the checkpoint as the user named it (`eval_folder`), never to a folder its config.json names.
     Example: evaluate_transformer(get_config("toy")) -> {"val_all_single": 0.6, "val": {...}, "heldout": {...}}
     """
     from .sampling import evaluate_prompts
@@ -452,8 +521,9 @@ def evaluate_transformer(cfg: Config, n: int = 256, checkpoint: str | Path | Non
     if path is None:
         raise CheckpointError(f"no transformer checkpoint in {cfg.train.out_dir}; train one with "
                               f"`python -m minidalle train transformer --preset {cfg.preset}` or pass --checkpoint")
-    model, mcfg, ids = load_transformer(path)
-    dvae, tok = _tokenizers_for(ids, mcfg, cfg)
+    model, mcfg, ids = load_transformer(path, trust_sharded=trust_sharded)
+    dvae, tok = _tokenizers_for(ids, mcfg, cfg, trust_sharded=trust_sharded)
+    folder = Path(out) if out is not None else eval_folder(path)
     device = pick_device(cfg.train.device)
     model, dvae = model.to(device), dvae.to(device)
     out = {"checkpoint": str(path), "step": ckpt.verify_checkpoint(path)["step"], "n": n, "temperature": temperature}
@@ -465,12 +535,22 @@ def evaluate_transformer(cfg: Config, n: int = 256, checkpoint: str | Path | Non
                                        seed=mcfg.data.seed + (split == "heldout"), progress=progress)
         out[split], out[f"{split}_all_single"] = acc, acc["overall"]
         k = min(16, n)
-        out[f"grid_{split}"] = str(save_grid(list(images[:k]), Path(mcfg.train.out_dir) / f"samples_{split}.png",
+        out[f"grid_{split}"] = str(save_grid(list(images[:k]), folder / f"samples_{split}.png",
                                              captions[:k], ncols=4, title=f"one sample per {split} prompt"))
     out["grid"] = out["grid_val"]
     out["seconds"] = round(time.perf_counter() - t0, 1)
     out["attention"] = f"{model.attn_impl} ({model.attn_reason})"
     return out
+
+
+def eval_folder(checkpoint: str | Path) -> Path:
+    """Where an evaluation of `checkpoint` writes its figures when no --out is given: the run folder the
+    path itself names (RUN for RUN/checkpoints/step_N, as the trainer lays it out), else the folder
+    holding it. Derived from the path the user typed, never from a file, so a copied run writes into
+    the copy. Example: eval_folder("runs/x/transformer/checkpoints/step_0000500") -> Path("runs/x/transformer")
+    """
+    path = Path(checkpoint)
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
 def describe(cfg: Config) -> dict:

@@ -235,6 +235,8 @@ class Trainer:
         self.step, self.loss, self.last_eval, self.last_checkpoint = 0, float("nan"), None, None
         self.history: dict[str, list[dict]] = {"train": [], "eval": []}
         self._stop, self._data_offset = False, 0
+        self.started_at = 0  # the step the last fit() began at (> 0: it continued a checkpoint)
+        self.seconds_before, self._fit_t0 = 0.0, None  # train_seconds: earlier fits' time, this fit's start
         if cfg.eval_every and eval_data is None:
             warnings.warn(f"{self.section}.eval_every={cfg.eval_every} but no eval_data was given; evaluation is skipped",
                           stacklevel=2)
@@ -298,6 +300,10 @@ class Trainer:
             self.step, rng = start.step, self._rank_rng(start)
             self.loss, self.last_checkpoint = float(start.state.get("loss", math.nan)), start.path
             self.skipped = int(start.state.get("skipped", 0))
+        self.started_at = self.step
+        before = start.state.get("train_seconds", 0.0) if start is not None else 0.0
+        self.seconds_before = float(before) if isinstance(before, (int, float)) and math.isfinite(before) else 0.0
+        self._fit_t0 = time.perf_counter()
         # fast-forwards an iterable to this rank's next micro-batch
         per_update = cfg.grad_accum * ctx.world  # micro-batches in one global batch
         done = int(start.state.get("micro_batches", start.step * per_update)) if start is not None else 0
@@ -477,7 +483,8 @@ class Trainer:
         rngs = distributed.gather(ckpt.capture_rng_state(), self.dist)
         state = {"step": self.step, "rng": rngs[0], "rng_ranks": rngs, "world": self.dist.world,
                  "micro_batches": self._data_offset + self.step * self.cfg.grad_accum * self.dist.world,
-                 "loss": self.loss, "skipped": self.skipped}  # loss: so a finished run, resumed, says where it ended
+                 "loss": self.loss, "skipped": self.skipped,  # loss: so a finished run, resumed, says where it ended
+                 "train_seconds": self.train_seconds}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         if self.dist.parallel == "fsdp":
@@ -524,16 +531,25 @@ class Trainer:
     def _load(self, start: ckpt.Loaded) -> None:
         """Put a checkpoint's weights, optimizer moments, EMA and loss scale into this run."""
         if start.sharded:  # any number of processes, sharded or not: each reads its own slices
-            if not ckpt.load_sharded(start.path, self.model, self.optimizer, self.ema) and self.ema is not None:
+            try:
+                has_ema = ckpt.load_sharded(start.path, self.model, self.optimizer, self.ema)
+            except CheckpointError as e:
+                raise CheckpointError(f"{e}{self._changed_since(start)}") from None
+            if not has_ema and self.ema is not None:
                 self._load_ema(start)  # EMA just switched on: it starts from the loaded weights
         else:
             if self.dist.parallel == "fsdp":
                 raise CheckpointError(f"{start.path} is a full checkpoint (written by a ddp or single-process run); "
                                       f"an fsdp run resumes from the sharded checkpoints it writes. Resume it with "
                                       f"--{self.section}.parallel=ddp, or start over")
-            # The optimizer first: its load checks the parameter counts before changing anything,
-            # and apply_weights checks every name and shape before copying, so a checkpoint that
-            # does not fit leaves the model exactly as it was.
+            # Names and shapes first (a changed architecture, named as such), then the optimizer, whose
+            # load checks the parameter counts before changing anything, then the copy: a checkpoint
+            # that does not fit leaves the model and optimizer exactly as they were.
+            problems = ckpt.weight_problems(self.module, start.tensors)
+            if problems:
+                raise CheckpointError(f"{start.path} holds the weights of another architecture than this model "
+                                      f"({'; '.join(problems)}){self._changed_since(start)}. Resume with the "
+                                      f"settings it was saved with, or start over with --start-over (start_over=True)")
             try:
                 self.optimizer.load_state_dict(start.state["optimizer"])
             except (ValueError, KeyError, RuntimeError) as e:
@@ -544,6 +560,17 @@ class Trainer:
                 self._load_ema(start)
         if self.scaler is not None and isinstance(start.state.get("scaler"), dict):
             self.scaler.load_state_dict(start.state["scaler"])
+
+    def _changed_since(self, start: ckpt.Loaded) -> str:
+        """"; settings changed since it was saved: model.n_layer: 2 -> 4, ..." ("" when none did)."""
+        changes = _config_changes(start.config, self.config)
+        return f"; settings changed since it was saved: {', '.join(changes[:6])}" if changes else ""
+
+    @property
+    def train_seconds(self) -> float:
+        """Seconds spent in fit() on this run so far, the earlier fits it resumed from included (their
+        checkpoint records them), so an interrupted run still reports its whole training time."""
+        return self.seconds_before + (time.perf_counter() - self._fit_t0 if self._fit_t0 is not None else 0.0)
 
     def _rank_rng(self, start: ckpt.Loaded) -> dict | None:
         """This process's saved RNG state; None (fresh per-rank seeds) when the world size changed."""
@@ -580,7 +607,7 @@ class Trainer:
                                       f"can be read ({why}). Nothing was changed. Start over with --start-over "
                                       f"(start_over=True), which moves them into {self.out_dir}/set-aside-<time>/")
             for p, reason in rejected:
-                warnings.warn(f"skipping invalid checkpoint {p.name}: {reason}", stacklevel=4)
+                ckpt.warn_skipped(p, reason, stacklevel=4)
             return loaded
         loaded = ckpt.read_checkpoint(resume, full_weights=False)  # an explicitly named checkpoint must be intact
         _check_state(loaded)

@@ -83,40 +83,58 @@ def save_grid(images, path: str | Path, captions=None, ncols: int = 4, title: st
     return path
 
 
+CAPTION_LINES = 3  # lines of a prompt a ranked grid writes above its images (60 characters each)
+
+
 def save_ranked_grid(prompts: list[str], images, scores, path: str | Path, title: str | None = None,
                      scale: float = 1.8, colours=None, ncols: int = 1) -> Path:
     """Each prompt above its ranked images (best first) with their scores; a PNG written atomically.
 
     images: per prompt a sequence of k images; scores: per prompt k numbers; colours: per prompt None
     or k (mark, colour) pairs for the labels, e.g. ("✓", "tab:green") for an image the judge accepts;
-    ncols: prompts side by side (row by row).
+    ncols: prompts side by side (row by row). A prompt is written in at most CAPTION_LINES lines.
+    The layout is computed here (one axes per prompt, its images side by side in one picture), not by
+    matplotlib's layout engine, so the cost grows with the number of prompts and stays small; glyphs
+    the font lacks (emoji, CJK) are drawn as boxes without a warning each.
     Example: save_ranked_grid(["a red circle"], [imgs (4, 32, 32, 3)], [[0.31, 0.29, 0.2, 0.1]], "grid.png")
     """
+    import warnings
+
     import matplotlib.pyplot as plt
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    k = max(len(row) for row in images)
-    nrows = -(-len(prompts) // ncols)
-    fig = plt.figure(figsize=(max(k, 3) * scale * ncols, nrows * (scale + 0.7)), layout="constrained")
-    subfigs = np.atleast_1d(fig.subfigures(nrows, ncols)).flatten()
-    for sub in subfigs[len(prompts):]:  # an odd prompt out leaves its place empty
-        sub.set_facecolor("none")
+    k = max((len(row) for row in images), default=1)
+    n = max(len(prompts), 1)
+    nrows = -(-n // ncols)
+    cell_w, cell_h, head = max(k, 3) * scale, scale + 0.95, 0.45 if title else 0.1  # inches
+    fig = plt.figure(figsize=(cell_w * ncols, nrows * cell_h + head))
+    width, height = cell_w * ncols, nrows * cell_h + head
     colours = colours or [None] * len(prompts)
-    for sub, prompt, row, row_scores, row_colours in zip(subfigs, prompts, images, scores, colours):
-        sub.suptitle("\n".join(textwrap.wrap(prompt, 60)), fontsize=9)
-        axes = np.atleast_1d(sub.subplots(1, k))
-        for j, ax in enumerate(axes):
-            ax.axis("off")
-            if j < len(row):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from")  # emoji / CJK prompts: boxes, no noise
+        for i, (prompt, row, row_scores, row_colours) in enumerate(zip(prompts, images, scores, colours)):
+            r, c = divmod(i, ncols)
+            x0, top = c * cell_w, height - head - r * cell_h  # the cell's left edge and top, in inches
+            lines = textwrap.wrap(prompt, 60) or [""]
+            if len(lines) > CAPTION_LINES:
+                lines = lines[:CAPTION_LINES - 1] + [lines[CAPTION_LINES - 1][:56] + " ..."]
+            fig.text((x0 + cell_w / 2) / width, (top - 0.08) / height, "\n".join(lines), ha="center", va="top",
+                     fontsize=9 if len(lines) == 1 else 8)
+            side = scale * 0.9  # each image's side, in inches, below up to 3 caption lines and its score
+            gap = (cell_w - k * side) / (k + 1)
+            for j in range(len(row)):
+                ax = fig.add_axes(((x0 + gap + j * (side + gap)) / width, (top - 0.82 - side) / height,
+                                   side / width, side / height))
+                ax.axis("off")
                 ax.imshow(as_uint8_hwc(row[j]), interpolation="nearest")
                 mark = f" {row_colours[j][0]}" if row_colours else ""
-                ax.set_title(f"#{j + 1}{mark}: {row_scores[j]:.3g}", fontsize=8,
+                ax.set_title(f"#{j + 1}{mark}: {row_scores[j]:.3g}", fontsize=8, pad=2,
                              color=row_colours[j][1] if row_colours else "black")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+        if title:
+            fig.text(0.5, 1 - 0.12 / height, title, ha="center", va="top", fontsize=10)
+        tmp = path.with_name(path.name + ".tmp.png")
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
     return path

@@ -142,7 +142,7 @@ CASES = {
     "resume and start over": (TRAIN + ["--resume", "--start-over"], no_setup,
                               "argument --start-over: not allowed with argument --resume"),
     "bpe --resume": (["train", "bpe", "--preset", "smoke", "--resume"], no_setup,
-                     "--resume applies to `train dvae` and `train transformer`"),
+                     "--resume applies to `train dvae`, `train transformer` and `train clip`"),
     "split": (["data", "--split", "test", "--out", "{d}/out"], no_setup, "argument --split: invalid choice: 'test'"),
     "command": (["trian", "dvae"], no_setup, "argument command: invalid choice: 'trian'"),
     "mib<0": (["bench", "bpe", "--mib", "-1"], no_setup, "argument --mib: -1 is not a positive number"),

@@ -119,3 +119,35 @@ def test_every_caption_shapesworld_can_write_fits_the_toy_text_length():
                                                             progress=False)
     longest = longest_caption(lambda text: len(tok.encode(text)))
     assert len(tok.encode(longest)) <= cfg.text.text_len, (longest, len(tok.encode(longest)))
+
+
+def test_judge_names_the_file_and_line_of_a_caption_it_cannot_read(tmp_path, capsys):
+    out = tmp_path / "d"
+    assert main(["data", "--preset", "smoke", "--n", "3", "--out", str(out)]) == 0
+    lines = (out / "captions.jsonl").read_text().splitlines()
+    lines[1] = json.dumps({"file": "00001.png", "caption": "zebra " * 2000})
+    (out / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert main(["judge", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "captions.jsonl, line 2 (00001.png)" in err and len(err) < 600
+
+
+def test_judge_counts_images_without_a_caption_line(tmp_path, capsys):
+    out = tmp_path / "d"
+    assert main(["data", "--preset", "smoke", "--n", "3", "--out", str(out)]) == 0
+    lines = (out / "captions.jsonl").read_text().splitlines()
+    (out / "captions.jsonl").write_text(lines[0] + "\n")
+    capsys.readouterr()
+    assert main(["judge", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "2 image(s)" in said and "no line in captions.jsonl" in said and json.loads(said.splitlines()[-1])["unlisted"] == 2
+
+
+def test_judge_refuses_an_index_that_points_outside_its_folder(tmp_path, capsys):
+    out = tmp_path / "d"
+    assert main(["data", "--preset", "smoke", "--n", "1", "--out", str(out)]) == 0
+    (out / "captions.jsonl").write_text(json.dumps({"file": "../elsewhere.png", "caption": "a red circle"}) + "\n")
+    capsys.readouterr()
+    assert main(["judge", str(out)]) == 2
+    assert "not inside" in capsys.readouterr().err

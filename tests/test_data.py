@@ -162,8 +162,9 @@ def test_indexing_stops_at_n_but_the_world_does_not():
 def test_write_split_rewrites_its_own_folder_and_refuses_others(tmp_path):
     out = tmp_path / "d"
     write_split(out, "train", n=5, image_size=16, progress=False)
-    write_split(out, "val", n=2, image_size=16, progress=False)  # a smaller second run
-    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00000.txt", "00001.png", "00001.txt", "captions.jsonl"]
+    write_split(out, "val", n=2, image_size=16, progress=False, log=lambda m: None)  # a smaller second run
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
+        ["00000.png", "00000.txt", "00001.png", "00001.txt", "captions.jsonl"]
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "holiday.jpg").write_bytes(b"x")
     with pytest.raises(DataError, match="did not write"):

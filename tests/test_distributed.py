@@ -154,16 +154,19 @@ def test_kill_during_a_sharded_save_keeps_the_previous_checkpoint_which_resumes_
     assert got["step"] == 6 and max_diff(got["params"], reference["params"]) < FSDP_TOL
     assert not any(p.name.startswith(ckpt.TMP_PREFIX) for p in root.iterdir())  # cleaned on the next start
 
-    # The sharded checkpoint reads back whole for sampling, and exports to the one-file form.
+    # The sharded checkpoint reads back whole for sampling (only when trusted: its index is a pickle),
+    # and exports to the one-file form.
     newest = ckpt.list_checkpoints(root)[-1][1]
-    whole = ckpt.read_checkpoint(newest)
+    with pytest.raises(ckpt.CheckpointError, match="--trust-sharded"):
+        ckpt.read_checkpoint(newest)
+    whole = ckpt.read_checkpoint(newest, trust_sharded=True)
     assert whole.sharded and max_diff(whole.tensors, reference["params"]) < FSDP_TOL
-    out = ckpt.export_checkpoint(newest)
+    out = ckpt.export_checkpoint(newest, trust_sharded=True)
     full = ckpt.read_checkpoint(out)
     assert not full.sharded and (out / ckpt.MODEL_FILE).is_file()
     assert max_diff(full.tensors, whole.tensors) == 0.0 and full.state["step"] == 6
     with pytest.raises(ckpt.CheckpointError, match="already exists"):
-        ckpt.export_checkpoint(newest)
+        ckpt.export_checkpoint(newest, trust_sharded=True)
 
 
 def test_a_checkpoint_written_by_one_process_resumes_on_two(tmp_path, reference):
@@ -196,7 +199,7 @@ def test_train_commands_run_under_torchrun_and_the_sharded_transformer_samples(t
     assert p.stdout.count("training it first") == 1  # the missing BPE, trained once, by rank 0
     newest = ckpt.list_checkpoints(tmp_path / "tr" / "checkpoints")[-1][1]
     assert ckpt.verify_checkpoint(newest)["kind"] == "sharded"
-    model, cfg, _ = load_transformer(newest)
+    model, cfg, _ = load_transformer(newest, trust_sharded=True)
     assert sum(p.numel() for p in model.parameters()) > 0 and all(torch.isfinite(p).all() for p in model.parameters())
 
 

@@ -152,3 +152,89 @@ def test_generate_cli_end_to_end_and_truncation_flag(run, tmp_path, capsys):
                  "--run", str(run), "--preset", "smoke", "--rank", "likelihood"]) == 0
     text = capsys.readouterr().out
     assert "cut" in text and len(read_split(out)) == 1
+
+
+# --- messages that name the real cause and the real flag ------------------------------------------------
+def test_a_smoke_run_samples_without_naming_its_preset(run, tmp_path, monkeypatch, capsys):
+    """The toy preset's (uncapped) clip_train.max_steps used to make a finished smoke reranker 'missing'."""
+    monkeypatch.setenv("MINIDALLE_SMOKE", "0")
+    assert main(["generate", "a red circle", "--n", "2", "--keep", "1", "--out", str(tmp_path / "o"),
+                 "--run", str(run)]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["sources"]["clip"].startswith(str(run / "clip"))
+
+
+def test_the_rerank_curve_without_a_reranker_draws_the_other_rankings(run, tmp_path, capsys):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(run, bare, ignore=lambda d, names: ["clip"] if d == str(run) else [])
+    assert main(["eval", "rerank-curve", "--run", str(bare), "--preset", "smoke", "--n", "1"]) == 0
+    said = capsys.readouterr()
+    assert "no reranker in" in said.out and "--rank" not in said.out + said.err
+    assert (bare / "rerank_curve.png").is_file()
+
+
+def test_generate_takes_the_checkpoint_export_and_the_readme_name(run, tmp_path, capsys):
+    from minidalle import checkpoint as ckpt
+
+    step = ckpt.latest_valid_checkpoint(run / "transformer" / "checkpoints")
+    assert main(["generate", "a red circle", "--checkpoint", str(step), "--run", str(run), "--n", "2", "--keep", "1",
+                 "--out", str(tmp_path / "o"), "--preset", "smoke", "--rank", "likelihood"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["sources"]["transformer"] == str(step)
+
+
+def test_a_long_prompt_names_the_flag_that_cuts_it(run, tmp_path, capsys):
+    assert main(["generate", "a " * 40 + "circle", "--out", str(tmp_path / "o"), "--run", str(run),
+                 "--preset", "smoke"]) == 2
+    err = capsys.readouterr().err
+    assert "pass --truncate" in err and "pass truncate=True" not in err
+
+
+def test_a_prompts_file_with_a_byte_order_mark(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_bytes("\ufeffa red circle\na blue square\n".encode("utf-8"))
+    assert read_prompts(f) == ["a red circle", "a blue square"]
+
+
+def test_emoji_and_cjk_prompts_draw_without_a_warning_per_glyph(tmp_path):
+    import warnings
+
+    from minidalle.viz import save_ranked_grid
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        save_ranked_grid(["a red circle 😀", "一个红色的圆"], [torch.zeros(2, 8, 8, 3, dtype=torch.uint8)] * 2,
+                         [[0.2, 0.1]] * 2, tmp_path / "g.png")
+    assert not [w for w in caught if "Glyph" in str(w.message)] and (tmp_path / "g.png").is_file()
+
+
+def test_a_checkpoint_of_the_other_stage_is_named_as_such(run, tmp_path, capsys):
+    from minidalle import checkpoint as ckpt
+    from minidalle.clip import load_clip
+    from minidalle.text_to_image import load_transformer
+
+    reranker = ckpt.latest_valid_checkpoint(run / "clip" / "checkpoints")
+    transformer = ckpt.latest_valid_checkpoint(run / "transformer" / "checkpoints")
+    assert main(["eval", "transformer", "--checkpoint", str(reranker), "--preset", "smoke", "--n", "1"]) == 2
+    assert "is a reranker (CLIP) checkpoint, not a transformer one" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="is a transformer checkpoint, not a reranker"):
+        load_clip(transformer)
+    with pytest.raises(CheckpointError, match=r"is an image tokenizer \(dVAE\) checkpoint .*not a transformer"):
+        load_transformer(ckpt.latest_valid_checkpoint(run / "dvae" / "checkpoints"))
+
+
+def test_a_damaged_checkpoint_is_reported_once(run, tmp_path):
+    import shutil
+    import warnings
+
+    from minidalle import checkpoint as ckpt
+
+    copy = tmp_path / "clip"
+    shutil.copytree(run / "clip", copy)
+    newest = ckpt.latest_valid_checkpoint(copy / "checkpoints")
+    (newest / ckpt.MODEL_FILE).write_bytes(b"damaged")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):  # the demo and the loaders look in one folder several times
+            assert ckpt.latest_valid_checkpoint(copy / "checkpoints") != newest
+    assert sum("skipping invalid checkpoint" in str(w.message) for w in caught) == 1

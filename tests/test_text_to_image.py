@@ -139,6 +139,18 @@ def test_resuming_with_another_image_tokenizer_is_refused(smoke_run, tmp_path, c
         t2i.train_transformer(cfg, resume=str(named), progress=False, log=lambda line: None)
 
 
+def test_resuming_with_another_architecture_says_so_and_names_the_setting(smoke_run, tmp_path, capsys):
+    root, flags = smoke_run
+    shutil.copytree(root / "transformer", tmp_path / "transformer")
+    flags = [f for f in flags if not f.startswith("--train.out_dir")] + [f"--train.out_dir={tmp_path}/transformer"]
+    capsys.readouterr()
+    assert main(["train", "transformer", "--preset", "smoke", "--resume", "--train.max_steps=30",
+                 "--model.n_layer=4", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "weights of another architecture" in err and "model.n_layer: 3 -> 4" in err and "--start-over" in err
+    assert "optimizer" not in err.split("error:")[-1]
+
+
 def test_eval_transformer_reports_the_judge_per_split(smoke_run, capsys):
     _, flags = smoke_run
     capsys.readouterr()

@@ -1,0 +1,434 @@
+"""What a command may delete, read and write, tried as a careless or hostile user would (smoke preset).
+
+- `data --out` and `generate --out` delete only files they wrote, only inside their folder, and only
+  after deciding that they may; files outside the folder always survive; a refusal changes nothing.
+- A run folder cannot run code: a sharded checkpoint's pickled index is never read without
+  --trust-sharded.
+- `eval` writes where the user pointed it, never where a checkpoint's config.json says.
+- `demo` reuses a stage only when it was trained with the settings asked for, retrains one built on
+  tokenizers that changed, holds its run folder's lock, and reports the seeds its checkpoints hold.
+"""
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minidalle import checkpoint as ckpt
+from minidalle import pipeline
+from minidalle.cli import main
+from minidalle.config import get_config
+
+LEDGER = ".minidalle-written.json"  # files.LEDGER (spelled out, so this file also runs against older code)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def snapshot(root: Path) -> dict:
+    """Every file under root (hidden ones too) -> sha256 of its bytes."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A smoke run folder with every stage (dvae/, bpe/, transformer/, clip/), trained once for this file."""
+    root = tmp_path_factory.mktemp("safety") / "run"
+    flags = [f"--dvae_train.out_dir={root}/dvae", f"--text.out_dir={root}/bpe", f"--train.out_dir={root}/transformer",
+             f"--clip_train.out_dir={root}/clip"]
+    assert main(["train", "transformer", "--preset", "smoke", *flags]) == 0
+    assert main(["train", "clip", "--preset", "smoke", *flags]) == 0
+    return root
+
+
+def generate(run: Path, out: Path, *extra: str) -> int:
+    return main(["generate", "a red circle", "a blue square on the left", "--n", "2", "--keep", "1", "--out", str(out),
+                 "--run", str(run), "--preset", "smoke", *extra])
+
+
+# --- data --out ---------------------------------------------------------------------------------------
+def test_data_never_deletes_what_a_hand_written_index_names(tmp_path, capsys):
+    """The documented captions.jsonl format, written by hand, naming the folder's own image, a file in a
+    sibling folder (through ..) and an absolute path: `data --out` refuses, and every file survives."""
+    mine, victim = tmp_path / "mine", tmp_path / "victim"
+    mine.mkdir()
+    victim.mkdir()
+    (mine / "cat.png").write_bytes(b"my own image")
+    (victim / "keep.png").write_bytes(b"someone else's")
+    (tmp_path / "abs.png").write_bytes(b"far away")
+    rows = [{"file": "cat.png", "caption": "a cat"}, {"file": "../victim/keep.png", "caption": "x"},
+            {"file": str(tmp_path / "abs.png"), "caption": "y"}]
+    (mine / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = snapshot(tmp_path)
+    assert main(["data", "--preset", "smoke", "--n", "2", "--out", str(mine)]) == 2
+    assert "did not write" in capsys.readouterr().err
+    assert {k: v for k, v in snapshot(tmp_path).items() if not k.endswith(".lock")} == before
+
+
+def test_data_refuses_a_folder_generate_wrote_without_touching_it(run, tmp_path, capsys):
+    out = tmp_path / "gen"
+    assert generate(run, out) == 0
+    before = snapshot(out)
+    assert main(["data", "--preset", "smoke", "--n", "2", "--out", str(out)]) == 2
+    assert "holds the output of `generate`" in capsys.readouterr().err
+    assert snapshot(out) == before
+
+
+def test_data_replaces_its_own_folder_and_says_so(tmp_path, capsys):
+    out = tmp_path / "d"
+    assert main(["data", "--preset", "smoke", "--n", "3", "--out", str(out)]) == 0
+    assert main(["data", "--preset", "smoke", "--n", "1", "--out", str(out)]) == 0
+    assert "replaced the 7 files an earlier `data` wrote" in capsys.readouterr().out  # 3 PNGs, 3 .txt, the index
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
+        ["00000.png", "00000.txt", "captions.jsonl"]
+    (out / "00000.txt").write_text("edited by hand\n")  # changed since data wrote it: not data's to delete
+    assert main(["data", "--preset", "smoke", "--n", "1", "--out", str(out)]) == 2
+    assert "00000.txt changed since `data` wrote it" in capsys.readouterr().err
+    assert (out / "00000.txt").read_text() == "edited by hand\n"
+
+
+# --- generate --out -------------------------------------------------------------------------------------
+def test_generate_with_a_user_file_in_its_folder_loses_nothing(run, tmp_path, capsys):
+    out = tmp_path / "gen"
+    assert generate(run, out) == 0
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    assert generate(run, out, "--seed", "1") == 2
+    assert "notes.txt" in capsys.readouterr().err
+    assert {k: v for k, v in snapshot(out).items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+
+
+@pytest.mark.parametrize("tamper", ["index", "ledger"])
+def test_generate_never_deletes_a_path_read_from_its_folder(run, tmp_path, tamper, capsys):
+    """A captions.jsonl line, or a ledger entry, naming ../victim/keep.png: the victim survives."""
+    out, victim = tmp_path / "gen", tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.png").write_bytes(b"keep me")
+    assert generate(run, out) == 0
+    if tamper == "index":
+        with open(out / "captions.jsonl", "a") as f:
+            f.write(json.dumps({"file": "../victim/keep.png", "caption": "a red circle"}) + "\n")
+    else:
+        ledger = json.loads((out / LEDGER).read_text())
+        ledger["files"]["../victim/keep.png"] = [{"sha256": "0" * 64, "bytes": 7}]
+        (out / LEDGER).write_text(json.dumps(ledger))
+    before = snapshot(out)
+    assert generate(run, out) == 2
+    assert "nothing was changed" in capsys.readouterr().err
+    assert (victim / "keep.png").read_bytes() == b"keep me" and snapshot(out) == before
+
+
+def test_a_rerun_into_its_own_folder_replaces_it_and_says_so(run, tmp_path, capsys):
+    out = tmp_path / "gen"
+    assert generate(run, out) == 0
+    first = capsys.readouterr().out
+    assert "[generate] replaced" not in first
+    assert main(["generate", "a red circle", "--n", "2", "--keep", "1", "--out", str(out), "--run", str(run),
+                 "--preset", "smoke"]) == 0
+    assert "replaced the 7 files an earlier generate wrote" in capsys.readouterr().out  # 2 x (png, txt) + 3
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert names == ["00000.png", "00000.txt", "captions.jsonl", "generate.json", "grid.png"]
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_a_generate_that_fails_half_way_leaves_the_earlier_results(run, tmp_path, monkeypatch, fail_at):
+    from minidalle import generate as gen
+
+    out = tmp_path / "gen"
+    assert generate(run, out) == 0
+    before = snapshot(out)
+    calls = []
+
+    def fail_in_a_chunk(*a, **k):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    import minidalle.sampling as sampling
+
+    real = sampling.decode_images
+    monkeypatch.setattr(sampling, "decode_images", fail_in_a_chunk)
+    pipe = gen.load_pipeline(get_config("smoke"), run=run)
+    with pytest.raises(KeyboardInterrupt):  # 4 candidates in chunks of 2: it stops in the first or second one
+        gen.generate(pipe, ["a red circle", "a blue square"], out, n=2, keep=1, chunk_size=2, progress=False)
+    assert {k: v for k, v in snapshot(out).items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+    assert not list(out.glob(".tmp-*"))  # the staged files went too
+
+
+def test_an_unwritable_out_is_refused_before_any_sampling(run, tmp_path, monkeypatch):
+    """Root writes anywhere, so the folder's refusal is simulated where OwnedFolder makes its staging folder."""
+    import minidalle.sampling as sampling
+    from minidalle import generate as gen
+
+    pipe = gen.load_pipeline(get_config("smoke"), run=run)
+    monkeypatch.setattr(sampling, "sample", lambda *a, **k: pytest.fail("sampled before the folder was checked"))
+    real_mkdir = Path.mkdir
+
+    def no_write(self, *a, **k):
+        if self.name.startswith(".tmp-generate-"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", no_write)
+    with pytest.raises(Exception, match="cannot write there"):
+        gen.generate(pipe, ["a red circle"], tmp_path / "out", n=2, keep=1, progress=False)
+
+
+def test_generate_streams_its_candidates_and_estimates_a_long_job(run, monkeypatch, capsys):
+    """However large n is, no more than one chunk of candidates is decoded (and so held) at a time."""
+    import minidalle.sampling as sampling
+    from minidalle import generate as gen
+
+    seen, real = [], sampling.decode_images
+    monkeypatch.setattr(sampling, "decode_images", lambda dvae, codes, grid, **k: seen.append(len(codes)) or
+                        real(dvae, codes, grid, **k))
+    pipe = gen.load_pipeline(get_config("smoke"), run=run)
+    out = run.parent / "streamed"
+    res = gen.generate(pipe, ["a red circle", "a green diamond"], out, n=7, keep=2, chunk_size=3, progress=False,
+                       by="likelihood")
+    assert max(seen) <= 3 and sum(seen) == 14 and res["files"] == 4
+    assert "in 5 chunks of 3: about" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["rank"]) for r in rows] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert rows[0]["score"] >= rows[1]["score"] and rows[2]["score"] >= rows[3]["score"]
+    assert {r["candidate"] for r in rows} <= set(range(7))
+
+
+def test_the_overview_shows_a_bounded_number_of_prompts(run, tmp_path, monkeypatch):
+    from minidalle import generate as gen
+    from minidalle import viz
+
+    got = []
+    real = viz.save_ranked_grid
+    monkeypatch.setattr(viz, "save_ranked_grid", lambda prompts, *a, **k: got.append(list(prompts)) or
+                        real(prompts, *a, **k))
+    pipe = gen.load_pipeline(get_config("smoke"), run=run)
+    prompts = [f"a red circle {'on the left' if i % 2 else 'at the top'}" for i in range(gen.GRID_PROMPTS + 3)]
+    prompts[0] = "a " * 2000 + "red circle"  # cut to the model's text length
+    res = gen.generate(pipe, prompts, tmp_path / "many", n=1, keep=1, progress=False, by="likelihood",
+                       truncate=True)
+    assert res["grid_prompts"] == gen.GRID_PROMPTS and len(got[0]) == gen.GRID_PROMPTS and res["files"] == len(prompts)
+    assert len(got[0][0]) <= gen.GRID_CAPTION and got[0][0].endswith("...")
+
+
+# --- train bpe ----------------------------------------------------------------------------------------
+def test_train_bpe_sets_a_different_tokenizer_aside_and_generate_says_where(tmp_path, capsys):
+    copy = tmp_path / "run"  # a run of its own: a copy's config.json would still name the original's tokenizer
+    assert main(["train", "transformer", "--preset", "smoke", f"--dvae_train.out_dir={copy}/dvae",
+                 f"--text.out_dir={copy}/bpe", f"--train.out_dir={copy}/transformer"]) == 0
+    old = hashlib.sha256((copy / "bpe" / "bpe.model").read_bytes()).hexdigest()
+    assert main(["train", "bpe", "--preset", "smoke", f"--text.out_dir={copy}/bpe"]) == 0
+    assert "already holds this very tokenizer" in capsys.readouterr().out  # the same settings: nothing moves
+    vocab = get_config("smoke").text.vocab_size
+    assert main(["train", "bpe", "--preset", "smoke", f"--text.out_dir={copy}/bpe",
+                 f"--text.vocab_size={vocab - 1}"]) == 0
+    said = capsys.readouterr().out
+    (aside,) = (copy / "bpe").glob("set-aside-*")
+    assert f"set aside in {aside}" in said
+    assert hashlib.sha256((aside / "bpe.model").read_bytes()).hexdigest() == old
+    assert generate(copy, tmp_path / "out", "--rank", "likelihood") == 2
+    assert f"it was set aside in {aside}" in capsys.readouterr().err
+
+
+# --- a run folder cannot run code ------------------------------------------------------------------------
+class _Planted:
+    """Unpickling this creates the file `path`: proof that a pickle ran."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def sharded_copy(run: Path, dest: Path, marker: Path) -> Path:
+    """A copy of the run whose newest transformer checkpoint claims to be sharded, with a planted
+    sharded/.metadata and a manifest that vouches for it (whoever writes a folder writes its manifest)."""
+    shutil.copytree(run, dest)
+    step = ckpt.latest_valid_checkpoint(dest / "transformer" / "checkpoints")
+    (step / ckpt.MODEL_FILE).unlink()
+    (step / "sharded").mkdir()
+    (step / "sharded" / ".metadata").write_bytes(pickle.dumps(_Planted(str(marker))))
+    files = {}
+    for name in (ckpt.CONFIG_FILE, ckpt.STATE_FILE, "sharded/.metadata"):
+        data = (step / name).read_bytes()
+        files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    manifest = json.loads((step / ckpt.MANIFEST_FILE).read_text())
+    (step / ckpt.MANIFEST_FILE).write_text(json.dumps({**manifest, "kind": "sharded", "world": 1, "files": files}))
+    return step
+
+
+def test_the_pickle_in_a_run_folder_never_runs(run, tmp_path, capsys):
+    marker = tmp_path / "the-pickle-ran"
+    step = sharded_copy(run, tmp_path / "shared", marker)
+    runs = {"generate --run": ["generate", "a red circle", "--run", str(tmp_path / "shared"), "--out",
+                               str(tmp_path / "o1"), "--preset", "smoke"],
+            "generate --checkpoint": ["generate", "a red circle", "--checkpoint", str(step), "--run",
+                                      str(tmp_path / "shared"), "--out", str(tmp_path / "o2"), "--preset", "smoke"],
+            "eval transformer": ["eval", "transformer", "--checkpoint", str(step), "--preset", "smoke", "--n", "2"],
+            "eval pipeline": ["eval", "--run", str(tmp_path / "shared"), "--preset", "smoke", "--n", "2"],
+            "export": ["export", str(step)]}
+    for name, argv in runs.items():
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err
+        assert "--trust-sharded" in err and "pickle" in err, name
+        assert not marker.exists(), f"{name} ran the pickle"
+    # the test can fail: opting in does read the index, so a planted pickle runs
+    assert main(["export", str(step), "--trust-sharded"]) == 2
+    assert marker.exists()
+
+
+# --- eval writes where it was pointed --------------------------------------------------------------------
+def test_eval_writes_its_grids_beside_the_checkpoint_named_never_where_its_config_says(run, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)  # its config.json still names the original run's folders
+    before = snapshot(run)
+    step = ckpt.latest_valid_checkpoint(copy / "transformer" / "checkpoints")
+    assert main(["eval", "transformer", "--checkpoint", str(step), "--preset", "smoke", "--n", "2",
+                 f"--dvae_train.out_dir={copy}/dvae", f"--text.out_dir={copy}/bpe"]) == 0
+    assert (copy / "transformer" / "samples_val.png").is_file() and snapshot(run) == before
+    out = tmp_path / "figures"
+    assert main(["eval", "transformer", "--checkpoint", str(step), "--preset", "smoke", "--n", "2", "--out", str(out),
+                 f"--dvae_train.out_dir={copy}/dvae", f"--text.out_dir={copy}/bpe"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["samples_heldout.png", "samples_val.png"]
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["grid"] == str(out / "samples_val.png")
+
+
+# --- the demo ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert main(["demo", "--preset", "smoke", "--out", str(out), "--n-prompts", "2", "--n", "2", "--json"]) == 0
+    return out
+
+
+def test_demo_reports_the_seeds_its_checkpoints_hold(demo):
+    report = json.loads((demo / "report.json").read_text())
+    held = {name: ckpt.read_config(ckpt.latest_valid_checkpoint(demo / name / "checkpoints"))[sec]["seed"]
+            for name, sec in (("dvae", "dvae_train"), ("transformer", "train"), ("clip", "clip_train"))}
+    assert report["seeds"] == held and report["seed"] == get_config("smoke").train.seed
+
+
+def test_demo_with_another_seed_on_an_existing_run_is_refused_and_changes_nothing(demo, capsys):
+    before = snapshot(demo)
+    assert main(["demo", "--preset", "smoke", "--out", str(demo), "--seed", "8", "--n-prompts", "2", "--n", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "train.seed 1337, now 8" in err and "clip_train.seed 1337, now 8" in err and "--start-over" in err
+    assert {k: v for k, v in snapshot(demo).items() if not k.endswith(".lock")} == \
+        {k: v for k, v in before.items() if not k.endswith(".lock")}
+
+
+def test_demo_retrains_a_transformer_whose_image_tokenizer_changed(demo, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(demo, out)
+    old = ckpt.read_config(ckpt.latest_valid_checkpoint(out / "transformer" / "checkpoints"))["tokenizers"]["dvae"]
+    shutil.rmtree(out / "dvae" / "checkpoints")
+    assert main(["demo", "--preset", "smoke", "--out", str(out), "--n-prompts", "2", "--n", "2",
+                 "--dvae_train.lr=0.002"]) == 0
+    said = capsys.readouterr().out
+    assert "the transformer in" in said and "trained with another image tokenizer" in said
+    report = json.loads((out / "report.json").read_text())
+    assert not report["stages"]["transformer"]["reused"] and report["stages"]["clip"]["reused"]
+    new = ckpt.read_config(report["sources"]["transformer"])["tokenizers"]["dvae"]
+    assert new != old and list(out.glob("set-aside-*/transformer/checkpoints"))
+
+
+def test_start_over_is_refused_while_a_stage_is_being_trained(demo, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(demo, out)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from minidalle.checkpoint import RunLock; "
+                               f"RunLock({str(out / 'transformer')!r}).acquire(); print('locked', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(["demo", "--preset", "smoke", "--out", str(out), "--start-over"]) == 2
+        assert f"in use by another training run (pid {holder.pid}" in capsys.readouterr().err
+        assert (out / "transformer").is_dir() and (out / "dvae").is_dir() and not list(out.glob("set-aside-*"))
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
+def test_a_second_demo_on_one_folder_is_refused(demo, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(demo, out)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from minidalle.checkpoint import RunLock; "
+                               f"RunLock({str(out)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(out)
+        assert main(["demo", "--preset", "smoke", "--out", str(out), "--start-over"]) == 2
+        assert "in use by another demo" in capsys.readouterr().err
+        assert {k: v for k, v in snapshot(out).items() if not k.endswith(".lock")} == \
+            {k: v for k, v in before.items() if not k.endswith(".lock")}
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
+def test_start_over_sets_the_earlier_evaluation_aside_too(demo, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(demo, out)
+    assert main(["eval", "--run", str(out), "--preset", "smoke", "--n", "1", "--json"]) == 0
+    assert (out / "eval.json").is_file()
+    aside = pipeline.set_aside(out)
+    assert {"eval.json", "eval.md", "report.json"} <= {p.name for p in aside.iterdir()}
+    assert not (out / "eval.json").exists()
+
+
+def test_an_interrupted_stage_counts_its_earlier_training_and_says_the_minutes_are_incomplete(tmp_path, monkeypatch):
+    from minidalle.train import Trainer
+
+    out, real_fit = tmp_path / "run", Trainer.fit
+
+    def stop_clip_half_way(self, *a, **k):
+        if self.section == "clip_train" and not list((self.out_dir / "checkpoints").glob("step_*")):
+            self.add_callback("on_step_end", lambda t: t.step == 2 and t.request_stop())
+        return real_fit(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "fit", stop_clip_half_way)
+    interrupted = {"done": False}
+
+    def crash_after_clip(*a, **k):
+        if not interrupted["done"]:
+            interrupted["done"] = True
+            raise KeyboardInterrupt  # the demo dies after the reranker's first two updates were saved
+        return real_load(*a, **k)
+
+    import minidalle.generate as gen
+
+    real_load = gen.load_pipeline
+    monkeypatch.setattr(gen, "load_pipeline", crash_after_clip)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_demo(get_config("smoke"), out, n_prompts=1, n=2, progress=False, log=lambda m: None)
+    earlier = ckpt.read_checkpoint(ckpt.latest_valid_checkpoint(out / "clip" / "checkpoints")).state["train_seconds"]
+    report = pipeline.run_demo(get_config("smoke"), out, n_prompts=1, n=2, progress=False, log=lambda m: None)
+    clip = report["stages"]["clip"]
+    assert report["resumed"] == {"clip": 2} and not report["minutes_complete"] and clip["resumed_from"] == 2
+    assert clip["seconds"] >= earlier > 0 and clip["train_seconds"] >= earlier
+    assert "not counted" in (out / "report.md").read_text()
+
+
+def test_owned_folder_refuses_a_ledger_entry_that_is_not_a_plain_name(tmp_path):
+    from minidalle.files import OwnedFolder
+
+    out = OwnedFolder(tmp_path / "o", "generate").check()
+    out.write("00000.png", b"x")
+    out.commit()
+    ledger = json.loads((tmp_path / "o" / LEDGER).read_text())
+    for bad in ("/etc/passwd", "sub/00000.png", ".hidden", ".."):
+        (tmp_path / "o" / LEDGER).write_text(json.dumps({**ledger, "files": {**ledger["files"], bad: ledger["files"]["00000.png"]}}))
+        with pytest.raises(Exception, match="not a ledger minidalle wrote"):
+            OwnedFolder(tmp_path / "o", "generate").check()
+    assert (tmp_path / "o" / "00000.png").read_bytes() == b"x"
+    assert os.path.exists("/etc/passwd")
