@@ -1,6 +1,7 @@
 """Files that survive a crash, and output folders a command may replace later, but only what it wrote.
 
     write_atomic(Path("runs/demo-toy/report.json"), text)   # str (UTF-8) or bytes
+    with RunLock("runs/x"): ...                               # one writer per folder (a second is refused)
 
     out = OwnedFolder("samples", "generate", "--out").check()   # refuses before anything is changed
     out.write("00000.png", png_bytes)                            # into a hidden staging folder inside it
@@ -18,15 +19,26 @@ end, so a run that fails or is killed half-way leaves the earlier results as the
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import socket
 import time
+import warnings
 from pathlib import Path
 
-from .errors import DataError
+from .errors import CheckpointError, DataError
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+logger = logging.getLogger(__name__)
 
 LEDGER = ".minidalle-written.json"
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # what the commands name their files: no folders, no dots first
@@ -88,6 +100,104 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """An exclusive lock on `{out_dir}/.lock`, so two trainers never write one run's checkpoints at once.
+
+    The lock is the operating system's (`fcntl.flock`): it is released when its holder exits, even
+    by SIGKILL, so a lock left by a dead process is never an obstacle. (A forked child, such as a
+    DataLoader worker, would share the lock and keep it after its parent dies; children close their
+    copy at fork, see `_close_in_child`.) The file also says who holds it (pid, host, since when) for
+    the error message; a stale one is logged and rewritten. The file stays after release (deleting it
+    would let a third process lock a new file while a second still waits on the old one). Where
+    locks cannot be taken (no `fcntl` on Windows; a network filesystem without locking) the run goes
+    on unlocked, with a warning. `flag` names the setting that chooses the folder, for the message.
+    Example: with RunLock("runs/x", "--train.out_dir"): ...  # a second holder -> CheckpointError
+    """
+
+    def __init__(self, out_dir: str | Path, flag: str = "--train.out_dir", holder: str = "training run",
+                 clash: str = "two writers would interleave their checkpoints"):
+        self.path, self.flag, self._fd = Path(out_dir) / LOCK_FILE, flag, None
+        self.holder, self.clash = holder, clash  # for the refusal: "in use by another <holder> ...; <clash>"
+
+    def acquire(self) -> "RunLock":
+        if fcntl is None:
+            return self._unlocked("this platform has no fcntl")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # ENOLCK, EOPNOTSUPP, ...
+                os.close(fd)
+                return self._unlocked(f"its filesystem cannot lock files ({e.strerror})")
+            holder = os.pread(fd, 4096, 0)
+            if not holder.strip():  # the winner has the lock but has not written its name yet
+                time.sleep(0.2)
+                holder = os.pread(fd, 4096, 0)
+            os.close(fd)
+            raise CheckpointError(f"{self.path.parent} is in use by another {self.holder} ({_holder(holder)}); "
+                                  f"{self.clash}. Wait for it to finish, stop it, or choose another folder "
+                                  f"({self.flag})") from None
+        previous = os.pread(fd, 4096, 0)
+        if previous.strip():  # a holder that died without releasing (a crash or SIGKILL)
+            logger.info("%s: replacing the stale lock of %s (it no longer holds it)", self.path, _holder(previous))
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        self._fd = fd
+        _HELD.add(fd)
+        return self
+
+    def _unlocked(self, why: str) -> "RunLock":
+        warnings.warn(f"{self.path.parent} is not locked against a second trainer: {why}; do not run two "
+                      "on one folder", stacklevel=3)
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        _HELD.discard(fd)
+        os.ftruncate(fd, 0)  # an empty file says "nobody holds this"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+_HELD: set[int] = set()  # file descriptors of the RunLocks this process holds
+
+
+def _close_in_child() -> None:
+    """In a forked child: close (never unlock: that would free the parent's lock) every held lock fd."""
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
+
+
+def _holder(data: bytes) -> str:
+    """Example: b'{"pid": 42, "host": "gpu1", "since": "2026-12-01 10:00:00"}' -> "pid 42 on gpu1 since 2026-12-01 10:00:00" """
+    try:
+        who = json.loads(data.decode("utf-8"))
+        return f"pid {who['pid']} on {who['host']} since {who['since']}"
+    except (ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
 class OwnedFolder:
     """An output folder that `command` fills, and may later refill, touching only the files it wrote.
 
@@ -115,8 +225,6 @@ class OwnedFolder:
         for part in (self.path, *self.path.parents):  # a file where a folder belongs, at any level
             if part.exists() and not part.is_dir():
                 raise DataError(f"{where}: {part} is a file, not a folder; choose another folder")
-        from .checkpoint import LOCK_FILE, RunLock
-
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock = RunLock(self.path, self.flag, f"`{self.command}`", "two of them would mix their files")

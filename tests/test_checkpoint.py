@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from minidalle import checkpoint as ckpt
+from minidalle import files
 from minidalle.config import TrainConfig
 from minidalle.errors import CheckpointError, ConfigError
 from minidalle.train import Trainer, read_metrics
@@ -563,7 +564,7 @@ def test_a_filesystem_without_locks_warns_and_trains(tmp_path, monkeypatch):
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(ckpt.fcntl, "flock", no_locks)
+    monkeypatch.setattr(files.fcntl, "flock", no_locks)
     with pytest.warns(UserWarning, match=r"not locked against a second trainer: its filesystem cannot lock files"):
         _, hist = run(tmp_path)
     assert len(hist["train"]) == 6
