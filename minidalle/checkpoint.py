@@ -298,13 +298,21 @@ class Loaded:
     sharded: bool = False  # written by an FSDP run: weights and optimizer live in `sharded/`
 
 
-def weights_id(path: str | Path) -> str:
+def weights_id(path: str | Path, verify: bool = True) -> str:
     """A checksum naming a checkpoint's weights (a tokenizer's identity in cache keys): the sha256 of
     model.safetensors, or for a sharded checkpoint one sha256 over its slice files' checksums.
+    verify=False reads it from the manifest alone (to find a candidate; load it verified).
 
     Example: weights_id(".../step_0000500") -> "3f9a..."
     """
-    files = verify_checkpoint(path)["files"]
+    if verify:
+        files = verify_checkpoint(path)["files"]
+    else:
+        try:
+            files = json.loads((Path(path) / MANIFEST_FILE).read_bytes().decode("utf-8"))["files"]
+            files = {k: {"sha256": str(v["sha256"])} for k, v in files.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{Path(path) / MANIFEST_FILE} cannot be read ({type(e).__name__})") from None
     if MODEL_FILE in files:
         return files[MODEL_FILE]["sha256"]
     shards = sorted((k, v["sha256"]) for k, v in files.items() if k.startswith(f"{SHARDED_DIR}/"))

@@ -170,7 +170,7 @@ def cmd_train(args, cfg: cfglib.Config) -> dict:
         return _train_clip(args, cfg)
 
     out = check_out_folder(cfg.dvae_train.out_dir, "--dvae_train.out_dir")
-    model, trainer = train_dvae(cfg, resume=args.resume, start_over=args.start_over)
+    model, trainer = train_dvae(cfg, resume=args.resume, start_over=args.start_over, trust_sharded=args.trust_sharded)
     if not trainer.history["train"]:  # resumed at max_steps: nothing left to train
         print(f"[train dvae] the run in {out} already finished at step {trainer.step}; nothing was trained "
               f"(raise --dvae_train.max_steps to train longer)")
@@ -234,7 +234,8 @@ def _train_clip(args, cfg: cfglib.Config) -> dict:
     for key in ("text.out_dir", "clip_train.out_dir"):
         sec, name = key.split(".")
         check_out_folder(getattr(getattr(cfg, sec), name), f"--{key}")
-    model, trainer, info = train_clip(cfg, resume=args.resume, start_over=args.start_over, progress=not args.json)
+    model, trainer, info = train_clip(cfg, resume=args.resume, start_over=args.start_over, progress=not args.json,
+                                      trust_sharded=args.trust_sharded)
     if not trainer.history["train"]:
         print(f"[train clip] the run in {cfg.clip_train.out_dir} already finished at step {trainer.step}; nothing "
               "was trained (raise --clip_train.max_steps to train longer)")

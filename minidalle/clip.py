@@ -583,7 +583,7 @@ def _recorded_bpe(root: Path) -> str | None:
 
 def train_clip(cfg: Config, resume: bool | str = False, start_over: bool = False, progress: bool = True,
                log: Callable[[str], None] = print, out_flag: str | None = None,
-               callbacks: dict | None = None) -> tuple[CLIP, Trainer, dict]:
+               callbacks: dict | None = None, trust_sharded: bool = False) -> tuple[CLIP, Trainer, dict]:
     """Train the reranker with cfg.clip and cfg.clip_train; checkpoints go to clip_train.out_dir.
 
     The text tokenizer is the transformer's (text.out_dir; trained first when missing). Its checksum is
@@ -616,7 +616,7 @@ def train_clip(cfg: Config, resume: bool | str = False, start_over: bool = False
         for fn in fns if isinstance(fns, (list, tuple)) else [fns]:
             trainer.add_callback(event, fn)
     t0 = time.perf_counter()
-    trainer.fit(resume=resume, start_over=start_over)
+    trainer.fit(resume=resume, start_over=start_over, trust_sharded=trust_sharded)
     info = {"pairs": len(train) if isinstance(train, ShapesPairs) else None,
             "hard_negatives": int((train.kind >= 0).sum()) - len(train) if isinstance(train, ShapesPairs) else 0,
             "render_seconds": round(render_seconds, 1), "train_seconds": round(time.perf_counter() - t0, 1),

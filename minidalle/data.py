@@ -392,7 +392,7 @@ def write_split(out_dir: str | Path, split: str = "train", n: int = 100, image_s
     if n < 1:
         raise DataError(f"n={n}: write at least one sample")
     ds = ShapesWorld(split, image_size, seed, n)
-    out = OwnedFolder(out_dir, "data", "--out").check()
+    out = OwnedFolder(out_dir, "data", "--out", index="captions.jsonl").check()
     try:
         width = max(5, len(str(n - 1)))  # names sort in sample order
         index = []

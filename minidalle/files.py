@@ -3,7 +3,7 @@
     write_atomic(Path("runs/demo-toy/report.json"), text)   # str (UTF-8) or bytes
     with RunLock("runs/x"): ...                               # one writer per folder (a second is refused)
 
-    out = OwnedFolder("samples", "generate", "--out").check()   # refuses before anything is changed
+    out = OwnedFolder("samples", "generate", index="captions.jsonl").check()   # refused before any change
     out.write("00000.png", png_bytes)                            # into a hidden staging folder inside it
     out.commit()   # the earlier run's files out, the new ones in; a crash before this changes nothing
 
@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import time
 import warnings
 from pathlib import Path
@@ -126,7 +127,20 @@ class RunLock:
         if fcntl is None:
             return self._unlocked("this platform has no fcntl")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        # O_NOFOLLOW: a `.lock` that is a link (in a folder from someone else) is refused, never followed
+        # to truncate and rewrite whatever file it points at; a folder or device there is refused too.
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
+                         0o644)
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                raise
+            fd = None
+        if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+            if fd is not None:
+                os.close(fd)
+            raise CheckpointError(f"{self.path} is not a lock file minidalle made (a link, a folder or a device); "
+                                  f"nothing was changed. Remove it, or choose another folder ({self.flag})")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -155,6 +169,11 @@ class RunLock:
         warnings.warn(f"{self.path.parent} is not locked against a second trainer: {why}; do not run two "
                       "on one folder", stacklevel=3)
         return self
+
+    @property
+    def held(self) -> bool:
+        """True while this object holds the operating system's lock (False when unlocked, see `_unlocked`)."""
+        return self._fd is not None
 
     def release(self) -> None:
         if self._fd is None:
@@ -201,23 +220,25 @@ def _holder(data: bytes) -> str:
 class OwnedFolder:
     """An output folder that `command` fills, and may later refill, touching only the files it wrote.
 
-    check(): create the folder (or accept it: empty, or holding only unchanged files this command's
-    ledger lists), make the staging folder (so an unwritable folder fails here, before any work),
-    or raise DataError naming what is in the way; nothing is removed. write(name, data): one new
-    file, staged. commit(): remove the earlier run's files, move the new ones in, write the ledger
-    (final=False: and stay claimed for more).
-    abandon(): drop the staging folder (the earlier results stay). `previous` counts the earlier
-    run's files that commit() replaces.
-    Example: OwnedFolder("samples", "generate", "--out").check().previous -> 0 (a new folder)
+    check(): accept the folder (new, empty, or holding only unchanged files this command's ledger
+    lists) or raise DataError naming what is in the way, with nothing changed; then create it, lock
+    it and make the staging folder (so an unwritable folder fails here, before any work).
+    write(name, data): one new file, staged. commit(): check the earlier run's files once more,
+    remove them, move the new ones in (`index`, the file that lists the others, first removed and
+    last written), write the ledger; final=False stays claimed for more files and another commit().
+    abandon(): drop the staging folder (the earlier results stay). commit() returns how many of
+    the earlier run's files it replaced.
+    Example: OwnedFolder("samples", "generate", "--out", index="captions.jsonl").check()
     """
 
-    def __init__(self, path: str | os.PathLike, command: str, flag: str = "--out"):
-        self.path, self.command, self.flag = Path(path), command, flag
+    def __init__(self, path: str | os.PathLike, command: str, flag: str = "--out", index: str | None = None):
+        self.path, self.command, self.flag, self.index = Path(path), command, flag, index
         self.stage: Path | None = None
         self.previous: dict[str, list[dict]] = {}  # name -> the digests the ledger allows for it
         self.written: dict[str, dict] = {}  # name -> digest, of the new files staged
         self.committed: dict[str, dict] = {}  # name -> digest, of the new files already moved in
-        self._lock = None  # held from check() to commit() or abandon(): one writer per folder
+        self._lock = None  # held from check() to the last commit() or abandon(): one writer per folder
+        self._keep_stage = False  # commit() refused: the staged files stay for the user to rescue
 
     # --- before anything is written -------------------------------------------------------------------
     def check(self) -> "OwnedFolder":
@@ -225,15 +246,15 @@ class OwnedFolder:
         for part in (self.path, *self.path.parents):  # a file where a folder belongs, at any level
             if part.exists() and not part.is_dir():
                 raise DataError(f"{where}: {part} is a file, not a folder; choose another folder")
+        if self.path.is_dir():
+            self._claim(self._entries())  # read only: a refused folder gets not even a lock file
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock = RunLock(self.path, self.flag, f"`{self.command}`", "two of them would mix their files")
             self._lock.acquire()
             try:
                 self._clean_dead_stages()
-                entries = sorted(p.name for p in self.path.iterdir()
-                                 if p.name not in (LEDGER, LOCK_FILE) and not self._is_stage(p.name))
-                self.previous = self._claim(entries)
+                self.previous = self._claim(self._entries())  # again, now that no other writer can change it
                 self.stage = self.path / f".tmp-{self.command}-{os.getpid()}-{os.urandom(3).hex()}"
                 self.stage.mkdir()
             except BaseException:
@@ -242,6 +263,10 @@ class OwnedFolder:
         except PermissionError as e:
             raise DataError(f"{where}: cannot write there ({e.strerror}); choose a folder you can write to") from None
         return self
+
+    def _entries(self) -> list[str]:
+        return sorted(p.name for p in self.path.iterdir()
+                      if p.name not in (LEDGER, LOCK_FILE) and not self._is_stage(p.name))
 
     def _release(self) -> None:
         if self._lock is not None:
@@ -256,8 +281,10 @@ class OwnedFolder:
         what = f"{self.flag} {self.path}"
         if ledger is None:
             shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-            raise DataError(f"{what} already holds files that `{self.command}` did not write ({shown}); nothing was "
-                            "changed. Choose an empty or new folder")
+            older = (f" (its {self.index} comes without minidalle's ledger {LEDGER}: written by hand, or by an "
+                     "older minidalle, which kept no record of its files)") if self.index in entries else ""
+            raise DataError(f"{what} already holds files that `{self.command}` did not write ({shown}){older}; "
+                            "nothing was changed. Choose an empty or new folder, or remove those files yourself")
         if ledger["command"] != self.command:
             raise DataError(f"{what} holds the output of `{ledger['command']}`; `{self.command}` writes only into an "
                             f"empty folder or one `{self.command}` wrote. Nothing was changed; choose another folder")
@@ -268,14 +295,18 @@ class OwnedFolder:
             raise DataError(f"{what} holds files that the earlier `{self.command}` there did not write ({shown}); "
                             "nothing was changed. Move them out, or choose an empty or new folder")
         for name in entries:
-            path = self.path / name
-            if not path.is_file() or path.is_symlink():
-                raise DataError(f"{what}: {name} is no longer the file `{self.command}` wrote there (now a "
-                                "folder or a link); nothing was changed. Move it out, or choose another folder")
-            if file_digest(path) not in files[name]:
-                raise DataError(f"{what}: {name} changed since `{self.command}` wrote it; nothing was changed. "
-                                "Move it out (or back), or choose another folder")
+            self._unchanged(name, files[name], "nothing was changed")
         return {n: files[n] for n in entries}
+
+    def _unchanged(self, name: str, digests: list[dict], then: str) -> None:
+        """Refuse (DataError ending in `then`) a file that is no longer one the ledger records."""
+        path, what = self.path / name, f"{self.flag} {self.path}"
+        if not path.is_file() or path.is_symlink():
+            raise DataError(f"{what}: {name} is no longer the file `{self.command}` wrote there (now a folder or a "
+                            f"link); {then}. Move it out, or choose another folder")
+        if file_digest(path) not in digests:
+            raise DataError(f"{what}: {name} changed since `{self.command}` wrote it; {then}. Move it out (or back), "
+                            "or choose another folder")
 
     def _read_ledger(self) -> dict | None:
         """The ledger, checked entry by entry; None when there is none. Anything odd refuses the folder."""
@@ -294,7 +325,7 @@ class OwnedFolder:
         files = {}
         for name, digests in ledger["files"].items():
             digests = digests if isinstance(digests, list) else [digests]
-            if not (isinstance(name, str) and _PLAIN_NAME.match(name) and name != LEDGER and digests
+            if not (isinstance(name, str) and _PLAIN_NAME.fullmatch(name) and name != LEDGER and digests
                     and all(isinstance(d, dict) and set(d) == {"sha256", "bytes"} for d in digests)):
                 raise bad  # "../victim/keep.png", "/etc/x", ".hidden": never a path to follow
             files[name] = digests
@@ -304,11 +335,14 @@ class OwnedFolder:
         return name.startswith(f".tmp-{self.command}-")
 
     def _clean_dead_stages(self) -> None:
-        """Remove staging folders this command left when it was killed (their process is gone)."""
+        """Remove the staging folders this command left when it was killed. Under the folder's lock no
+        other run of it is alive here, so every one goes (a process id may repeat: in a container every
+        run can be pid 1); unlocked (no fcntl), only those whose process is gone."""
+        locked = self._lock is not None and self._lock.held
         for p in self.path.iterdir():
             if self._is_stage(p.name) and p.is_dir() and not p.is_symlink():
                 pid = p.name[len(f".tmp-{self.command}-"):].split("-")[0]
-                if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+                if locked or (pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid))):
                     shutil.rmtree(p, ignore_errors=True)
 
     # --- writing --------------------------------------------------------------------------------------
@@ -324,7 +358,7 @@ class OwnedFolder:
         """Where to write new file `name` oneself (a plotting library's savefig, say); then `adopt(name)`."""
         if self.stage is None:
             raise DataError("OwnedFolder.staged before check(): nothing is staged yet")
-        if not _PLAIN_NAME.match(name) or name == LEDGER:
+        if not _PLAIN_NAME.fullmatch(name) or name == LEDGER:
             raise DataError(f"{name!r} is not a plain file name for {self.path}")
         return self.stage / name
 
@@ -335,18 +369,29 @@ class OwnedFolder:
     def commit(self, final: bool = True) -> int:
         """Replace the earlier run's files by the new ones; returns how many earlier files were removed.
 
-        The ledger first lists old and new files together, so a crash in the middle leaves a folder
-        whose every file is still recorded, and the next run can clean it up. final=False keeps the
-        folder claimed for more files and a later commit() (generate moves its images in before it
-        draws the overview, so a failure there loses none of them)."""
+        Each earlier file is checked once more first (the user may have edited one while the command
+        ran): a changed one refuses the commit, and the new files stay staged, named in the error.
+        Then the ledger lists old and new files together (so a crash in the middle leaves a folder
+        whose every file is still recorded, which the next run cleans up), the staged files are
+        pushed to the disk, the old index goes, the other files move in, the new index last."""
+        for name, digests in self.previous.items():
+            try:
+                self._unchanged(name, digests, f"nothing was replaced, and the new files are kept in {self.stage}")
+            except DataError:
+                self._keep_stage = True
+                raise
         ledger = {n: list(d) for n, d in self.previous.items()}
         for n, d in {**self.committed, **self.written}.items():
             ledger[n] = [*ledger.get(n, []), d]
+        if hasattr(os, "sync"):
+            os.sync()  # the staged files reach the disk before the ledger vouches for them
         self._write_ledger(ledger)
+        if self.index in self.previous:
+            (self.path / self.index).unlink(missing_ok=True)  # no index ever lists a mix of old and new files
         for name in self.previous:
             if name not in self.written:
                 (self.path / name).unlink(missing_ok=True)
-        for name in self.written:
+        for name in sorted(self.written, key=lambda n: n == self.index):  # the index last
             os.replace(self.stage / name, self.path / name)
         self.committed.update(self.written)
         self.written, replaced, self.previous = {}, len(self.previous), {}
@@ -358,8 +403,9 @@ class OwnedFolder:
         return replaced
 
     def abandon(self) -> None:
-        """Drop the staged files: the folder is as it was before check() (an empty new folder stays)."""
-        if self.stage is not None:
+        """Drop the staged files (unless commit() refused and named them) and let the folder go; what was
+        committed stays, and so do the earlier results when nothing was."""
+        if self.stage is not None and not self._keep_stage:
             shutil.rmtree(self.stage, ignore_errors=True)
             self.stage = None
         self._release()

@@ -210,7 +210,7 @@ def generate(pipe: Pipeline, prompts: list[str], out: str | Path, n: int = 32, k
                               "likelihood")
     text, notes = encode_prompts(pipe.tok, prompts, pipe.model.layout, truncate=truncate)  # refused before any work
     warn_unguided(pipe.model, settings.get("guidance", 1.0))
-    folder = OwnedFolder(out, "generate", "--out").check()  # may we write here? decided before sampling
+    folder = OwnedFolder(out, "generate", "--out", index="captions.jsonl").check()  # decided before sampling
     try:
         summary, grid_rows = _stream(pipe, folder, list(prompts), text, notes, n, keep, by, seed, progress,
                                      chunk_size, log, settings)
@@ -239,11 +239,13 @@ def _stream(pipe: Pipeline, folder, prompts: list[str], text: torch.Tensor, note
     from PIL import Image
 
     from .sampling import decode_images, rows_per_chunk, sample
+    from .train import resolve_precision
 
     P, layout = len(prompts), pipe.model.layout
     total = P * n
-    if chunk_size is None:
-        dtype = next(pipe.model.parameters()).dtype
+    if chunk_size is None:  # what sample() itself would fit in memory, so a seed draws what candidates() draws
+        precision = resolve_precision(settings.get("precision", "auto"), pipe.device)
+        dtype = torch.bfloat16 if precision == "bf16" else next(pipe.model.parameters()).dtype
         chunk_size = rows_per_chunk(pipe.model, pipe.device, dtype) // (2 if settings.get("guidance", 1.0) != 1 else 1)
     chunk = max(1, min(int(chunk_size), total))
     chunks = -(-total // chunk)

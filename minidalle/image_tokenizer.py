@@ -60,8 +60,10 @@ def needs_shuffle(dataset) -> bool:
 
 
 def train_dvae(cfg: Config, resume: bool | str = False, progress: bool = True,
-               start_over: bool = False, out_flag: str | None = None) -> tuple[DVAE, Trainer]:
+               start_over: bool = False, out_flag: str | None = None,
+               trust_sharded: bool = False) -> tuple[DVAE, Trainer]:
     """Train stage 1 with `cfg.dvae` and `cfg.dvae_train`; checkpoints go to cfg.dvae_train.out_dir.
+    trust_sharded: a run that is not fsdp may resume a sharded checkpoint (Trainer.fit).
 
     The Gumbel temperature and KL weight follow the paper's cosine schedules (quantize.py), set
     before every update by `schedule_callback`. Example: train_dvae(get_config("smoke")) -> (DVAE, Trainer)
@@ -82,7 +84,7 @@ def train_dvae(cfg: Config, resume: bool | str = False, progress: bool = True,
     callback = schedule_callback(cfg.dvae)
     trainer.add_callback("on_fit_start", callback)
     trainer.add_callback("on_step_end", callback)
-    trainer.fit(resume=resume, start_over=start_over)
+    trainer.fit(resume=resume, start_over=start_over, trust_sharded=trust_sharded)
     return model, trainer
 
 

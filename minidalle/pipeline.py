@@ -126,9 +126,9 @@ def _dvae_stage(st: _Stages) -> dict:
                    f"one code). Training stage 1 again with dvae_train.seed={seed} (the old run is set aside in {cfg.dvae_train.out_dir})")
         run_cfg = replace(cfg, dvae_train=replace(cfg.dvae_train, seed=seed))
         _, trainer = train_dvae(run_cfg, resume=not attempt, start_over=bool(attempt), progress=st.progress,
-                                out_flag="--out")
-        if not attempt:
-            resumed, before = trainer.started_at, trainer.seconds_before
+                                out_flag="--out", trust_sharded=st.trust_sharded)
+        if not attempt:  # the first try may continue an interrupted run; later tries start over
+            resumed, earlier_seconds = trainer.started_at, trainer.seconds_before
         model, _ = load_dvae(finished_dvae(run_cfg), st.trust_sharded)
         if cfg.data.dataset != "shapes" or _smoke(cfg):  # no judge, or too few updates to have learned anything
             tries.append({"seed": seed, "judge": None})
@@ -146,7 +146,7 @@ def _dvae_stage(st: _Stages) -> dict:
         if moved:
             st.log(f"[demo] the transformer trained on the rejected image tokenizer's codes is set aside in {moved}")
     facts = {k: v for k, v in tries[-1].items() if v is not None}
-    seconds = None if trained_before and len(tries) == 1 else round(time.perf_counter() - t0 + before, 1)
+    seconds = None if trained_before and len(tries) == 1 else round(time.perf_counter() - t0 + earlier_seconds, 1)
     entry = {"seconds": seconds, "checkpoint": str(finished_dvae(cfg)), "tries": tries,
              "steps": cfg.dvae_train.max_steps, "facts": {"updates": cfg.dvae_train.max_steps, **facts}}
     if resumed and seconds is not None:  # continued after an interruption: its earlier training time is counted
@@ -156,20 +156,19 @@ def _dvae_stage(st: _Stages) -> dict:
 
 
 def _bpe_stage(st: _Stages) -> dict:
-    from .text_to_image import BPE_FILE, prepare_bpe
+    from .text_to_image import BPE_FILE, _file_sha256, prepare_bpe
 
     path = Path(st.cfg.text.out_dir) / BPE_FILE
     before, existed = st.record.get("bpe"), path.is_file()
-    if before and existed:
+    if before and existed and before.get("sha256") == _file_sha256(path):
         return {**before, "reused": True}
     t0 = time.perf_counter()
     tok, sha = prepare_bpe(st.cfg, lambda m: None, "[demo]")
-    if existed:  # trained outside the demo (`train bpe`): reused, not timed
-        return {"seconds": None, "sha256": sha, "facts": {"tokens": tok.vocab_size}, "reused": True}
-    entry = {"seconds": round(time.perf_counter() - t0, 1), "sha256": sha,
-             "facts": {"tokens": tok.vocab_size, "merges": len(tok.merges)}}
-    st.save("bpe", entry)
-    return {**entry, "reused": False}
+    # check_reuse has compared an existing one with this demo's settings: recorded, so the next run need not
+    entry = {"seconds": None if existed else round(time.perf_counter() - t0, 1), "sha256": sha,
+             "facts": {"tokens": tok.vocab_size, "merges": len(tok.merges)}, "settings": bpe_settings(st.cfg)}
+    st.save("bpe", entry)  # seconds None: trained outside the demo (`train bpe`), reused, not timed
+    return {**entry, "reused": existed}
 
 
 def _finished(cfg: Config, name: str) -> Path | None:
@@ -202,7 +201,8 @@ def _trained_stage(st: _Stages, name: str) -> dict:
         _, trainer, info = train_transformer(st.cfg, resume=True, progress=st.progress, out_flag="--out", log=quiet,
                                              trust_sharded=st.trust_sharded)
     else:
-        _, trainer, info = train_clip(st.cfg, resume=True, progress=st.progress, out_flag="--out", log=quiet)
+        _, trainer, info = train_clip(st.cfg, resume=True, progress=st.progress, out_flag="--out", log=quiet,
+                                      trust_sharded=st.trust_sharded)
     facts = {"updates": trainer.step, "loss": trainer.loss}
     if trainer.last_eval:
         facts["eval_loss"] = trainer.last_eval.get("loss")
@@ -359,7 +359,7 @@ def run_demo(cfg: Config, out: str | Path, seed: int | None = None, device: str 
             result = _unjudged_samples(pipe, cfg, out, n, progress)
         sample_seconds = time.perf_counter() - t0
         trained = [s["seconds"] for s in stages.values() if s.get("seconds") is not None]
-        resumed = {k: s["resumed_from"] for k, s in stages.items() if s.get("resumed_from") and not s.get("reused")}
+        resumed = {k: s["resumed_from"] for k, s in stages.items() if s.get("resumed_from")}  # reused ones too
         report = {
             "preset": cfg.preset, "out": str(out), "seed": cfg.train.seed, "seeds": _stage_seeds(pipe, cfg),
             "device": str(pipe.device),
@@ -408,13 +408,17 @@ RUN_SETTINGS = frozenset({"out_dir", "device", "precision", "parallel", "dist_ti
 def check_reuse(cfg: Config, out: Path) -> None:
     """Refuse, before anything is trained, a run folder whose stages were trained with other settings
     than `cfg` asks for (a seed, a learning rate, a model size; every key of the stage's sections but
-    RUN_SETTINGS), naming each difference. The BPE model is compared by training it again in memory
-    (seconds) from cfg's captions. A dVAE the demo retrained with a later seed (DVAE_TRIES) matches.
+    RUN_SETTINGS), naming each difference. A setting the checkpoint does not record (added to
+    minidalle since) counts as its default. A dVAE this demo retrained with a later seed (DVAE_TRIES,
+    as OUT/stages.json records) matches, and so does a BPE model with the settings asked for
+    (`_bpe_mismatch`).
     Example: a run trained with seed 1337, cfg with seed 8 -> ConfigError("... train.seed 1337, now 8 ...")
     """
     from . import checkpoint as ckpt
 
-    wanted, problems = cfg.to_dict(), []
+    wanted, problems, record = cfg.to_dict(), [], _read_stages(out)
+    defaults = Config().to_dict()  # what a setting meant before it existed: its default
+    retried = [t.get("seed") for t in (record.get("dvae") or {}).get("tries", []) if isinstance(t, dict)]
     for name, sections in STAGE_SECTIONS.items():
         tc = getattr(cfg, {"dvae": "dvae_train", "transformer": "train", "clip": "clip_train"}[name])
         path = ckpt.latest_valid_checkpoint(Path(tc.out_dir) / "checkpoints")
@@ -423,17 +427,18 @@ def check_reuse(cfg: Config, out: Path) -> None:
         recorded = ckpt.read_config(path)
         diffs = []
         for sec in sections:
-            old, new = _flat(recorded.get(sec)), _flat(wanted[sec])
-            for key in sorted(old.keys() | new.keys()):
-                if key in RUN_SETTINGS or old.get(key) == new.get(key):
+            new = _flat(wanted[sec])
+            old = {k: v for k, v in {**_flat(defaults[sec]), **_flat(recorded.get(sec))}.items() if k in new}
+            for key in sorted(new):
+                if key in RUN_SETTINGS or old.get(key) == new[key]:
                     continue
-                if name == "dvae" and sec == "dvae_train" and key == "seed" and isinstance(old.get(key), int) \
-                        and 0 <= old[key] - new[key] < DVAE_TRIES:
-                    continue  # the demo's own retry of stage 1
-                diffs.append(f"{sec}.{key} {old.get(key, '(absent)')!r}, now {new.get(key, '(absent)')!r}")
+                if (name, sec, key) == ("dvae", "dvae_train", "seed") and retried[:1] == [new[key]] \
+                        and old.get(key) in retried:
+                    continue  # the demo's own retry of stage 1 with the next seed
+                diffs.append(f"{sec}.{key} {old.get(key)!r}, now {new[key]!r}")
         if diffs:
             problems.append(f"{name} ({', '.join(diffs[:5])}{', ...' if len(diffs) > 5 else ''})")
-    bpe = _bpe_mismatch(cfg)
+    bpe = _bpe_mismatch(cfg, record.get("bpe"))
     if bpe:
         problems.append(bpe)
     if problems:
@@ -453,8 +458,20 @@ def _flat(d, prefix: str = "") -> dict:
     return out
 
 
-def _bpe_mismatch(cfg: Config) -> str | None:
-    """None when text.out_dir holds no bpe.model or the very one cfg's settings train; else what differs."""
+def bpe_settings(cfg: Config) -> dict:
+    """What decides the BPE model trained on a run's captions: the text tokenizer's size and case, and the data."""
+    return {"text.vocab_size": cfg.text.vocab_size, "text.lowercase": cfg.text.lowercase,
+            **{f"data.{k}": v for k, v in _flat(cfg.to_dict()["data"]).items() if k not in RUN_SETTINGS}}
+
+
+def _bpe_mismatch(cfg: Config, record: dict | None) -> str | None:
+    """None when text.out_dir holds no bpe.model, or the one cfg's settings train; else what differs.
+
+    A model the demo trained (its stages.json entry has the file's checksum and `bpe_settings`) is
+    compared by those settings. Another one is trained again in memory from cfg's captions (seconds,
+    for ShapesWorld and the emoji) and compared byte for byte; for folder and tar data, whose captions
+    would have to be read whole, only its size and case are compared.
+    """
     import tempfile
 
     from .bpe import RegexTokenizer, Tokenizer
@@ -463,13 +480,21 @@ def _bpe_mismatch(cfg: Config) -> str | None:
     path = Path(cfg.text.out_dir) / BPE_FILE
     if not path.is_file():
         return None
-    tok = RegexTokenizer(lowercase=cfg.text.lowercase).train(training_captions(cfg.data), cfg.text.vocab_size,
-                                                             progress=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        fresh = _file_sha256(tok.save(Path(tmp) / "bpe")[0])
-    if fresh == _file_sha256(path):
-        return None
+    sha, want = _file_sha256(path), bpe_settings(cfg)
+    if record and record.get("sha256") == sha and isinstance(record.get("settings"), dict):
+        diffs = [f"{k} {record['settings'].get(k)!r}, now {v!r}" for k, v in want.items()
+                 if record["settings"].get(k) != v]
+        return f"bpe ({', '.join(diffs[:5])})" if diffs else None
     old = Tokenizer.load(path)
+    if cfg.data.dataset in ("shapes", "emoji"):
+        tok = RegexTokenizer(lowercase=cfg.text.lowercase).train(training_captions(cfg.data), cfg.text.vocab_size,
+                                                                 progress=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            same = _file_sha256(tok.save(Path(tmp) / "bpe")[0]) == sha
+    else:
+        same = (old.vocab_size, old.lowercase) == (cfg.text.vocab_size, cfg.text.lowercase)
+    if same:
+        return None
     return (f"bpe ({path} holds {old.vocab_size} tokens, lowercase {old.lowercase}; this demo's text.vocab_size "
             f"{cfg.text.vocab_size}, text.lowercase {cfg.text.lowercase} and data.* train another one)")
 

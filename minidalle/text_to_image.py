@@ -184,7 +184,7 @@ def prepare_tokenizers(cfg: Config, progress: bool = True, log: Callable[[str], 
     if done is None:
         log(f"[train transformer] no finished image tokenizer in {cfg.dvae_train.out_dir}: training it first "
             f"({cfg.dvae_train.max_steps} updates; an unfinished run there is continued)")
-        train_dvae(cfg, resume=True, progress=progress, out_flag=out_flag)
+        train_dvae(cfg, resume=True, progress=progress, out_flag=out_flag, trust_sharded=trust_sharded)
         done = finished_dvae(cfg)
     dvae, dvae_cfg = load_dvae(done, trust_sharded=trust_sharded)
     if (dvae_cfg.dvae.vocab_size, dvae_cfg.dvae.n_groups) != (cfg.dvae.vocab_size, cfg.dvae.n_groups):
@@ -373,8 +373,8 @@ def train_transformer(cfg: Config, resume: bool | str = False, start_over: bool 
                       callbacks: dict | None = None, trust_sharded: bool = False) -> tuple[DALLE, Trainer, dict]:
     """Train stage 2 with cfg.model and cfg.train; checkpoints go to train.out_dir.
 
-    trust_sharded: read a dVAE trained under fsdp (its checkpoint's index is a pickle); resuming this
-    run's own sharded checkpoints needs no flag.
+    trust_sharded: read a dVAE trained under fsdp, and resume a sharded checkpoint outside an fsdp run
+    (their index is a pickle: checkpoint.sharded_refusal); an fsdp run resumes its own without it.
 
     Returns the model, the trainer and a summary: pairs, captions cut, the tokenizers' checksums.
     Example: train_transformer(get_config("smoke")) -> (DALLE, Trainer, {"pairs": 512, ...})
@@ -406,7 +406,7 @@ def train_transformer(cfg: Config, resume: bool | str = False, start_over: bool 
             f"{trainer.precision}; {cfg.train.parallel} on {ctx.world} process(es), global batch "
             f"{cfg.train.batch_size * cfg.train.grad_accum * ctx.world}")
     t0 = time.perf_counter()
-    trainer.fit(resume=resume, start_over=start_over)
+    trainer.fit(resume=resume, start_over=start_over, trust_sharded=trust_sharded)
     info = {"pairs": len(train), "captions_cut": train.cut, "train_seconds": round(time.perf_counter() - t0, 1),
             "attention": f"{impl} ({why})", "tokenizers": ids.to_dict()}
     return model, trainer, info
@@ -462,16 +462,14 @@ def _tokenizers_for(ids: dict, mcfg: Config, cfg: Config, trust_sharded: bool = 
     """The dVAE and BPE a transformer was trained with, found by checksum in the folders of its own
     config and of `cfg` (the run the user named); a tokenizer set aside since (`train bpe`, `demo`) is
     named in the error, with how to use it."""
-    candidates = []
-    for c in (mcfg, cfg):
-        done = finished_dvae(c)
-        if done is not None and done not in candidates:
-            candidates.append(done)
-    dvae = next((load_dvae(p, trust_sharded)[0] for p in candidates if tokenizer_id(p) == ids["dvae"]), None)
+    roots = list(dict.fromkeys(Path(c.dvae_train.out_dir) / "checkpoints" for c in (mcfg, cfg)))
+    candidates = [p for root in roots for _, p in reversed(ckpt.list_checkpoints(root))]  # newest first
+    match = next((p for p in candidates if _weights_match(p, ids["dvae"])), None)
+    dvae = load_dvae(match, trust_sharded)[0] if match is not None else None  # verified as it loads
     if dvae is None:
         aside = _set_aside_match([Path(c.dvae_train.out_dir) for c in (mcfg, cfg)], "checkpoints/step_*",
-                                 lambda p: ckpt.verify_checkpoint(p) and tokenizer_id(p) == ids["dvae"])
-        where = ", ".join(str(p) for p in candidates) or f"{cfg.dvae_train.out_dir} (no finished checkpoint)"
+                                 lambda p: _weights_match(p, ids["dvae"]))
+        where = ", ".join(str(r) for r in roots)
         raise CheckpointError(f"the image tokenizer this transformer was trained with (weights {ids['dvae'][:12]}) "
                               f"is not in {where}" + (f"; it was set aside in {aside}: move its checkpoints/ back, "
                                                       f"or point --dvae_train.out_dir at that folder" if aside else
@@ -486,6 +484,14 @@ def _tokenizers_for(ids: dict, mcfg: Config, cfg: Config, trust_sharded: bool = 
                           f"in {mcfg.text.out_dir} or {cfg.text.out_dir}" +
                           (f"; it was set aside in {aside}: move its files back, or pass --text.out_dir={aside}"
                            if aside else "; point --text.out_dir at the folder that holds it"))
+
+
+def _weights_match(path: Path, wanted: str) -> bool:
+    """Whether a checkpoint's manifest names weights `wanted` (False for one that cannot be read)."""
+    try:
+        return ckpt.weights_id(path, verify=False) == wanted
+    except CheckpointError:
+        return False
 
 
 def _set_aside_match(folders: list[Path], pattern: str, matches) -> Path | None:

@@ -236,7 +236,9 @@ class Trainer:
         self.history: dict[str, list[dict]] = {"train": [], "eval": []}
         self._stop, self._data_offset = False, 0
         self.started_at = 0  # the step the last fit() began at (> 0: it continued a checkpoint)
-        self.seconds_before, self._fit_t0 = 0.0, None  # train_seconds: earlier fits' time, this fit's start
+        # train_seconds: the earlier fits' time (from the checkpoint resumed), this fit's start and length
+        self.seconds_before, self._fit_t0, self._fit_seconds = 0.0, None, 0.0
+        self._trust_sharded = False
         if cfg.eval_every and eval_data is None:
             warnings.warn(f"{self.section}.eval_every={cfg.eval_every} but no eval_data was given; evaluation is skipped",
                           stacklevel=2)
@@ -251,7 +253,8 @@ class Trainer:
         """Finish the current update, save a checkpoint and return from fit (e.g. from a callback)."""
         self._stop = True
 
-    def fit(self, resume: bool | str | os.PathLike = False, start_over: bool = False) -> dict[str, list[dict]]:
+    def fit(self, resume: bool | str | os.PathLike = False, start_over: bool = False,
+            trust_sharded: bool = False) -> dict[str, list[dict]]:
         """Train up to cfg.max_steps and return this call's history {"train": [...], "eval": [...]}.
 
         resume=False starts fresh (and refuses an out_dir that already holds checkpoints);
@@ -265,6 +268,8 @@ class Trainer:
         Resuming with a config that differs from the checkpoint's config.json warns, naming each
         changed key (e.g. `train.max_steps: 100 -> 200`), and then trains with the new values.
         The out_dir is locked for the whole call (checkpoint.RunLock): a second trainer is refused.
+        A sharded checkpoint (written under fsdp) is resumed only by an fsdp run, which writes no other
+        kind, or with trust_sharded=True: its index is a pickle (checkpoint.sharded_refusal).
         """
         if start_over and resume not in (False, True, None):
             raise ConfigError(f"resume={resume!r} names a checkpoint to continue, start_over=True sets the run "
@@ -278,9 +283,12 @@ class Trainer:
                 err = e
         if distributed.agree_any(err is not None, self.dist):
             raise err or MinidalleError(f"rank 0 could not lock {self.out_dir}; its message says why")
+        self._trust_sharded = trust_sharded
         try:
             return self._fit(resume, start_over)
         finally:
+            if self._fit_t0 is not None:  # train_seconds stops with the fit
+                self._fit_seconds, self._fit_t0 = time.perf_counter() - self._fit_t0, None
             if self.dist.main:
                 lock.release()
 
@@ -531,6 +539,8 @@ class Trainer:
     def _load(self, start: ckpt.Loaded) -> None:
         """Put a checkpoint's weights, optimizer moments, EMA and loss scale into this run."""
         if start.sharded:  # any number of processes, sharded or not: each reads its own slices
+            if self.dist.parallel != "fsdp" and not self._trust_sharded:
+                raise ckpt.sharded_refusal(start.path)
             try:
                 has_ema = ckpt.load_sharded(start.path, self.model, self.optimizer, self.ema)
             except CheckpointError as e:
@@ -563,14 +573,15 @@ class Trainer:
 
     def _changed_since(self, start: ckpt.Loaded) -> str:
         """"; settings changed since it was saved: model.n_layer: 2 -> 4, ..." ("" when none did)."""
-        changes = _config_changes(start.config, self.config)
+        changes = [c for c in _config_changes(start.config, self.config) if not c.split(":")[0].endswith("out_dir")]
         return f"; settings changed since it was saved: {', '.join(changes[:6])}" if changes else ""
 
     @property
     def train_seconds(self) -> float:
         """Seconds spent in fit() on this run so far, the earlier fits it resumed from included (their
         checkpoint records them), so an interrupted run still reports its whole training time."""
-        return self.seconds_before + (time.perf_counter() - self._fit_t0 if self._fit_t0 is not None else 0.0)
+        running = time.perf_counter() - self._fit_t0 if self._fit_t0 is not None else self._fit_seconds
+        return self.seconds_before + running
 
     def _rank_rng(self, start: ckpt.Loaded) -> dict | None:
         """This process's saved RNG state; None (fresh per-rank seeds) when the world size changed."""

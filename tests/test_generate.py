@@ -174,7 +174,7 @@ def test_the_rerank_curve_without_a_reranker_draws_the_other_rankings(run, tmp_p
     assert (bare / "rerank_curve.png").is_file()
 
 
-def test_generate_takes_the_checkpoint_export_and_the_readme_name(run, tmp_path, capsys):
+def test_generate_takes_a_checkpoint_folder_as_the_readme_and_export_say(run, tmp_path, capsys):
     from minidalle import checkpoint as ckpt
 
     step = ckpt.latest_valid_checkpoint(run / "transformer" / "checkpoints")
