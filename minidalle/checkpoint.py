@@ -53,7 +53,7 @@ import torch
 from safetensors.torch import load_file, save_file, save_model
 
 from .errors import CheckpointError, ConfigError
-from .files import LOCK_FILE, RunLock, pid_alive  # noqa: F401 -- the lock is part of this module's API
+from .files import LOCK_FILE, RunLock, fsync_dir, pid_alive  # noqa: F401 -- the lock is part of this module's API
 
 
 MODEL_FILE = "model.safetensors"
@@ -319,12 +319,16 @@ def weights_id(path: str | Path, verify: bool = True) -> str:
     return hashlib.sha256(json.dumps(shards).encode()).hexdigest()
 
 
+class UntrustedCheckpoint(CheckpointError):
+    """A sharded checkpoint a reader was not told to trust (reading it would unpickle its index)."""
+
+
 def sharded_refusal(path: str | Path) -> CheckpointError:
     """The error for a sharded checkpoint that a reader was not told to trust: what it would run, what to do.
 
     Example: sharded_refusal("runs/x/checkpoints/step_0000500") -> CheckpointError("... --trust-sharded ...")
     """
-    return CheckpointError(
+    return UntrustedCheckpoint(
         f"{path} is a sharded (FSDP) checkpoint: reading it means unpickling its {SHARDED_DIR}/.metadata (PyTorch's "
         f"distributed-checkpoint index), and a pickle can run any code, which the checksums cannot prevent (whoever "
         f"wrote the folder wrote the manifest too). If your own run wrote it, export it once with `python -m "
@@ -703,17 +707,6 @@ def _fsync_file(path: Path) -> None:
     """Push a file's bytes to the disk; otherwise a power cut after the rename can leave zeros."""
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    """Persist a directory's entries (new files, renames). POSIX only; Windows cannot open folders."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_dir(path: Path) -> None:

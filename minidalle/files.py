@@ -104,6 +104,17 @@ def pid_alive(pid: int) -> bool:
 LOCK_FILE = ".lock"
 
 
+def fsync_dir(path: Path) -> None:
+    """Persist a folder's entries (new files, renames). POSIX only: Windows cannot open folders."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class RunLock:
     """An exclusive lock on `{out_dir}/.lock`, so two trainers never write one run's checkpoints at once.
 
@@ -136,10 +147,11 @@ class RunLock:
             if e.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
                 raise
             fd = None
-        if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd) if fd is not None else None
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # a hard link is another file's name too
             if fd is not None:
                 os.close(fd)
-            raise CheckpointError(f"{self.path} is not a lock file minidalle made (a link, a folder or a device); "
+            raise CheckpointError(f"{self.path} is not a lock file minidalle made (a link, a folder, a device); "
                                   f"nothing was changed. Remove it, or choose another folder ({self.flag})")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -238,7 +250,6 @@ class OwnedFolder:
         self.written: dict[str, dict] = {}  # name -> digest, of the new files staged
         self.committed: dict[str, dict] = {}  # name -> digest, of the new files already moved in
         self._lock = None  # held from check() to the last commit() or abandon(): one writer per folder
-        self._keep_stage = False  # commit() refused: the staged files stay for the user to rescue
 
     # --- before anything is written -------------------------------------------------------------------
     def check(self) -> "OwnedFolder":
@@ -246,9 +257,9 @@ class OwnedFolder:
         for part in (self.path, *self.path.parents):  # a file where a folder belongs, at any level
             if part.exists() and not part.is_dir():
                 raise DataError(f"{where}: {part} is a file, not a folder; choose another folder")
-        if self.path.is_dir():
-            self._claim(self._entries())  # read only: a refused folder gets not even a lock file
         try:
+            if self.path.is_dir():
+                self._claim(self._entries())  # read only: a refused folder gets not even a lock file
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock = RunLock(self.path, self.flag, f"`{self.command}`", "two of them would mix their files")
             self._lock.acquire()
@@ -369,22 +380,28 @@ class OwnedFolder:
     def commit(self, final: bool = True) -> int:
         """Replace the earlier run's files by the new ones; returns how many earlier files were removed.
 
-        Each earlier file is checked once more first (the user may have edited one while the command
-        ran): a changed one refuses the commit, and the new files stay staged, named in the error.
-        Then the ledger lists old and new files together (so a crash in the middle leaves a folder
-        whose every file is still recorded, which the next run cleans up), the staged files are
-        pushed to the disk, the old index goes, the other files move in, the new index last."""
-        for name, digests in self.previous.items():
-            try:
-                self._unchanged(name, digests, f"nothing was replaced, and the new files are kept in {self.stage}")
-            except DataError:
-                self._keep_stage = True
-                raise
+        Each earlier file is checked once more first, and so is every name about to be written (the
+        user may have edited or added a file while the command ran): then nothing is replaced, and the
+        new files move into a visible DIR/set-aside-<time>/ named in the error (the next run refuses
+        the folder until they are moved out). Else the ledger lists old and new files together (so a
+        crash in the middle leaves a folder whose every file is still recorded, which the next run
+        cleans up), the old index goes, the other files move in, the new index last. The files are
+        not pushed to the disk one by one (a generated folder can be regenerated): after a power
+        cut the next run may refuse a file as changed, never delete one it did not write."""
+        try:
+            for name, digests in self.previous.items():
+                self._unchanged(name, digests, "nothing was replaced")
+            for name in self.written:
+                if name not in self.previous and name not in self.committed and os.path.lexists(self.path / name):
+                    raise DataError(f"{self.flag} {self.path}: {name} appeared while `{self.command}` ran (it did "
+                                    "not write it); nothing was replaced")
+        except DataError as e:
+            kept = self._keep()
+            raise DataError(f"{e}. The new files are in {kept}: move them out before `{self.command}` writes "
+                            "into this folder again") from None
         ledger = {n: list(d) for n, d in self.previous.items()}
         for n, d in {**self.committed, **self.written}.items():
             ledger[n] = [*ledger.get(n, []), d]
-        if hasattr(os, "sync"):
-            os.sync()  # the staged files reach the disk before the ledger vouches for them
         self._write_ledger(ledger)
         if self.index in self.previous:
             (self.path / self.index).unlink(missing_ok=True)  # no index ever lists a mix of old and new files
@@ -396,16 +413,26 @@ class OwnedFolder:
         self.committed.update(self.written)
         self.written, replaced, self.previous = {}, len(self.previous), {}
         self._write_ledger({n: [d] for n, d in self.committed.items()})
+        fsync_dir(self.path)  # the renames themselves survive a power cut
         if final:
             shutil.rmtree(self.stage, ignore_errors=True)
             self.stage = None
             self._release()
         return replaced
 
+    def _keep(self) -> Path:
+        """Move the staged files into a new, visible DIR/set-aside-<time>/ (a refused commit's rescue)."""
+        kept = set_aside_folder(self.path)
+        for name in self.written:
+            os.replace(self.stage / name, kept / name)
+        shutil.rmtree(self.stage, ignore_errors=True)
+        self.stage, self.written = None, {}
+        return kept
+
     def abandon(self) -> None:
-        """Drop the staged files (unless commit() refused and named them) and let the folder go; what was
-        committed stays, and so do the earlier results when nothing was."""
-        if self.stage is not None and not self._keep_stage:
+        """Drop the staged files and let the folder go; what was committed stays, and so do the earlier
+        results when nothing was."""
+        if self.stage is not None:
             shutil.rmtree(self.stage, ignore_errors=True)
             self.stage = None
         self._release()

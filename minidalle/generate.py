@@ -94,10 +94,10 @@ def load_pipeline(cfg: Config, run: str | Path | None = None, device: str = "aut
         raise CheckpointError(f"no trained transformer in {cfg.train.out_dir}: train one with "
                               f"`python -m minidalle train transformer --preset {cfg.preset}`{hint}")
     model, mcfg, ids = load_transformer(path, trust_sharded=trust_sharded)
-    dvae, tok = _tokenizers_for(ids, mcfg, cfg, trust_sharded=trust_sharded)
+    dvae, tok, dvae_path = _tokenizers_for(ids, mcfg, cfg, trust_sharded=trust_sharded)
     dev = pick_device(device, "--device")
     pipe = Pipeline(mcfg, model.to(dev).eval(), dvae.to(dev).eval(), tok, device=dev,
-                    sources={"transformer": str(path), "dvae": ids.get("dvae_checkpoint", ""), "bpe": ids["bpe"][:12]})
+                    sources={"transformer": str(path), "dvae": str(dvae_path), "bpe": ids["bpe"][:12]})
     clip_path = ckpt.latest_valid_checkpoint(Path(cfg.clip_train.out_dir) / "checkpoints")
     if clip_path is not None:
         pipe.clip, ccfg, pipe.clip_tok = load_clip(clip_path, trust_sharded=trust_sharded)

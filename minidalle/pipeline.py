@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -65,10 +66,19 @@ def stage_config(cfg: Config, out: str | Path, seed: int | None = None) -> Confi
 
 
 def _read_stages(out: Path) -> dict:
+    """OUT/stages.json as {stage: entry dict}; {} when it is missing, and (with a warning) when it is not that."""
+    path = out / STAGES_FILE
     try:
-        return json.loads((out / STAGES_FILE).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
         return {}
+    except (OSError, ValueError):
+        record = None
+    if not (isinstance(record, dict) and all(isinstance(v, dict) for v in record.values())):
+        warnings.warn(f"{path} is not the record a demo writes (edited or damaged); ignoring it: every stage is "
+                      "checked and timed afresh", stacklevel=2)
+        return {}
+    return record
 
 
 def _write_json(path: Path, value) -> None:
@@ -127,8 +137,8 @@ def _dvae_stage(st: _Stages) -> dict:
         run_cfg = replace(cfg, dvae_train=replace(cfg.dvae_train, seed=seed))
         _, trainer = train_dvae(run_cfg, resume=not attempt, start_over=bool(attempt), progress=st.progress,
                                 out_flag="--out", trust_sharded=st.trust_sharded)
-        if not attempt:  # the first try may continue an interrupted run; later tries start over
-            resumed, earlier_seconds = trainer.started_at, trainer.seconds_before
+        if not attempt:  # the first try may continue an interrupted run (not one finished outside the demo)
+            resumed, earlier_seconds = (0, 0.0) if trained_before else (trainer.started_at, trainer.seconds_before)
         model, _ = load_dvae(finished_dvae(run_cfg), st.trust_sharded)
         if cfg.data.dataset != "shapes" or _smoke(cfg):  # no judge, or too few updates to have learned anything
             tries.append({"seed": seed, "judge": None})
@@ -161,6 +171,8 @@ def _bpe_stage(st: _Stages) -> dict:
     path = Path(st.cfg.text.out_dir) / BPE_FILE
     before, existed = st.record.get("bpe"), path.is_file()
     if before and existed and before.get("sha256") == _file_sha256(path):
+        if "settings" not in before:  # recorded before the settings were: check_reuse retrained and matched it
+            st.save("bpe", {**before, "settings": bpe_settings(st.cfg)})
         return {**before, "reused": True}
     t0 = time.perf_counter()
     tok, sha = prepare_bpe(st.cfg, lambda m: None, "[demo]")
@@ -418,7 +430,8 @@ def check_reuse(cfg: Config, out: Path) -> None:
 
     wanted, problems, record = cfg.to_dict(), [], _read_stages(out)
     defaults = Config().to_dict()  # what a setting meant before it existed: its default
-    retried = [t.get("seed") for t in (record.get("dvae") or {}).get("tries", []) if isinstance(t, dict)]
+    tries = record.get("dvae", {}).get("tries")
+    retried = [t.get("seed") for t in tries if isinstance(t, dict)] if isinstance(tries, list) else []
     for name, sections in STAGE_SECTIONS.items():
         tc = getattr(cfg, {"dvae": "dvae_train", "transformer": "train", "clip": "clip_train"}[name])
         path = ckpt.latest_valid_checkpoint(Path(tc.out_dir) / "checkpoints")

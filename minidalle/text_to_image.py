@@ -459,13 +459,24 @@ def finished_transformer(cfg: Config) -> Path | None:
 
 # --- measuring ------------------------------------------------------------------------------------------
 def _tokenizers_for(ids: dict, mcfg: Config, cfg: Config, trust_sharded: bool = False) -> tuple:
-    """The dVAE and BPE a transformer was trained with, found by checksum in the folders of its own
-    config and of `cfg` (the run the user named); a tokenizer set aside since (`train bpe`, `demo`) is
-    named in the error, with how to use it."""
+    """(dVAE, BPE, the dVAE checkpoint loaded): the tokenizers a transformer was trained with, found by
+    checksum among every checkpoint in the folders of its own config and of `cfg` (the run the user
+    named), a damaged one skipped; a tokenizer set aside since (`train bpe`, `demo`) is named in the
+    error, with how to use it."""
     roots = list(dict.fromkeys(Path(c.dvae_train.out_dir) / "checkpoints" for c in (mcfg, cfg)))
     candidates = [p for root in roots for _, p in reversed(ckpt.list_checkpoints(root))]  # newest first
-    match = next((p for p in candidates if _weights_match(p, ids["dvae"])), None)
-    dvae = load_dvae(match, trust_sharded)[0] if match is not None else None  # verified as it loads
+    dvae, match, damaged = None, None, []
+    for p in (p for p in candidates if _weights_match(p, ids["dvae"])):  # the manifest says so; loading checks
+        try:
+            dvae, match = load_dvae(p, trust_sharded)[0], p
+            break
+        except ckpt.UntrustedCheckpoint:
+            raise
+        except CheckpointError as e:  # damaged since its manifest was written: the next candidate
+            damaged.append(str(e))
+    if dvae is None and damaged:
+        raise CheckpointError(f"the image tokenizer this transformer was trained with (weights {ids['dvae'][:12]}) "
+                              f"is only in damaged checkpoints ({'; '.join(damaged[:2])})")
     if dvae is None:
         aside = _set_aside_match([Path(c.dvae_train.out_dir) for c in (mcfg, cfg)], "checkpoints/step_*",
                                  lambda p: _weights_match(p, ids["dvae"]))
@@ -477,7 +488,7 @@ def _tokenizers_for(ids: dict, mcfg: Config, cfg: Config, trust_sharded: bool = 
     for c in (mcfg, cfg):
         path = Path(c.text.out_dir) / BPE_FILE
         if path.is_file() and _file_sha256(path) == ids["bpe"]:
-            return dvae, Tokenizer.load(path)
+            return dvae, Tokenizer.load(path), match
     aside = _set_aside_match([Path(c.text.out_dir) for c in (mcfg, cfg)], BPE_FILE,
                              lambda p: _file_sha256(p) == ids["bpe"])
     raise CheckpointError(f"the text tokenizer this transformer was trained with (bpe.model {ids['bpe'][:12]}) is not "
@@ -528,7 +539,7 @@ def evaluate_transformer(cfg: Config, n: int = 256, checkpoint: str | Path | Non
         raise CheckpointError(f"no transformer checkpoint in {cfg.train.out_dir}; train one with "
                               f"`python -m minidalle train transformer --preset {cfg.preset}` or pass --checkpoint")
     model, mcfg, ids = load_transformer(path, trust_sharded=trust_sharded)
-    dvae, tok = _tokenizers_for(ids, mcfg, cfg, trust_sharded=trust_sharded)
+    dvae, tok, _ = _tokenizers_for(ids, mcfg, cfg, trust_sharded=trust_sharded)
     folder = Path(out) if out is not None else eval_folder(path)
     device = pick_device(cfg.train.device)
     model, dvae = model.to(device), dvae.to(device)

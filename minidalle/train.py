@@ -540,7 +540,11 @@ class Trainer:
         """Put a checkpoint's weights, optimizer moments, EMA and loss scale into this run."""
         if start.sharded:  # any number of processes, sharded or not: each reads its own slices
             if self.dist.parallel != "fsdp" and not self._trust_sharded:
-                raise ckpt.sharded_refusal(start.path)
+                raise ckpt.UntrustedCheckpoint(
+                    f"{start.path} is a sharded (FSDP) checkpoint and this run is not fsdp: resuming it means "
+                    f"unpickling its {ckpt.SHARDED_DIR}/.metadata, and a pickle can run any code. If your own run "
+                    f"wrote it, pass --trust-sharded (trust_sharded=True), or resume it with "
+                    f"--{self.section}.parallel=fsdp under torchrun; else start over (--start-over)")
             try:
                 has_ema = ckpt.load_sharded(start.path, self.model, self.optimizer, self.ema)
             except CheckpointError as e:

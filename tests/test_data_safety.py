@@ -180,7 +180,7 @@ def test_an_unwritable_out_is_refused_before_any_sampling(run, tmp_path, monkeyp
         gen.generate(pipe, ["a red circle"], tmp_path / "out", n=2, keep=1, progress=False)
 
 
-def test_generate_streams_its_candidates_and_estimates_a_long_job(run, monkeypatch, capsys):
+def test_generate_streams_its_candidates_and_estimates_a_long_job(run, tmp_path, monkeypatch, capsys):
     """However large n is, no more than one chunk of candidates is decoded (and so held) at a time."""
     import minidalle.sampling as sampling
     from minidalle import generate as gen
@@ -189,7 +189,7 @@ def test_generate_streams_its_candidates_and_estimates_a_long_job(run, monkeypat
     monkeypatch.setattr(sampling, "decode_images", lambda dvae, codes, grid, **k: seen.append(len(codes)) or
                         real(dvae, codes, grid, **k))
     pipe = gen.load_pipeline(get_config("smoke"), run=run)
-    out = run.parent / "streamed"
+    out = tmp_path / "streamed"
     res = gen.generate(pipe, ["a red circle", "a green diamond"], out, n=7, keep=2, chunk_size=3, progress=False,
                        by="likelihood")
     assert max(seen) <= 3 and sum(seen) == 14 and res["files"] == 4
@@ -200,6 +200,11 @@ def test_generate_streams_its_candidates_and_estimates_a_long_job(run, monkeypat
     whole = gen.candidates(pipe, ["a red circle", "a green diamond"], n=7, seed=0, progress=False, chunk_size=3)
     best = whole.logp.argsort(dim=1, descending=True)[:, :2].tolist()
     assert [r["candidate"] for r in rows] == best[0] + best[1]
+    # without chunk_size the chunk is what the sampler fits in memory (here: as if 4 rows fitted)
+    seen.clear()
+    monkeypatch.setattr(sampling, "rows_per_chunk", lambda *a, **k: 4)
+    gen.generate(pipe, ["a red circle"], tmp_path / "default", n=9, keep=1, progress=False, by="likelihood")
+    assert seen == [4, 4, 1]
 
 
 def test_the_overview_shows_a_bounded_number_of_prompts(run, tmp_path, monkeypatch):
@@ -300,12 +305,13 @@ def test_a_planted_pickle_in_an_unfinished_stage_never_runs_when_training_contin
     shutil.copytree(run, shared)
     shutil.rmtree(ckpt.latest_valid_checkpoint(shared / "dvae" / "checkpoints"))  # stopped a checkpoint earlier
     sharded_stage(ckpt.latest_valid_checkpoint(shared / "dvae" / "checkpoints"), marker)
-    for argv in (["demo", "--preset", "smoke", "--out", str(shared), "--n-prompts", "1", "--n", "2"],
-                 ["train", "transformer", "--preset", "smoke", f"--dvae_train.out_dir={shared}/dvae",
-                  f"--text.out_dir={shared}/bpe", f"--train.out_dir={tmp_path}/fresh"]):
+    train = ["train", "transformer", "--preset", "smoke", f"--dvae_train.out_dir={shared}/dvae",
+             f"--text.out_dir={shared}/bpe", f"--train.out_dir={tmp_path}/fresh"]
+    for argv in (["demo", "--preset", "smoke", "--out", str(shared), "--n-prompts", "1", "--n", "2"], train):
         assert main(argv) == 2, argv[0]
         err = capsys.readouterr().err
         assert "--trust-sharded" in err and not marker.exists(), argv[0]
+    assert main(train + ["--trust-sharded"]) == 2 and marker.exists()  # opted in, the planted pickle does run
 
 
 # --- eval writes where it was pointed --------------------------------------------------------------------
@@ -339,12 +345,14 @@ def test_demo_reports_the_seeds_its_checkpoints_hold(demo):
     assert report["seeds"] == held and report["seed"] == get_config("smoke").train.seed
 
 
-def test_demo_with_another_seed_on_an_existing_run_is_refused_and_changes_nothing(demo, capsys):
-    before = snapshot(demo)
-    assert main(["demo", "--preset", "smoke", "--out", str(demo), "--seed", "8", "--n-prompts", "2", "--n", "2"]) == 2
+def test_demo_with_another_seed_on_an_existing_run_is_refused_and_changes_nothing(demo, tmp_path, capsys):
+    out = tmp_path / "run"  # a copy: were the refusal to fail, the shared run would be retrained under the others
+    shutil.copytree(demo, out)
+    before = snapshot(out)
+    assert main(["demo", "--preset", "smoke", "--out", str(out), "--seed", "8", "--n-prompts", "2", "--n", "2"]) == 2
     err = capsys.readouterr().err
     assert "train.seed 1337, now 8" in err and "clip_train.seed 1337, now 8" in err and "--start-over" in err
-    assert snapshot(demo) == before
+    assert snapshot(out) == before
 
 
 def test_demo_retrains_a_transformer_whose_image_tokenizer_changed(demo, tmp_path, capsys):
@@ -477,11 +485,60 @@ def test_a_file_edited_while_the_command_ran_is_not_replaced(tmp_path):
     second = OwnedFolder(tmp_path / "o", "generate", index="captions.jsonl").check()
     second.write("00000.png", b"new")
     (tmp_path / "o" / "00000.png").write_bytes(b"edited by the user meanwhile")
-    with pytest.raises(Exception, match="changed since `generate` wrote it; nothing was replaced, and the new files"):
+    with pytest.raises(Exception, match=r"changed since `generate` wrote it; nothing was replaced.* The new files are "
+                                         r"in .*set-aside-"):
         second.commit()
     second.abandon()
     assert (tmp_path / "o" / "00000.png").read_bytes() == b"edited by the user meanwhile"
-    assert [p.read_bytes() for p in (tmp_path / "o").glob(".tmp-generate-*/00000.png")] == [b"new"]  # kept
+    assert [p.read_bytes() for p in (tmp_path / "o").glob("set-aside-*/00000.png")] == [b"new"]  # kept, in sight
+    with pytest.raises(Exception, match="did not write .*set-aside-"):  # refused until they are moved out
+        OwnedFolder(tmp_path / "o", "generate", index="captions.jsonl").check()
+    third = OwnedFolder(tmp_path / "p", "generate").check()  # a file that appears under a name being written
+    third.write("00000.png", b"new")
+    (tmp_path / "p" / "00000.png").write_bytes(b"the user's own")
+    with pytest.raises(Exception, match="00000.png appeared while `generate` ran"):
+        third.commit()
+    assert (tmp_path / "p" / "00000.png").read_bytes() == b"the user's own"
+
+
+def test_a_commit_cut_short_never_leaves_an_index_that_mixes_old_and_new(tmp_path, monkeypatch):
+    from minidalle import files
+
+    first = files.OwnedFolder(tmp_path / "o", "data", index="captions.jsonl").check()
+    first.write("00000.png", b"old")
+    first.write("captions.jsonl", "old index\n")
+    first.commit()
+    second = files.OwnedFolder(tmp_path / "o", "data", index="captions.jsonl").check()
+    second.write("00000.png", b"new")
+    second.write("captions.jsonl", "new index\n")
+    real, moved = os.replace, []
+
+    def die_after_one(src, dst):  # the process dies after moving one file in (the ledger's writes go through)
+        if Path(dst).name.startswith("."):
+            return real(src, dst)
+        if moved:
+            raise KeyboardInterrupt
+        moved.append(dst)
+        return real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", die_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        second.commit()
+    monkeypatch.setattr(files.os, "replace", real)
+    second.abandon()  # what dying does: the lock goes with the process
+    assert not (tmp_path / "o" / "captions.jsonl").exists()  # no index rather than one naming the wrong files
+    assert (tmp_path / "o" / "00000.png").read_bytes() == b"new"
+    files.OwnedFolder(tmp_path / "o", "data", index="captions.jsonl").check().abandon()  # the ledger covers it all
+
+
+def test_a_stale_staging_folder_goes_even_when_its_process_id_is_alive(run, tmp_path):
+    """In a container every run may be pid 1: under the folder's lock any staging folder left is dead."""
+    out = tmp_path / "gen"
+    assert generate(run, out) == 0
+    (out / ".tmp-generate-1-abcdef").mkdir()  # pid 1 is alive (init), as a container's own pid would be
+    (out / ".tmp-generate-1-abcdef" / "00000.png").write_bytes(b"half of a killed run")
+    assert generate(run, out) == 0
+    assert not (out / ".tmp-generate-1-abcdef").exists()
 
 
 def test_a_folder_an_older_minidalle_wrote_is_named_as_such(tmp_path, capsys):
@@ -499,12 +556,65 @@ def test_a_setting_added_since_a_run_was_trained_counts_as_its_default(demo, tmp
     step = ckpt.latest_valid_checkpoint(out / "transformer" / "checkpoints")
     config = json.loads((step / ckpt.CONFIG_FILE).read_text())
     del config["train"]["powersgd_rank"]  # as a run from before the setting existed
+    rewrite_config(step, config)
+    pipeline.check_reuse(pipeline.stage_config(get_config("smoke"), out), out)  # no refusal
+
+
+def rewrite_config(step: Path, config: dict) -> None:
+    """Put `config` in a checkpoint's config.json, with a manifest that vouches for it."""
     (step / ckpt.CONFIG_FILE).write_text(json.dumps(config))
     manifest = json.loads((step / ckpt.MANIFEST_FILE).read_text())
     data = (step / ckpt.CONFIG_FILE).read_bytes()
     manifest["files"][ckpt.CONFIG_FILE] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     (step / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
-    pipeline.check_reuse(pipeline.stage_config(get_config("smoke"), out), out)  # no refusal
+
+
+def test_a_later_dvae_seed_is_reused_only_as_the_demos_own_retry(demo, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(demo, out)
+    for step in (p for _, p in ckpt.list_checkpoints(out / "dvae" / "checkpoints")):
+        config = ckpt.read_config(step)
+        config["dvae_train"]["seed"] += 1  # as if the judge had rejected the first seed's tokenizer
+        rewrite_config(step, config)
+    cfg = pipeline.stage_config(get_config("smoke"), out)
+    with pytest.raises(Exception, match=r"dvae \(dvae_train.seed 1338, now 1337\)"):
+        pipeline.check_reuse(cfg, out)  # stages.json records one try only: not the demo's retry
+    stages = json.loads((out / "stages.json").read_text())
+    stages["dvae"]["tries"] = [{"seed": 1337, "judge": 0.5}, {"seed": 1338, "judge": 0.95}]
+    (out / "stages.json").write_text(json.dumps(stages))
+    pipeline.check_reuse(cfg, out)
+
+
+def test_a_bpe_the_demo_trained_is_compared_by_its_settings_not_trained_again(demo, tmp_path, monkeypatch):
+    from minidalle.bpe import RegexTokenizer
+
+    out = tmp_path / "run"
+    shutil.copytree(demo, out)
+    monkeypatch.setattr(RegexTokenizer, "train", lambda *a, **k: pytest.fail("the BPE was trained again"))
+    cfg = pipeline.stage_config(get_config("smoke"), out)
+    pipeline.check_reuse(cfg, out)
+    with pytest.raises(Exception, match=r"bpe \(text.lowercase True, now False\)"):
+        pipeline.check_reuse(pipeline.stage_config(get_config("smoke", {"text.lowercase": False}), out), out)
+
+
+def test_a_damaged_stages_record_is_ignored_with_a_warning(demo, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(demo, out)
+    for text in ("[]", '{"dvae": "x"}', "not json"):
+        (out / "stages.json").write_text(text)
+        with pytest.warns(UserWarning, match="not the record a demo writes"):
+            pipeline.check_reuse(pipeline.stage_config(get_config("smoke"), out), out)
+
+
+def test_a_damaged_copy_of_the_dvae_is_passed_over_for_an_intact_one(tmp_path, capsys):
+    orig, copy = tmp_path / "orig", tmp_path / "copy"
+    assert main(["train", "transformer", "--preset", "smoke", f"--dvae_train.out_dir={orig}/dvae",
+                 f"--text.out_dir={orig}/bpe", f"--train.out_dir={orig}/transformer"]) == 0
+    shutil.copytree(orig, copy)
+    weights = ckpt.latest_valid_checkpoint(orig / "dvae" / "checkpoints") / ckpt.MODEL_FILE
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")  # the run its config.json names, damaged
+    assert generate(copy, tmp_path / "o", "--rank", "likelihood") == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["sources"]["dvae"].startswith(str(copy))
 
 
 def test_a_transformer_is_found_with_its_dvae_after_stage_one_trained_on(tmp_path):

@@ -188,6 +188,19 @@ def test_request_stop_saves_a_checkpoint(tmp_path):
     assert len(hist["train"]) == 4 and trainer.last_checkpoint.name == "step_0000004"
 
 
+def test_train_seconds_carry_over_a_resume_and_stop_with_fit(tmp_path):
+    import time
+
+    stop_at_4 = ("on_step_end", lambda t: t.step == 4 and t.request_stop())
+    first, _ = fit(tmp_path, callbacks=[stop_at_4])
+    spent = first.train_seconds
+    time.sleep(0.05)
+    assert first.train_seconds == spent > 0  # not a clock that keeps running after fit returned
+    second, _ = fit(tmp_path, resume=True)
+    assert second.started_at == 4 and 0 < second.seconds_before <= spent  # saved a moment before fit returned
+    assert second.train_seconds > second.seconds_before
+
+
 # --- exact resume ------------------------------------------------------------------------------------
 
 def _split_run(tmp_path, data, k, **kw):
