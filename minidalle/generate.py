@@ -273,12 +273,17 @@ def _stream(pipe: Pipeline, folder, prompts: list[str], text: torch.Tensor, note
             seconds["sampling"] += t1 - t0
             seconds["decoding"] += t2 - t1
             seconds["ranking"] += time.perf_counter() - t2
-            for k, p in enumerate(owner):
-                kept = best.setdefault(p, [])
-                kept.append((float(scores[k]), int(rows[k]) % n, images[k].clone(), float(logp[k])))
+            start = 0
+            while start < len(rows):  # each prompt's rows in this chunk in turn (they are contiguous)
+                p = owner[start]
+                end = min(len(rows), (p + 1) * n - r0)
+                top = torch.sort(scores[start:end], descending=True, stable=True).indices[:keep].tolist()
+                kept = best.pop(p, []) + [(float(scores[start + i]), (r0 + start + i) % n, images[start + i].clone(),
+                                           float(logp[start + i])) for i in top]
                 kept.sort(key=lambda e: -e[0])  # stable: of equal scores the earlier candidate stays first
-                del kept[keep:]
-                if int(rows[k]) % n == n - 1:  # the prompt's last candidate: its best go to disk now
+                best[p] = kept[:keep]
+                start = end
+                if r0 + end == (p + 1) * n:  # the prompt's last candidate: its best go to disk now
                     for r, (score, j, image, lp) in enumerate(best.pop(p)):
                         stem, png = f"{files:0{width}d}", BytesIO()
                         Image.fromarray(image.numpy()).save(png, format="PNG")
