@@ -220,8 +220,9 @@ def generate(pipe: Pipeline, prompts: list[str], out: str | Path, n: int = 32, k
         shown = len(grid_rows)
         title = f"best {keep} of {n} by {by}" + (f" (the first {shown} of {len(prompts)} prompts)"
                                                   if shown < len(prompts) else "")
+        ncols = 1 if shown <= 4 else max(1, 12 // max(keep, 3))  # about 12 images across, like a contact sheet
         save_ranked_grid([g[0] for g in grid_rows], [g[1] for g in grid_rows], [g[2] for g in grid_rows],
-                         folder.staged("grid.png"), title=title)
+                         folder.staged("grid.png"), title=title, ncols=ncols)
         folder.adopt("grid.png")
         folder.write(MARKER, json.dumps(summary, indent=1, default=str) + "\n")
         folder.commit()
