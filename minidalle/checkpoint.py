@@ -16,8 +16,10 @@ and `manifest.json` (checksums of every file, `"kind": "sharded"`) sit beside it
 same write-then-rename rule makes it atomic. It resumes on any number of processes (the loader
 re-slices the tensors) and reads back as full tensors for sampling; `export_checkpoint` turns it
 into the single-file form above. One caveat: PyTorch's distributed-checkpoint reader unpickles the
-`.metadata` index, so the never-unpickle rule below holds for full checkpoints only. Resume sharded
-checkpoints your own runs wrote, and share the exported form.
+`.metadata` index, so the never-unpickle rule below holds for full checkpoints only. That is why a
+sharded checkpoint is read only with `trust_sharded=True` (`--trust-sharded`; `sharded_refusal`),
+but by an fsdp run resuming its own folder: resume sharded checkpoints your own runs wrote, and share
+the exported form.
 
 Why each rule (the DESIGN.md checkpoint convention):
 - Atomic. Everything is written into `.tmp-step_0000500-<pid>/` beside the final folder, fsynced,
