@@ -159,15 +159,10 @@ def rank(pipe: Pipeline, cands: Candidates, by: str = "clip") -> torch.Tensor:
         return cands.logp
     if by != "clip":
         raise ConfigError(f"rank by {by!r}? choose one of {', '.join(RANKINGS)}")
-    if pipe.clip is None:
-        raise CheckpointError("no reranker is loaded: train one with `python -m minidalle train clip`, or rank by "
-                              "likelihood")
-    from .clip import rerank
-
     P, n = cands.logp.shape
     prompts = [p for p in cands.prompts for _ in range(n)]
     cut = any(note["cut"] for note in cands.notes)  # prompts the user let the sampler cut: the reranker cuts them too
-    return rerank(pipe.clip, pipe.clip_tok, prompts, cands.images.flatten(0, 1), truncate=cut).cpu().view(P, n)
+    return _clip_scores(pipe, prompts, cands.images.flatten(0, 1), cut).view(P, n)
 
 
 # --- generate: the kept images on disk ------------------------------------------------------------
@@ -205,9 +200,8 @@ def generate(pipe: Pipeline, prompts: list[str], out: str | Path, n: int = 32, k
         raise ConfigError(f"keep={keep} is invalid: keep between 1 and n={n} images per prompt")
     if by not in RANKINGS:
         raise ConfigError(f"rank by {by!r}? choose one of {', '.join(RANKINGS)}")
-    if by == "clip" and pipe.clip is None:
-        raise CheckpointError("no reranker is loaded: train one with `python -m minidalle train clip`, or rank by "
-                              "likelihood")
+    if by == "clip":
+        _need_clip(pipe)
     text, notes = encode_prompts(pipe.tok, prompts, pipe.model.layout, truncate=truncate)  # refused before any work
     warn_unguided(pipe.model, settings.get("guidance", 1.0))
     folder = OwnedFolder(out, "generate", "--out", index="captions.jsonl").check()  # decided before sampling
@@ -239,15 +233,13 @@ def _stream(pipe: Pipeline, folder, prompts: list[str], text: torch.Tensor, note
 
     from PIL import Image
 
-    from .sampling import decode_images, rows_per_chunk, sample
-    from .train import resolve_precision
+    from .sampling import decode_images, default_chunk, sample
 
     P, layout = len(prompts), pipe.model.layout
     total = P * n
-    if chunk_size is None:  # what sample() itself would fit in memory, so a seed draws what candidates() draws
-        precision = resolve_precision(settings.get("precision", "auto"), pipe.device)
-        dtype = torch.bfloat16 if precision == "bf16" else next(pipe.model.parameters()).dtype
-        chunk_size = rows_per_chunk(pipe.model, pipe.device, dtype) // (2 if settings.get("guidance", 1.0) != 1 else 1)
+    if chunk_size is None:  # what sample() itself would run at once, so a seed draws what candidates() draws
+        chunk_size = default_chunk(pipe.model, pipe.device, settings.get("precision", "auto"),
+                                   settings.get("guidance", 1.0))
     chunk = max(1, min(int(chunk_size), total))
     chunks = -(-total // chunk)
     gen = torch.Generator(device=pipe.device).manual_seed(seed)
@@ -317,8 +309,17 @@ def _stream(pipe: Pipeline, folder, prompts: list[str], text: torch.Tensor, note
     return summary, grid_rows
 
 
+def _need_clip(pipe: Pipeline) -> None:
+    if pipe.clip is None:
+        raise CheckpointError("no reranker is loaded: train one with `python -m minidalle train clip`, or rank by "
+                              "likelihood")
+
+
 def _clip_scores(pipe: Pipeline, prompts: list[str], images: torch.Tensor, cut: bool) -> torch.Tensor:
+    """The reranker's similarity of each image (B, H, W, 3) to its prompt: (B,) on the CPU."""
     from .clip import rerank
+
+    _need_clip(pipe)
 
     return rerank(pipe.clip, pipe.clip_tok, prompts, images, truncate=cut).float().cpu()
 

@@ -45,6 +45,7 @@ SHOWN = 6  # prompts per split in samples.png
 DVAE_MIN_JUDGE = 0.9  # stage 1 must keep this much of the val images' meaning (judge on reconstructions)
 DVAE_TRIES = 3  # seeds tried for stage 1 before going on with the best one (and saying so)
 STAGES_FILE = "stages.json"
+TRAIN_SECTION = {"dvae": "dvae_train", "transformer": "train", "clip": "clip_train"}  # each trained stage's settings
 DEMO_PROMPTS = 64  # val and heldout prompts each that the demo judges (`eval` takes 256)
 
 
@@ -187,7 +188,7 @@ def _finished(cfg: Config, name: str) -> Path | None:
     """The checkpoint of stage `name` (transformer or clip) that reached its max_steps, if any."""
     from . import checkpoint as ckpt
 
-    tc = cfg.train if name == "transformer" else cfg.clip_train
+    tc = getattr(cfg, TRAIN_SECTION[name])
     path = ckpt.latest_valid_checkpoint(Path(tc.out_dir) / "checkpoints")
     return path if path is not None and ckpt.verify_checkpoint(path)["step"] >= tc.max_steps else None
 
@@ -237,7 +238,7 @@ def _set_aside_if_stale(st: _Stages, name: str) -> None:
     from .image_tokenizer import tokenizer_id
     from .text_to_image import BPE_FILE, _file_sha256, finished_dvae
 
-    tc = st.cfg.train if name == "transformer" else st.cfg.clip_train
+    tc = getattr(st.cfg, TRAIN_SECTION[name])
     path = ckpt.latest_valid_checkpoint(Path(tc.out_dir) / "checkpoints")
     if path is None:
         return
@@ -373,7 +374,7 @@ def run_demo(cfg: Config, out: str | Path, seed: int | None = None, device: str 
         trained = [s["seconds"] for s in stages.values() if s.get("seconds") is not None]
         resumed = {k: s["resumed_from"] for k, s in stages.items() if s.get("resumed_from")}  # reused ones too
         report = {
-            "preset": cfg.preset, "out": str(out), "seed": cfg.train.seed, "seeds": _stage_seeds(pipe, cfg),
+            "preset": cfg.preset, "out": str(out), "seed": cfg.train.seed, "seeds": _stage_seeds(pipe),
             "device": str(pipe.device),
             **result,
             "stages": stages,
@@ -396,15 +397,12 @@ def run_demo(cfg: Config, out: str | Path, seed: int | None = None, device: str 
     return report
 
 
-def _stage_seeds(pipe, cfg: Config) -> dict:
-    """The training seed each stage's checkpoint records (what report.json calls `seeds`)."""
+def _stage_seeds(pipe) -> dict:
+    """The training seed each checkpoint the samples came from records (what report.json calls `seeds`)."""
     from . import checkpoint as ckpt
-    from .text_to_image import finished_dvae
 
-    paths = {"dvae": finished_dvae(cfg), "transformer": pipe.sources.get("transformer"),
-             "clip": pipe.sources.get("clip")}
-    section = {"dvae": "dvae_train", "transformer": "train", "clip": "clip_train"}
-    return {k: ckpt.read_config(p).get(section[k], {}).get("seed") for k, p in paths.items() if p}
+    return {k: ckpt.read_config(pipe.sources[k], verify=False).get(TRAIN_SECTION[k], {}).get("seed")
+            for k in TRAIN_SECTION if pipe.sources.get(k)}  # the loaders verified these very folders
 
 
 # --- may a stage in the run folder be reused? ----------------------------------------------------------
@@ -433,7 +431,7 @@ def check_reuse(cfg: Config, out: Path) -> None:
     tries = record.get("dvae", {}).get("tries")
     retried = [t.get("seed") for t in tries if isinstance(t, dict)] if isinstance(tries, list) else []
     for name, sections in STAGE_SECTIONS.items():
-        tc = getattr(cfg, {"dvae": "dvae_train", "transformer": "train", "clip": "clip_train"}[name])
+        tc = getattr(cfg, TRAIN_SECTION[name])
         path = ckpt.latest_valid_checkpoint(Path(tc.out_dir) / "checkpoints")
         if path is None:
             continue

@@ -281,7 +281,7 @@ def sample(model, text: torch.Tensor, temperature: float = 1.0, *, top_k: int = 
     guided = guidance != 1
     twins = 2 if guided and guidance_batched else 1
     if chunk_size is None:
-        chunk_size = max(1, rows_per_chunk(model, device, dtype) // (2 if guided else 1))
+        chunk_size = default_chunk(model, device, precision, guidance)
     elif int(chunk_size) != chunk_size or chunk_size < 1:
         raise ConfigError(f"chunk_size={chunk_size} is invalid: it must be a whole number >= 1")
     was_training = model.training
@@ -309,6 +309,15 @@ def sample(model, text: torch.Tensor, temperature: float = 1.0, *, top_k: int = 
             bar.close()
     codes = torch.cat(out).clone()
     return (codes, torch.cat(logps).clone()) if return_logp else codes
+
+
+def default_chunk(model, device, precision: str = "auto", guidance: float = 1.0) -> int:
+    """Rows `sample` runs at once when not told (`rows_per_chunk` for its dtype, halved under guidance,
+    whose unconditional twins share the chunk). Example: toy model on the CPU -> 1024"""
+    from .train import resolve_precision
+
+    dtype = torch.bfloat16 if resolve_precision(precision, device) == "bf16" else next(model.parameters()).dtype
+    return max(1, rows_per_chunk(model, device, dtype) // (2 if guidance != 1 else 1))
 
 
 def _sample_chunk(model, text, prime, dtype, temperature, top_k, top_p, guidance, twins, generator, compile, bar,

@@ -67,6 +67,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import Config, TrainConfig, check_section
 from .errors import CheckpointError, ConfigError, DataError, MinidalleError
+from .files import set_aside_folder
 
 EVENTS = ("on_fit_start", "on_before_optimizer_step", "on_step_end", "on_eval", "on_checkpoint", "on_fit_end")
 _RESERVED = {"step", "split", "loss", "lr", "grad_norm", "step_ms"}  # keys a loss_fn extra may not use
@@ -637,14 +638,7 @@ class Trainer:
         parts = [p for p in (self.ckpt_root, self.out_dir / "metrics.jsonl") if p.exists()]
         if not parts:
             return None
-        stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0
-        while True:  # mkdir, not exists() then mkdir: two restarts in one second get two folders
-            aside = self.out_dir / (f"set-aside-{stamp}" + (f"-{n}" if n else ""))
-            try:
-                aside.mkdir(parents=True)
-                break
-            except FileExistsError:
-                n += 1
+        aside = set_aside_folder(self.out_dir)  # two restarts in one second get two folders
         for part in parts:
             os.rename(part, aside / part.name)
         ckpt.fsync_dir(self.out_dir)  # the moves survive a power cut
