@@ -65,7 +65,9 @@ from .model import Layout
 from .train import Trainer, pick_device, seed_everything
 
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(log_scale) here, so the softmax never gets sharper than T = 0.01
-FACTS = ("color", "shape", "size", "position", "relation", "binding", "count")  # what one_fact_changed alters
+# What one_fact_changed alters. "binding": the two objects trade colours; "shape_swap": they trade shapes (each
+# place keeps its colour), the mistake the transformer makes most on two-object captions.
+FACTS = ("color", "shape", "size", "position", "relation", "binding", "shape_swap", "count")
 
 
 # --- the model -------------------------------------------------------------------------------------------
@@ -277,6 +279,11 @@ def _changed_scene(fact: str, scene: data.Scene, spec: CaptionSpec, rng) -> data
             return None
         a, b = objs
         return replace(scene, objects=(replace(a, color=b.color), replace(b, color=a.color)))
+    if fact == "shape_swap":  # the two objects trade shapes: "red circle above blue square" -> "red square ... blue circle"
+        if len(objs) != 2 or objs[0].shape == objs[1].shape:
+            return None
+        a, b = objs
+        return replace(scene, objects=(replace(a, shape=b.shape), replace(b, shape=a.shape)))
     if fact == "count":  # one object more (small, in the corner farthest from it) or one less
         if len(objs) == 2:
             return data.Scene((objs[int(rng.integers(2))],))
@@ -289,35 +296,52 @@ def _changed_scene(fact: str, scene: data.Scene, spec: CaptionSpec, rng) -> data
 
 
 def one_fact_changed(scene: data.Scene, caption: str, rng: np.random.Generator, k: int = 1,
-                     facts: tuple[str, ...] = FACTS, avoid_heldout: bool = True, tries: int = 8) -> list[Negative]:
+                     facts: tuple[str, ...] = FACTS, avoid_heldout: bool = True, tries: int = 8,
+                     swap_first: bool = False) -> list[Negative]:
     """Up to k scenes that differ from `scene` in one fact its caption states, each a different fact.
 
     Each changed scene is checked both ways: the original caption is false of it, and (but for "count")
     its own caption, drawn by `data.caption`, is false of the original. avoid_heldout keeps the changed
     scenes out of the held-out combinations (for training and val), so `heldout` stays zero-shot.
+    swap_first: a two-object scene tries the two swaps (SWAPS) first, in random order, until one is made.
     Example: (scene of "a red circle above a blue square", ...) ->
              [Negative("relation", <scene>, "there is a red disc below a blue box"), ...]
     """
     spec = parse_caption(caption)
     order = [facts[j] for j in rng.permutation(len(facts))]
-    out = []
-    for fact in order:
-        if len(out) == k:
-            break
-        for _ in range(tries):
-            new = _changed_scene(fact, scene, spec, rng)
-            if new is None:
+    rounds = [order]
+    if swap_first and len(scene.objects) == 2:  # first the swaps until one is made, then the rest as usual
+        rounds = [[f for f in order if f in SWAPS], order]
+    out: list[Negative] = []
+    for first, facts_now in enumerate(rounds):
+        for fact in facts_now:
+            if len(out) == k or (first == 0 and len(rounds) == 2 and out):
                 break
-            if spec_holds(spec, new) or (avoid_heldout and data.is_heldout(new)):
+            if any(neg.fact == fact for neg in out):
                 continue
-            if fact == "count":
-                out.append(Negative(fact, new, None))
-                break
-            text = data.caption(new, rng)
-            if not spec_holds(parse_caption(text), scene):  # e.g. a changed size the caption left unsaid
-                out.append(Negative(fact, new, text))
-                break
+            neg = _negative(fact, scene, spec, rng, avoid_heldout, tries)
+            if neg is not None:
+                out.append(neg)
     return out
+
+
+SWAPS = ("binding", "shape_swap")  # the two facts that exchange something between a scene's two objects
+
+
+def _negative(fact: str, scene: data.Scene, spec: CaptionSpec, rng, avoid_heldout: bool, tries: int):
+    """One scene with `fact` changed that passes one_fact_changed's checks, or None after `tries`."""
+    for _ in range(tries):
+        new = _changed_scene(fact, scene, spec, rng)
+        if new is None:
+            return None
+        if spec_holds(spec, new) or (avoid_heldout and data.is_heldout(new)):
+            continue
+        if fact == "count":
+            return Negative(fact, new, None)
+        text = data.caption(new, rng)
+        if not spec_holds(parse_caption(text), scene):  # e.g. a changed size the caption left unsaid
+            return Negative(fact, new, text)
+    return None
 
 
 # --- shapes between shapes: superellipses ----------------------------------------------------------------
@@ -479,7 +503,8 @@ class ShapesPairs:
         for j in tqdm(range(n), desc=f"rendering {split} pairs", disable=not progress):
             scene, text = ds.example(j)
             rng = np.random.default_rng([data_seed, 7, data._SPLIT_IDS[split], j])
-            found = one_fact_changed(scene, text, rng, negatives, avoid_heldout=split != "heldout") if negatives else []
+            found = (one_fact_changed(scene, text, rng, negatives, avoid_heldout=split != "heldout", swap_first=True)
+                     if negatives else [])
             self.facts.append([neg.fact for neg in found])
             entries = [(scene, text, morphs(scene, rng, past=False) if rng.random() < morph_jitter else None)]
             entries += [(neg.scene, neg.caption, None) for neg in found]
@@ -610,7 +635,7 @@ def train_clip(cfg: Config, resume: bool | str = False, start_over: bool = False
     train, val = build_clip_pairs(cfg, tok, progress, log)
     render_seconds = time.perf_counter() - t0
     config = {**cfg.to_dict(), "tokenizers": {"bpe": bpe}}
-    trainer = Trainer(model, tc, train, clip_loss, eval_data=val, config=config, progress=progress,
+    trainer = Trainer(model, tc, train, clip_loss, eval_data=val, config=config, progress=progress, log=log,
                       out_flag=out_flag or "--clip_train.out_dir", section="clip_train")
     for event, fns in (callbacks or {}).items():
         for fn in fns if isinstance(fns, (list, tuple)) else [fns]:

@@ -356,12 +356,16 @@ def read_prompts(path: str | Path) -> list[str]:
 
 # --- the reranking curve ---------------------------------------------------------------------------
 def _judge_all(images: torch.Tensor, prompts: list[str], progress: bool) -> dict:
-    """Per candidate: all right (P, n) bool, and for each check (P, n) float with nan where not stated."""
-    from .judge import CHECKS, judge
+    """Per candidate: all right (P, n) bool, for each check (P, n) float with nan where not stated, and
+    `swap` (P, n) float, 1 where the two objects' shapes came out exchanged (judge.binding_swap), nan where
+    the caption cannot show a swap; per prompt, `objects` (P,) int, how many objects its caption names."""
+    from .judge import CHECKS, binding_swap, judge, to_spec
 
     P, n = images.shape[:2]
     ok = np.zeros((P, n), bool)
     checks = {c: np.full((P, n), np.nan) for c in CHECKS}
+    swap = np.full((P, n), np.nan)
+    objects = np.array([len(to_spec(p).objects) for p in prompts], int)
     bar = tqdm(total=P * n, desc="judging", disable=not progress)
     for p in range(P):
         for j in range(n):
@@ -370,9 +374,12 @@ def _judge_all(images: torch.Tensor, prompts: list[str], progress: bool) -> dict
             for c in CHECKS:
                 if v.checks[c] is not None:
                     checks[c][p, j] = float(v.checks[c])
+            swapped = binding_swap(v)
+            if swapped is not None:
+                swap[p, j] = float(swapped)
         bar.update(n)
     bar.close()
-    return {"ok": ok, "checks": checks}
+    return {"ok": ok, "checks": checks, "swap": swap, "objects": objects}
 
 
 def best_of(scores: np.ndarray, size: int) -> np.ndarray:

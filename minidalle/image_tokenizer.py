@@ -19,6 +19,7 @@ import os
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -61,9 +62,10 @@ def needs_shuffle(dataset) -> bool:
 
 def train_dvae(cfg: Config, resume: bool | str = False, progress: bool = True,
                start_over: bool = False, out_flag: str | None = None,
-               trust_sharded: bool = False) -> tuple[DVAE, Trainer]:
+               trust_sharded: bool = False, log: Callable[[str], None] = print) -> tuple[DVAE, Trainer]:
     """Train stage 1 with `cfg.dvae` and `cfg.dvae_train`; checkpoints go to cfg.dvae_train.out_dir.
-    trust_sharded: a run that is not fsdp may resume a sharded checkpoint (Trainer.fit).
+    trust_sharded: a run that is not fsdp may resume a sharded checkpoint (Trainer.fit). log: gets the
+    line saying how many CPU threads it trains on.
 
     The Gumbel temperature and KL weight follow the paper's cosine schedules (quantize.py), set
     before every update by `schedule_callback`. Example: train_dvae(get_config("smoke")) -> (DVAE, Trainer)
@@ -80,7 +82,8 @@ def train_dvae(cfg: Config, resume: bool | str = False, progress: bool = True,
     train = image_batches(build_dataset(cfg.data, "train"), tc.batch_size)
     split = eval_split(cfg.data)  # ShapesWorld's val, the held-out emoji; none for folders and shards
     val = image_batches(build_dataset(cfg.data, split), tc.batch_size, train=False) if split else None
-    trainer = Trainer(model, tc, train, dvae_loss_fn, eval_data=val, config=cfg, progress=progress, out_flag=out_flag)
+    trainer = Trainer(model, tc, train, dvae_loss_fn, eval_data=val, config=cfg, progress=progress, out_flag=out_flag,
+                      log=log)
     callback = schedule_callback(cfg.dvae)
     trainer.add_callback("on_fit_start", callback)
     trainer.add_callback("on_step_end", callback)

@@ -456,6 +456,27 @@ def _verdict(spec: CaptionSpec, detections) -> Verdict:
     return Verdict(ok, checks, tuple(dets), match, spec)
 
 
+def binding_swap(v: Verdict) -> bool | None:
+    """Did the image draw both objects of a two-object caption, but with their shapes (equivalently, their
+    colours) exchanged between them? None where the caption cannot show that: not two objects, or a colour
+    unstated, or both objects of one colour or one shape.
+
+    Reads the detections, not the verdict's checks: "a red circle above a blue square" drawn as a blue circle
+    and a red square (in either place) is a swap, whatever the relation or the sizes.
+    Example: (verdict of a red square above a blue circle, caption "a red circle above a blue square") -> True
+    """
+    objs = v.spec.objects
+    if len(objs) != 2 or None in (objs[0].color, objs[1].color):
+        return None
+    (a, b) = objs
+    if a.color == b.color or a.shape == b.shape:
+        return None
+    seen = [(d.color, d.shape) for d in v.detections]
+    swapped = (a.color, b.shape) in seen and (b.color, a.shape) in seen
+    right = (a.color, a.shape) in seen and (b.color, b.shape) in seen
+    return swapped and not right
+
+
 # --- imperfect images, accuracy, benchmark -------------------------------------------------------
 def degrade(image, rng: np.random.Generator, blur: float = 0.8, noise: float = 12.0,
             jitter: float = 0.06, bleed: float = 0.6):

@@ -83,7 +83,7 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
-        self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(approximate="tanh"),
+        self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(),
                                  nn.Linear(cfg.mlp_ratio * d, d))
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -126,7 +126,7 @@ class Block(nn.Module):
         x = x + F.linear(y.transpose(1, 2).reshape(B, n, C), self.proj.weight, self.proj.bias)
         fc, _, out = self.mlp
         h = F.layer_norm(x, (C,), self.ln2.weight, self.ln2.bias, self.ln2.eps)
-        return x + F.linear(F.gelu(F.linear(h, fc.weight, fc.bias), approximate="tanh"), out.weight, out.bias)
+        return x + F.linear(F.gelu(F.linear(h, fc.weight, fc.bias)), out.weight, out.bias)
 
 
 class DALLE(nn.Module):

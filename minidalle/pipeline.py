@@ -25,6 +25,7 @@ retrieval and the transformer's validation loss in place of judge accuracy.
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from dataclasses import replace
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from .benchtools import describe_machine, machine, utc_now
 from .config import Config
@@ -137,7 +139,7 @@ def _dvae_stage(st: _Stages) -> dict:
                    f"one code). Training stage 1 again with dvae_train.seed={seed} (the old run is set aside in {cfg.dvae_train.out_dir})")
         run_cfg = replace(cfg, dvae_train=replace(cfg.dvae_train, seed=seed))
         _, trainer = train_dvae(run_cfg, resume=not attempt, start_over=bool(attempt), progress=st.progress,
-                                out_flag="--out", trust_sharded=st.trust_sharded)
+                                out_flag="--out", trust_sharded=st.trust_sharded, log=lambda m: None)
         if not attempt:  # the first try may continue an interrupted run (not one finished outside the demo)
             resumed, earlier_seconds = (0, 0.0) if trained_before else (trainer.started_at, trainer.seconds_before)
         model, _ = load_dvae(finished_dvae(run_cfg), st.trust_sharded)
@@ -157,6 +159,8 @@ def _dvae_stage(st: _Stages) -> dict:
         if moved:
             st.log(f"[demo] the transformer trained on the rejected image tokenizer's codes is set aside in {moved}")
     facts = {k: v for k, v in tries[-1].items() if v is not None}
+    if trainer.threads:
+        facts["threads"] = trainer.threads["threads"]
     seconds = None if trained_before and len(tries) == 1 else round(time.perf_counter() - t0 + earlier_seconds, 1)
     entry = {"seconds": seconds, "checkpoint": str(finished_dvae(cfg)), "tries": tries,
              "steps": cfg.dvae_train.max_steps, "facts": {"updates": cfg.dvae_train.max_steps, **facts}}
@@ -217,6 +221,8 @@ def _trained_stage(st: _Stages, name: str) -> dict:
         _, trainer, info = train_clip(st.cfg, resume=True, progress=st.progress, out_flag="--out", log=quiet,
                                       trust_sharded=st.trust_sharded)
     facts = {"updates": trainer.step, "loss": trainer.loss}
+    if trainer.threads:  # the CPU threads it trained on (Trainer._pick_threads)
+        facts["threads"] = trainer.threads["threads"]
     if trainer.last_eval:
         facts["eval_loss"] = trainer.last_eval.get("loss")
     # A run interrupted before and continued now: its earlier training time comes from its checkpoint
@@ -291,31 +297,52 @@ def accuracy_table(verdicts: dict, scores: np.ndarray) -> dict:
     """Judge accuracy of one sample and of the reranker's best of all n, overall and per attribute.
 
     "single" averages over every candidate (each is a single sample); "best" judges the top-scored
-    candidate of each prompt. Each attribute counts only prompts whose caption states it.
-    Example: -> {"all": {"single": 0.59, "best": 0.80, "prompts": 64}, "shape": {...}, ..., "samples": 1024}
+    candidate of each prompt. Each attribute counts only prompts whose caption states it. With the
+    verdicts' `objects` and `swap` (generate._judge_all), also "one" and "two": all facts right over
+    the one-object and the two-object captions; and "binding_swaps": how often the two objects' shapes
+    came out exchanged, over the two-object captions that can show it (judge.binding_swap).
+    Example: -> {"all": {"single": 0.59, "best": 0.80, "prompts": 64}, "one": {...}, "two": {...},
+                 "shape": {...}, ..., "binding_swaps": {...}, "samples": 1024}
     """
     from .judge import CHECKS
 
     ok, checks = verdicts["ok"], verdicts["checks"]
     P, n = ok.shape
     top = scores.argmax(axis=1)
-    rows = {"all": {"single": float(ok.mean()), "best": float(ok[np.arange(P), top].mean()), "prompts": P}}
+
+    def row(values: np.ndarray, rows: np.ndarray) -> dict:  # values (P, n); rows: the prompts it counts
+        vals = values[rows].astype(float)
+        return {"single": float(vals.mean()), "best": float(vals[np.arange(len(vals)), top[rows]].mean()),
+                "prompts": int(rows.sum())}
+
+    rows = {"all": row(ok, np.ones(P, bool))}
+    if "objects" in verdicts:
+        for name, k in (("one", 1), ("two", 2)):
+            if (verdicts["objects"] == k).any():
+                rows[name] = row(ok, verdicts["objects"] == k)
     for c in [c for c in CHECKS if c in checks]:
         stated = np.isfinite(checks[c][:, 0])
-        if not stated.any():
-            continue
-        vals = checks[c][stated]
-        rows[c] = {"single": float(vals.mean()), "best": float(vals[np.arange(len(vals)), top[stated]].mean()),
-                   "prompts": int(stated.sum())}
+        if stated.any():
+            rows[c] = row(checks[c], stated)
+    if "swap" in verdicts and np.isfinite(verdicts["swap"][:, 0]).any():
+        rows["binding_swaps"] = row(verdicts["swap"], np.isfinite(verdicts["swap"][:, 0]))
     return {**rows, "samples": P * n, "candidates": n}
 
 
+# The table's rows that are not one attribute, as report.md names them.
+ROW_NAMES = {"all": "all facts", "one": "all facts, one-object captions", "two": "all facts, two-object captions",
+             "binding_swaps": "binding swaps (shapes exchanged; lower is better)"}
+
+
 def _headline(tables: dict, n: int) -> dict:
-    """The report's top-level keys, e.g. val_all_best16, heldout_all_single, val_gain."""
+    """The report's top-level keys: {split}_all_single, {split}_all_best16, {split}_gain, and where the
+    table has them {split}_one_*, {split}_two_* and {split}_binding_swaps_* (single and best16)."""
     out = {}
     for split, t in tables.items():
-        out[f"{split}_all_single"] = t["all"]["single"]
-        out[f"{split}_all_best{n}"] = t["all"]["best"]
+        for name in ("all", "one", "two", "binding_swaps"):
+            if name in t:
+                out[f"{split}_{name}_single"] = t[name]["single"]
+                out[f"{split}_{name}_best{n}"] = t[name]["best"]
         out[f"{split}_gain"] = t["all"]["best"] - t["all"]["single"]
     return out
 
@@ -355,6 +382,8 @@ def run_demo(cfg: Config, out: str | Path, seed: int | None = None, device: str 
             cfg = replace(cfg, dvae_train=replace(cfg.dvae_train, device=device),
                           train=replace(cfg.train, device=device), clip_train=replace(cfg.clip_train, device=device))
         check_reuse(cfg, out)
+        speed = machine_speed(cfg, pick_device(device, "--device"))
+        log(f"[demo] {speed['line']}")
         st = _Stages(cfg, out, progress, log, trust_sharded)
         stages = {}
         for i, name in enumerate(STAGES, 1):
@@ -379,6 +408,7 @@ def run_demo(cfg: Config, out: str | Path, seed: int | None = None, device: str 
             **result,
             "stages": stages,
             "minutes": round((sum(trained) + sample_seconds) / 60, 2),
+            "machine_gflops": speed["gflops"], "threads": speed.get("threads"),
             # complete: every stage trained in one go by a demo; a stage continued after an interruption
             # counts its earlier training time (from its checkpoint) but not that attempt's setup
             "minutes_complete": all(s.get("seconds") is not None for s in stages.values()) and not resumed,
@@ -397,6 +427,28 @@ def run_demo(cfg: Config, out: str | Path, seed: int | None = None, device: str 
     return report
 
 
+def machine_speed(cfg: Config, device) -> dict:
+    """The fp32 matmul rate the stages will run at (GFLOP/s), measured in about a second: on a CPU with the
+    thread count benchtools.choose_threads picks now (each stage's Trainer picks again when it starts), on a
+    GPU that GPU's. report.json keeps it as machine_gflops, so minutes on two machines can be compared.
+    Example: -> {"gflops": 61.0, "threads": 2, "line": "2 CPU threads of 2 (matmul 61 GFLOP/s; 1 thread: 32)"}
+    """
+    from .benchtools import choose_threads, matmul_gflops
+
+    if device.type != "cpu":
+        g = round(matmul_gflops(seconds=0.5, device=device), 1)
+        return {"gflops": g, "threads": None, "line": f"{device}: fp32 matmul {g:.0f} GFLOP/s"}
+    threads = getattr(cfg.train, "threads", 0)
+    if threads or _smoke(cfg) or os.environ.get("OMP_NUM_THREADS"):  # the thread count is already chosen
+        if threads:
+            torch.set_num_threads(threads)
+        g = round(matmul_gflops(seconds=0.1 if _smoke(cfg) else 0.5), 1)
+        n = torch.get_num_threads()
+        return {"gflops": g, "threads": n, "line": f"{n} CPU thread{'s' if n > 1 else ''}: fp32 matmul {g:.0f} GFLOP/s"}
+    info = choose_threads(0.5)
+    return {"gflops": info["gflops"], "threads": info["threads"], "line": info["line"]}
+
+
 def _stage_seeds(pipe) -> dict:
     """The training seed each checkpoint the samples came from records (what report.json calls `seeds`)."""
     from . import checkpoint as ckpt
@@ -412,7 +464,7 @@ STAGE_SECTIONS = {"dvae": ("data", "dvae", "dvae_train"), "transformer": ("data"
 # other values of these is still the stage asked for (a longer max_steps continues it).
 RUN_SETTINGS = frozenset({"out_dir", "device", "precision", "parallel", "dist_timeout", "max_steps", "eval_every",
                           "eval_batches", "ckpt_every", "keep_last", "log_every", "activation_checkpointing",
-                          "nonfinite", "n_val", "n_heldout", "max_skip_rate", "attn_impl"})
+                          "nonfinite", "threads", "n_val", "n_heldout", "max_skip_rate", "attn_impl"})
 
 
 def check_reuse(cfg: Config, out: Path) -> None:
@@ -692,10 +744,19 @@ def summary_line(report: dict) -> str:
     n = report.get("candidates", CANDIDATES)
     if "val_all_single" not in report:
         return f"{report.get('dataset')} samples drawn; {report.get('minutes')} min"
-    return (f"all attributes right -- val: {report['val_all_single']:.2f} single, {report[f'val_all_best{n}']:.2f} "
+    line = (f"all attributes right -- val: {report['val_all_single']:.2f} single, {report[f'val_all_best{n}']:.2f} "
             f"reranked best of {n} ({report['val_gain'] * 100:+.0f} points); heldout: "
             f"{report['heldout_all_single']:.2f} single, {report[f'heldout_all_best{n}']:.2f} best of {n} "
-            f"({report['n_prompts']} prompts per split)" + (f"; {report['minutes']} min" if "minutes" in report else ""))
+            f"({report['n_prompts']} prompts per split)")
+    two = [f"{split} {report[f'{split}_two_best{n}']:.2f}" for split in ("val", "heldout")
+           if f"{split}_two_best{n}" in report]
+    swaps = [f"{split} {report[f'{split}_binding_swaps_best{n}']:.2f}" for split in ("val", "heldout")
+             if f"{split}_binding_swaps_best{n}" in report]
+    if two:
+        line += f"; two-object captions, best of {n}: {', '.join(two)}"
+    if swaps:
+        line += f"; binding swaps among those picks: {', '.join(swaps)}"
+    return line + (f"; {report['minutes']} min" if "minutes" in report else "")
 
 
 def accuracy_markdown(result: dict) -> str:
@@ -707,7 +768,8 @@ def accuracy_markdown(result: dict) -> str:
                   f"| attribute | prompts | single sample | reranked best of {n} |", "|---|---|---|---|"]
         for attr, row in t.items():
             if isinstance(row, dict):
-                lines.append(f"| {attr} | {row['prompts']} | {row['single']:.3f} | {row['best']:.3f} |")
+                lines.append(f"| {ROW_NAMES.get(attr, attr)} | {row['prompts']} | {row['single']:.3f} | "
+                             f"{row['best']:.3f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -739,5 +801,8 @@ def report_markdown(report: dict) -> str:
         facts = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in s["facts"].items())
         lines.append(f"| {name} | {took} | {facts} |")
     lines += ["", f"Sampling, reranking and judging: {report['sampling_seconds'] / 60:.1f} min. "
-              f"Whole pipeline: {report['minutes']} min" + _incomplete(report) + ".", ""]
+              f"Whole pipeline: {report['minutes']} min" + _incomplete(report) + "."
+              + (f" The machine's fp32 matmul rate at the start: {report['machine_gflops']:.0f} GFLOP/s"
+                 + (f" on {report['threads']} CPU thread(s)" if report.get("threads") else "") + "."
+                 if report.get("machine_gflops") else ""), ""]
     return "\n".join(lines)

@@ -221,7 +221,7 @@ class _ToyBlock(nn.Module):
 
     def forward(self, x):
         q, x = (lambda t: round_grad(t, self.grad_dtype)), round_grad(x, self.grad_dtype)
-        h = q(F.gelu(q(self.fc1(q(F.layer_norm(x, x.shape[-1:])))), approximate="tanh"))
+        h = q(F.gelu(q(self.fc1(q(F.layer_norm(x, x.shape[-1:]))))))
         return q(x + self.fc2(h))
 
 

@@ -395,7 +395,7 @@ def train_transformer(cfg: Config, resume: bool | str = False, start_over: bool 
         log(f"[train transformer] {train.cut} of {len(train)} training captions were longer than "
             f"text.text_len={cfg.text.text_len} tokens and were cut")
     config = {**cfg.to_dict(), "tokenizers": ids.to_dict()}
-    trainer = Trainer(model, cfg.train, train, dalle_loss, eval_data=val, config=config, progress=progress,
+    trainer = Trainer(model, cfg.train, train, dalle_loss, eval_data=val, config=config, progress=progress, log=log,
                       out_flag=out_flag or "--train.out_dir")
     for event, fns in (callbacks or {}).items():
         for fn in fns if isinstance(fns, (list, tuple)) else [fns]:

@@ -1,5 +1,7 @@
 """The timing and target helpers both benchmarks use."""
 
+import torch
+
 from minidalle.benchtools import alternate, calls_for, judge_targets, rounded
 
 
@@ -20,3 +22,26 @@ def test_judge_targets_on_both_sides_of_the_bound():
     judged = judge_targets({"up": 2.5, "down": 0.7}, targets)
     assert judged["up"]["met"] is True and judged["down"]["met"] is False and judged["absent"]["met"] is None
     assert judge_targets({"up": 1.9}, targets)["up"] == {"target": ">= 2.0", "value": 1.9, "met": False}
+
+
+def test_choose_threads_takes_more_threads_only_when_they_pay(monkeypatch):
+    from minidalle import benchtools
+
+    monkeypatch.setattr(benchtools, "available_cpus", lambda: 2)
+    before = torch.get_num_threads()
+    try:
+        for rates, want in (({1: 30.0, 2: 58.0}, 2), ({1: 30.0, 2: 33.0}, 1), ({1: 30.0, 2: 8.0}, 1)):
+            monkeypatch.setattr(benchtools, "matmul_gflops", lambda t, s, r=rates: r[t])
+            info = benchtools.choose_threads()
+            assert info["threads"] == want and torch.get_num_threads() == want
+            assert info["gflops"] == rates[want] and f"{want} CPU thread" in info["line"]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_matmul_gflops_measures_and_restores_the_thread_count():
+    from minidalle.benchtools import matmul_gflops
+
+    before = torch.get_num_threads()
+    assert matmul_gflops(1, 0.05) > 0.1  # any CPU multiplies faster than 0.1 GFLOP/s
+    assert torch.get_num_threads() == before

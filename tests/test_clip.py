@@ -2,6 +2,7 @@
 overfit, the BPE it must be loaded with, exact resume, bad input, and `train clip` / `eval clip`."""
 
 import json
+from dataclasses import replace
 import shutil
 
 import numpy as np
@@ -15,7 +16,7 @@ from minidalle.bpe import RegexTokenizer
 from minidalle.cli import main
 from minidalle.config import get_config
 from minidalle.errors import CheckpointError, DataError
-from minidalle.judge import judge
+from minidalle.judge import binding_swap, judge
 from minidalle.text_to_image import caption_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in tests/conftest.py
@@ -287,3 +288,25 @@ def test_bad_input_is_a_clear_error(cfg, tok, call, words):
     with pytest.raises(DataError) as e:
         call(model, tok, images)
     assert words in str(e.value)
+
+
+def test_a_two_object_pair_brings_a_swap_first_and_a_shape_swap_keeps_each_place_colour():
+    ds = data.ShapesWorld("train", 32, 0)
+    twos = [ds.example(j) for j in range(60) if len(ds.example(j)[0].objects) == 2]
+    firsts = []
+    for j, (scene, text) in enumerate(twos):
+        negs = clip.one_fact_changed(scene, text, np.random.default_rng(j), k=2, swap_first=True)
+        a, b = scene.objects
+        by_colour = data.Scene((replace(a, color=b.color), replace(b, color=a.color)), relation=scene.relation)
+        by_shape = data.Scene((replace(a, shape=b.shape), replace(b, shape=a.shape)), relation=scene.relation)
+        if negs[0].fact not in ("binding", "shape_swap"):  # only when neither swap may be drawn in training
+            assert all(data.is_heldout(s) or (a.color == b.color if s is by_colour else a.shape == b.shape)
+                       for s in (by_colour, by_shape)), (text, negs)
+        firsts.append(negs[0].fact)
+        for neg in negs:
+            if neg.fact == "shape_swap":
+                (c, d) = neg.scene.objects
+                assert (c.color, c.shape, d.color, d.shape) == (a.color, b.shape, b.color, a.shape)
+                if a.color != b.color:  # one colour for both: the swap is a changed relation, no binding to read
+                    assert binding_swap(judge(data.render(neg.scene, 32), text)) is True
+    assert {"binding", "shape_swap"} <= set(firsts) and len(twos) > 10

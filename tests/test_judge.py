@@ -296,3 +296,24 @@ def test_benchmark_accepts_true_captions_and_rejects_wrong_ones():
     table = judge.format_benchmark(result)
     for kind in judge.CONDITIONS:  # every condition and split, in both tables
         assert table.count(f"{kind} val ") == 2 and table.count(f"{kind} heldout ") == 2, table
+
+
+def test_binding_swap_reads_exchanged_shapes_in_either_place():
+    caption = "a big red circle above a big blue square"
+    right = Scene((Obj("circle", "red", "big", 0.5, 0.25), Obj("square", "blue", "big", 0.5, 0.75)), relation="above")
+    shapes_swapped = Scene((Obj("square", "red", "big", 0.5, 0.25), Obj("circle", "blue", "big", 0.5, 0.75)),
+                           relation="above")
+    colours_swapped = Scene((Obj("circle", "blue", "big", 0.5, 0.25), Obj("square", "red", "big", 0.5, 0.75)),
+                            relation="above")
+    other = Scene((Obj("circle", "red", "big", 0.5, 0.25), Obj("triangle", "blue", "big", 0.5, 0.75)), relation="above")
+    verdict = {name: judge.judge(data.render(s, 32), caption)
+               for name, s in [("right", right), ("shapes", shapes_swapped), ("colours", colours_swapped),
+                               ("other", other)]}
+    assert verdict["right"].ok and judge.binding_swap(verdict["right"]) is False
+    assert judge.binding_swap(verdict["shapes"]) is True and not verdict["shapes"].ok
+    assert judge.binding_swap(verdict["colours"]) is True and not verdict["colours"].ok
+    assert judge.binding_swap(verdict["other"]) is False  # wrong, but not an exchange of the caption's two
+    # a caption that cannot show a swap: one object, one colour for both, one shape for both, a colour unsaid
+    for cap in ("a red circle", "a red circle above a red square", "a red circle above a blue circle",
+                "a circle above a blue square"):
+        assert judge.binding_swap(judge.judge(data.render(right, 32), cap)) is None

@@ -45,6 +45,10 @@ def test_per_attribute_counts_are_the_prompts_that_state_it(demo_run):
         specs = [to_spec(p) for p in prompts[split]]
         two = sum(len(s.objects) == 2 for s in specs)
         assert table["relation"]["prompts"] == two if two else "relation" not in table
+        assert table["two"]["prompts"] == two if two else "two" not in table
+        assert table["one"]["prompts"] == len(specs) - two if two < len(specs) else "one" not in table
+        if two:
+            assert report[f"{split}_two_best16"] == table["two"]["best"]
         assert table["all"]["prompts"] == len(specs) and table["samples"] == len(specs) * report["candidates"]
 
 
@@ -119,6 +123,21 @@ def test_accuracy_table_single_is_the_mean_and_best_is_the_top_scored():
     assert t["all"] == {"single": 0.25, "best": 0.5, "prompts": 2}
     assert t["relation"] == {"single": 0.5, "best": 0.0, "prompts": 1}
     assert "size" not in t and t["samples"] == 8
+
+
+def test_accuracy_table_splits_one_and_two_object_captions_and_counts_swaps():
+    ok = np.array([[True, False], [False, True], [False, False]])
+    scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])
+    swap = np.array([[np.nan, np.nan], [0.0, 0.0], [1.0, 0.0]])  # prompt 0: one object, no swap possible
+    verdicts = {"ok": ok, "checks": {}, "swap": swap, "objects": np.array([1, 2, 2])}
+    t = pipeline.accuracy_table(verdicts, scores)
+    assert t["one"] == {"single": 0.5, "best": 1.0, "prompts": 1}
+    assert t["two"] == {"single": 0.25, "best": 0.5, "prompts": 2}
+    assert t["binding_swaps"] == {"single": 0.25, "best": 0.5, "prompts": 2}  # prompt 2's pick is the swap
+    head = pipeline._headline({"val": t}, 2)
+    assert head["val_two_best2"] == 0.5 and head["val_binding_swaps_single"] == 0.25 and head["val_one_best2"] == 1.0
+    md = pipeline.accuracy_markdown({"per_attribute": {"val": t}})
+    assert "| all facts, two-object captions | 2 | 0.250 | 0.500 |" in md and "binding swaps" in md
 
 
 def test_eval_reads_the_demo_run_and_writes_its_report(demo_run, capsys):

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from minidalle.config import TrainConfig, get_config
 from minidalle.errors import CheckpointError, ConfigError, MinidalleError
-from minidalle.train import (Trainer, configure_optimizer, lr_at, pick_device, read_metrics, rng_isolated,
+from minidalle.train import (Trainer, configure_optimizer, lr_at, set_fused, use_fused, pick_device, read_metrics, rng_isolated,
                              seed_everything)
 
 
@@ -120,6 +120,21 @@ def test_weight_decay_skips_biases_and_norms():
     plain = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     assert decayed == {id(model.fc1.weight), id(model.fc2.weight)}
     assert plain == {id(model.fc1.bias), id(model.fc2.bias), id(model.norm.weight), id(model.norm.bias)}
+
+
+def test_the_optimizer_is_fused_on_a_cpu_and_a_resume_sets_it_again(tmp_path):
+    trainer, _ = fit(tmp_path, max_steps=3, ckpt_every=3)
+    assert all(g["fused"] is True for g in trainer.optimizer.param_groups)
+    assert use_fused(list(Net().parameters()), TrainConfig(parallel="fsdp")) is None  # sharded: torch's default
+    net = Net()
+    fused = configure_optimizer(net, TrainConfig())
+    plain = torch.optim.AdamW([{"params": g["params"]} for g in fused.param_groups])  # a state without the flag
+    fused.load_state_dict(plain.state_dict())
+    assert fused.param_groups[0]["fused"] is None  # what torch does on its own: the flag follows the state
+    set_fused(fused, True)
+    assert all(g["fused"] is True and g["foreach"] is None for g in fused.param_groups)
+    resumed, _ = fit(tmp_path, max_steps=5, resume=True)
+    assert resumed.started_at == 3 and all(g["fused"] is True for g in resumed.optimizer.param_groups)
 
 
 # --- the loop ----------------------------------------------------------------------------------------
@@ -377,3 +392,19 @@ def test_bf16_precision_runs_the_loss_under_autocast(tmp_path):
     trainer.fit()
     assert trainer.precision == "bf16" and dtypes == [torch.bfloat16, torch.bfloat16]
     assert Trainer(make_model(), cfg_for(tmp_path / "b"), batch_at, loss_fn, progress=False).precision == "fp32"
+
+
+def test_a_set_thread_count_is_used_and_said(tmp_path):
+    lines = []
+    before = torch.get_num_threads()
+    try:
+        trainer = Trainer(make_model(), cfg_for(tmp_path, max_steps=2, threads=1), batch_at, loss_fn, progress=False,
+                          log=lines.append)
+        torch.set_num_threads(2)
+        trainer.fit()
+        assert torch.get_num_threads() == 1 and trainer.threads["threads"] == 1
+        assert lines == ["[train] 1 CPU thread (train.threads)"]
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ConfigError, match="threads"):
+        get_config("smoke", {"train.threads": -1})
