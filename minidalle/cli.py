@@ -290,6 +290,10 @@ def cmd_eval(args, cfg: cfglib.Config) -> dict:
     """Judge one sample per prompt of the val and heldout splits, or the reranking curve."""
     from .text_to_image import evaluate_transformer
 
+    if args.what == "seeds":
+        return _eval_seeds(args)
+    if args.runs:
+        raise ConfigError("--runs is read by `eval seeds` only; name one run folder with --run")
     if args.what == "pipeline":
         return _eval_pipeline(args, cfg)
     if args.what == "rerank-curve":
@@ -310,6 +314,24 @@ def cmd_eval(args, cfg: cfglib.Config) -> dict:
                         result[split])
     print(f"[eval transformer] samples -> {result['grid']}")
     return result
+
+
+def _eval_seeds(args) -> dict:
+    """Several run folders side by side in one generated table (what the README's status table quotes)."""
+    from .files import write_atomic
+    from .pipeline import seeds_markdown, seeds_summary
+
+    if not args.runs or not args.out:
+        raise ConfigError("eval seeds needs --runs DIR [DIR ...] (run folders `demo --out` wrote) and --out DIR")
+    summary = seeds_summary(args.runs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = seeds_markdown(summary)
+    write_atomic(out / "seeds.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / "seeds.md", md)
+    print(md)
+    print(f"[eval seeds] -> {out / 'seeds.md'} and {out / 'seeds.json'}")
+    return summary
 
 
 def _eval_pipeline(args, cfg: cfglib.Config) -> dict:
@@ -587,12 +609,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("eval", help="measure a trained stage")
     common(d)
-    d.add_argument("what", nargs="?", default="pipeline", choices=["pipeline", "transformer", "rerank-curve", "clip"],
+    d.add_argument("what", nargs="?", default="pipeline",
+                   choices=["pipeline", "transformer", "rerank-curve", "clip", "seeds"],
                    help="pipeline (default): judge accuracy of one sample and of the reranked best of 16 per "
                         "val/heldout prompt, per attribute, for the run in --run (default runs/demo-<preset>); "
                         "transformer: the judge on one sample per val/heldout prompt; rerank-curve: best-of-N accuracy "
                         "by the reranker, the likelihood and the judge, N = 1..64; clip: the reranker's recall@1/@5 "
-                        "and one-fact-changed accuracy on val and heldout pairs")
+                        "and one-fact-changed accuracy on val and heldout pairs; seeds: one table of the run folders "
+                        "in --runs (their eval.json, else report.json), written to --out DIR as seeds.md and seeds.json")
     d.add_argument("--n", type=_positive_int, default=None,
                    help="prompts per split (pipeline and transformer 256, rerank-curve 64); clip: pairs per split (512)")
     d.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: the newest in --train.out_dir; "
@@ -600,8 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--run", default=None, metavar="DIR",
                    help="pipeline, rerank-curve: a run folder with dvae/, bpe/, transformer/, clip/ (pipeline: default "
                         "runs/demo-<preset>, what `demo` writes; rerank-curve: default the preset's runs/<preset>)")
+    d.add_argument("--runs", nargs="+", default=None, metavar="DIR", help="seeds: the run folders, one per seed")
     d.add_argument("--out", default=None, metavar="DIR",
-                   help="transformer, rerank-curve: the folder for the figures (default: the run folder of --checkpoint "
+                   help="transformer, rerank-curve, seeds: the folder for the figures (default: the run folder of --checkpoint "
                         "or --run, as named on this command line; never a folder read from a checkpoint)")
     _sampling_flags(d)
     _trust_flag(d)

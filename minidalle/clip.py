@@ -19,11 +19,12 @@ loss: each image must pick its caption among the batch's captions, and each capt
 Random captions differ from each other in many facts, but the reranker must separate samples that get
 ONE fact wrong (a red circle *below* a blue square, or the colours swapped). So each ShapesWorld training
 pair brings `clip.hard_negatives` scenes with one fact changed (colour, shape, size, position, relation,
-the two objects' colours swapped, one object more or less), rendered and captioned like any other pair
-(`one_fact_changed`): the changed pair joins the batch, and the caption now has its own image one fact
-away as a competitor, as does the image its caption. A changed object count gives an image only: it is
-a competitor for the captions and has no caption of its own. Sampled shapes are often between two shapes,
-so each pair also brings `clip.morph_negatives` images with a circle, square or diamond drawn as a
+the two objects' colours or shapes swapped, one object more or less), rendered and captioned like any
+other pair (`one_fact_changed`; a two-object pair tries a swap first, since binding is what the
+transformer gets wrong most often on two-object captions): the changed pair joins the batch, and the
+caption now has its own image one fact away as a competitor, as does the image its caption. A changed
+object count gives an image only: it is a competitor for the captions and has no caption of its own.
+Sampled shapes are often between two shapes, so each pair also brings `clip.morph_negatives` images with a circle, square or diamond drawn as a
 superellipse past halfway to a neighbouring shape (`morphs`), and training images draw theirs a little
 off the exact shape (`clip.morph_jitter`); blur, noise and a colour cast (`augment`) stand in for the
 decoder. Nothing of this needs the dVAE: the reranker reads pixels, and only the BPE is shared.

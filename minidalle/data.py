@@ -160,7 +160,10 @@ def _check_split(split: str) -> None:
         raise DataError(f"unknown ShapesWorld split {split!r}; choose one of {', '.join(SPLITS)}")
 
 
-def sample_scene(rng: np.random.Generator, split: str = "train", p_two: float = 0.5) -> Scene:
+TWO_OBJECTS = 0.5  # share of train and val scenes with two objects, unless a ShapesWorld is told otherwise
+
+
+def sample_scene(rng: np.random.Generator, split: str = "train", p_two: float = TWO_OBJECTS) -> Scene:
     """Draw one scene of `split`: `train`/`val` avoid every held-out combination; `heldout` is
     half lone objects with a held-out colour-shape pair, half held-out two-object arrangements
     (whose objects use only training pairs, so the arrangement is the only new thing)."""
@@ -324,22 +327,26 @@ class ShapesWorld(torch.utils.data.Dataset):
     Items are `(image uint8 (H, W, 3), caption str)`; `scene(i)` gives the structured truth.
     """
 
-    def __init__(self, split: str = "train", image_size: int = 32, seed: int = 0, n: int = 50_000):
+    def __init__(self, split: str = "train", image_size: int = 32, seed: int = 0, n: int = 50_000,
+                 two_objects: float = TWO_OBJECTS):
         _check_split(split)
         if image_size < 8:
             raise DataError(f"image_size={image_size} is too small to draw shapes; use 8 or more")
+        if not 0 <= two_objects <= 1:
+            raise DataError(f"two_objects={two_objects} is a share of scenes: choose it between 0 and 1")
         self.split, self.image_size, self.seed, self.n = split, image_size, seed, n
+        self.two_objects = two_objects  # share of scenes with two objects (train and val; heldout is fixed)
 
     def _rng(self, i: int) -> np.random.Generator:
         # One generator per item, keyed by (seed, split, i): random access without replaying a stream.
         return np.random.default_rng([self.seed, _SPLIT_IDS[self.split], i])
 
     def scene(self, i: int) -> Scene:
-        return sample_scene(self._rng(i), self.split)
+        return sample_scene(self._rng(i), self.split, self.two_objects)
 
     def example(self, i: int) -> tuple[Scene, str]:
         rng = self._rng(i)
-        scene = sample_scene(rng, self.split)
+        scene = sample_scene(rng, self.split, self.two_objects)
         return scene, caption(scene, rng)
 
     def __len__(self) -> int:
@@ -476,7 +483,9 @@ def build_dataset(cfg, split: str = "train"):
         raise DataError(f"unknown dataset {cfg.dataset!r} (data.dataset); choose one of {', '.join(DATASETS)}")
     if cfg.dataset == "shapes":
         n = {"train": cfg.n_train, "val": cfg.n_val, "heldout": cfg.n_heldout}.get(split, 0)
-        return ShapesWorld(split, cfg.image_size, cfg.seed, n)
+        # data.two_objects shapes the training stream only: val and heldout, what every figure is measured
+        # on, keep ShapesWorld's own mix, so runs with other shares are judged on the same prompts
+        return ShapesWorld(split, cfg.image_size, cfg.seed, n, cfg.two_objects if split == "train" else TWO_OBJECTS)
     if cfg.dataset == "emoji":
         if split not in ("train", "heldout"):
             raise DataError(f"the emoji dataset has no {split!r} split; it has 'train' and 'heldout' (each emoji "

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import Config
-from .data import ShapesWorld, build_dataset, eval_split
+from .data import TWO_OBJECTS, ShapesWorld, build_dataset, eval_split
 from .dvae import DVAE, dvae_loss_fn, paper_parameter_counts, schedule_callback
 from .errors import CheckpointError, DataError
 from .losses import to_unit
@@ -112,7 +112,10 @@ def tokenizer_id(checkpoint: str | os.PathLike) -> str:
 def dataset_id(dataset) -> dict:
     """What identifies a dataset's images for the code cache."""
     if isinstance(dataset, ShapesWorld):
-        return {"dataset": "shapes", "split": dataset.split, "seed": dataset.seed, "image_size": dataset.image_size}
+        ident = {"dataset": "shapes", "split": dataset.split, "seed": dataset.seed, "image_size": dataset.image_size}
+        if dataset.two_objects != TWO_OBJECTS:  # another stream of scenes (keys made before it stay valid)
+            ident["two_objects"] = dataset.two_objects
+        return ident
     ident = {"dataset": type(dataset).__name__, "source": str(getattr(dataset, "root", getattr(dataset, "shards", ""))),
              "image_size": getattr(dataset, "image_size", None)}
     if getattr(dataset, "split", None) is not None:  # the emoji: train and heldout are other images

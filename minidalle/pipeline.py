@@ -706,6 +706,56 @@ def write_eval(result: dict) -> tuple[Path, Path]:
     return run / "eval.json", md
 
 
+# --- several seeds side by side ------------------------------------------------------------------------
+SEED_COLUMNS = (("val_all_single", "val one sample"), ("val_all_best16", "val best of 16"),
+                ("heldout_all_single", "heldout one sample"), ("heldout_all_best16", "heldout best of 16"),
+                ("val_two_best16", "val two objects, best of 16"), ("heldout_two_best16", "heldout two objects, best of 16"),
+                ("val_binding_swaps_best16", "val swaps among picks"),
+                ("heldout_binding_swaps_best16", "heldout swaps among picks"))
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON object from a file a run wrote, or None when it is missing or not one (never trusted further)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def seeds_summary(runs: list[str | Path]) -> dict:
+    """One row per run folder: the seeds its stages hold, its minutes and machine_gflops (report.json), and the
+    headline figures of its eval.json (256 prompts per split) where `eval` has judged it, else of report.json
+    (the demo's 64). Example: seeds_summary(["runs/s1337", "runs/s1"]) -> {"rows": [...], "date": ..., ...}
+    """
+    rows = []
+    for run in map(Path, runs):
+        report, ev = _read_json(run / "report.json"), _read_json(run / "eval.json")
+        if report is None and ev is None:
+            raise CheckpointError(f"{run} has neither report.json nor eval.json: run `demo --out {run}` first")
+        src = ev if ev is not None else report
+        row = {"run": str(run), "from": "eval.json" if ev is not None else "report.json",
+               "prompts": src.get("n_prompts"), "seed": (report or {}).get("seed"),
+               "minutes": (report or {}).get("minutes"), "machine_gflops": (report or {}).get("machine_gflops")}
+        row.update({k: src.get(k) for k, _ in SEED_COLUMNS})
+        rows.append(row)
+    return {"rows": rows, "date": utc_now(), "machine": machine()}
+
+
+def seeds_markdown(summary: dict) -> str:
+    """`seeds_summary` as a markdown table (a dash where a run has no such figure)."""
+    def cell(v):
+        return "–" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    head = ["seed", "prompts per split", *[name for _, name in SEED_COLUMNS], "minutes", "GFLOP/s"]
+    lines = [f"Generated {summary['date']} by `python -m minidalle eval seeds`; {describe_machine(summary['machine'])}.",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary["rows"]:
+        vals = [r["seed"], r["prompts"], *[r[k] for k, _ in SEED_COLUMNS], r["minutes"], r["machine_gflops"]]
+        lines.append("| " + " | ".join(cell(v) for v in vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def set_aside(out: str | Path, names: list[str] | None = None) -> Path | None:
     """Move `names` (default: every stage folder and the reports) of the run in `out` into
     out/set-aside-<time>/ (kept, not deleted), so the next demo trains them from scratch.

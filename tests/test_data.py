@@ -273,3 +273,20 @@ def test_build_dataset_emoji_holds_out_a_split_training_never_sees():
     assert eval_split(cfg) == "heldout" and eval_split(get_config("toy").data) == "val"
     with pytest.raises(DataError, match="emoji dataset has no 'val' split; it has 'train' and 'heldout'"):
         build_dataset(cfg, "val")
+
+
+def test_two_objects_shapes_the_training_stream_only():
+    from minidalle.config import get_config
+    from minidalle.data import ShapesWorld, build_dataset
+    from minidalle.image_tokenizer import dataset_id
+
+    all_two = ShapesWorld("train", 16, 0, two_objects=1.0)
+    assert all(len(all_two.scene(i).objects) == 2 for i in range(40))
+    assert all(len(ShapesWorld("train", 16, 0, two_objects=0.0).scene(i).objects) == 1 for i in range(40))
+    cfg = get_config("smoke", {"data.two_objects": 0.9}).data
+    train, val = build_dataset(cfg, "train"), build_dataset(cfg, "val")
+    assert train.two_objects == 0.9 and val.two_objects == 0.5  # every figure is judged on the same prompts
+    assert dataset_id(train) != dataset_id(build_dataset(get_config("smoke").data, "train"))  # its own code cache
+    assert "two_objects" not in dataset_id(val)  # keys made before the setting existed stay valid
+    with pytest.raises(DataError, match="between 0 and 1"):
+        ShapesWorld("train", 16, 0, two_objects=1.5)

@@ -164,3 +164,22 @@ def test_start_over_sets_the_earlier_run_aside(tmp_path):
     assert (aside / "transformer").is_dir() and (aside / "stages.json").is_file()
     assert (out / "notes.txt").is_file() and not (out / "transformer").exists()
     assert pipeline.set_aside(out) is None
+
+
+def test_eval_seeds_puts_runs_side_by_side_preferring_their_eval(tmp_path, capsys):
+    a, b = tmp_path / "s1", tmp_path / "s2"
+    for run, seed in ((a, 1), (b, 2)):
+        run.mkdir()
+        (run / "report.json").write_text(json.dumps({"seed": seed, "minutes": 9.5, "machine_gflops": 61.0,
+                                                     "n_prompts": 64, "val_all_single": 0.5, "val_two_best16": 0.9}))
+    (b / "eval.json").write_text(json.dumps({"n_prompts": 256, "val_all_single": 0.75}))
+    assert main(["eval", "seeds", "--runs", str(a), str(b), "--out", str(tmp_path / "sum")]) == 0
+    rows = json.loads((tmp_path / "sum" / "seeds.json").read_text())["rows"]
+    assert [(r["seed"], r["from"], r["prompts"], r["val_all_single"]) for r in rows] == [
+        (1, "report.json", 64, 0.5), (2, "eval.json", 256, 0.75)]
+    md = (tmp_path / "sum" / "seeds.md").read_text()
+    assert "| 1 | 64 | 0.50 |" in md and "| 2 | 256 | 0.75 |" in md and "Generated" in md
+    with pytest.raises(CheckpointError, match="report.json"):
+        pipeline.seeds_summary([tmp_path / "empty"])
+    assert main(["eval", "seeds", "--out", str(tmp_path / "sum")]) == 2  # no --runs: a one-line refusal
+    assert "--runs" in capsys.readouterr().err
