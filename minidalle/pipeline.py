@@ -744,15 +744,16 @@ def seeds_summary(runs: list[str | Path]) -> dict:
 
 def seeds_markdown(summary: dict) -> str:
     """`seeds_summary` as a markdown table (a dash where a run has no such figure)."""
-    def cell(v):
-        return "–" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+    def cell(v, fmt=".2f"):
+        return "–" if v is None else f"{v:{fmt}}" if isinstance(v, (int, float)) and fmt else str(v)
 
     head = ["seed", "prompts per split", *[name for _, name in SEED_COLUMNS], "minutes", "GFLOP/s"]
     lines = [f"Generated {summary['date']} by `python -m minidalle eval seeds`; {describe_machine(summary['machine'])}.",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary["rows"]:
-        vals = [r["seed"], r["prompts"], *[r[k] for k, _ in SEED_COLUMNS], r["minutes"], r["machine_gflops"]]
-        lines.append("| " + " | ".join(cell(v) for v in vals) + " |")
+        vals = [cell(r["seed"], ""), cell(r["prompts"], ""), *[cell(r[k]) for k, _ in SEED_COLUMNS],
+                cell(r["minutes"], ".1f"), cell(r["machine_gflops"], ".0f")]
+        lines.append("| " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
 
 
