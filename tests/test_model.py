@@ -32,7 +32,7 @@ def _batch(B=3, seed=0):
 def test_layout_of_the_presets():
     toy = Layout.from_config(get_config("toy"))
     assert (toy.text_len, toy.text_vocab, toy.grid, toy.image_vocab, toy.length) == (16, 446, 8, 256, 80)
-    assert toy.pad_ids().tolist() == list(range(446, 478))  # one padding id per position
+    assert toy.pad_ids().tolist() == list(range(446, 462))  # one padding id per position
     assert Layout.from_config(get_config("paper")).length == 1280
 
 
