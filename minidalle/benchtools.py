@@ -97,7 +97,7 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-# The probe's matmul: a toy layer's shape (batch 32 x 96 positions, d_model 128 -> the MLP's 512).
+# The probe's matmul: the size of a toy layer's (3,072 rows, a batch of 32 sequences of 96; d_model 128 -> 512).
 PROBE_SHAPE = (3072, 128, 512)
 THREADS_GAIN = 1.2  # more threads only when they make the probe's matmuls at least this much faster
 
@@ -139,7 +139,7 @@ def choose_threads(seconds: float = 0.2) -> dict:
     on 2 cores, a toy update took 12x as long at 2 threads as at 1. A probe of a few hundred ms sees
     that and picks 1; on a quiet machine it picks them all.
     Example: choose_threads() -> {"threads": 2, "gflops": 61.0, "by_threads": {1: 32.0, 2: 61.0}, "cpus": 2,
-                                  "line": "2 CPU threads (matmul 61 GFLOP/s; 1 thread: 32)"}
+                                  "line": "2 CPU threads of 2 (matmul 61 GFLOP/s; 1 thread: 32)"}
     """
     cpus = available_cpus()
     counts = sorted({1, max(1, cpus // 2), cpus}) if cpus > 2 else sorted({1, cpus})

@@ -318,19 +318,14 @@ def cmd_eval(args, cfg: cfglib.Config) -> dict:
 
 def _eval_seeds(args) -> dict:
     """Several run folders side by side in one generated table (what the README's status table quotes)."""
-    from .files import write_atomic
-    from .pipeline import seeds_markdown, seeds_summary
+    from .pipeline import seeds_markdown, seeds_summary, write_seeds
 
     if not args.runs or not args.out:
         raise ConfigError("eval seeds needs --runs DIR [DIR ...] (run folders `demo --out` wrote) and --out DIR")
     summary = seeds_summary(args.runs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    md = seeds_markdown(summary)
-    write_atomic(out / "seeds.json", json.dumps(summary, indent=2) + "\n")
-    write_atomic(out / "seeds.md", md)
-    print(md)
-    print(f"[eval seeds] -> {out / 'seeds.md'} and {out / 'seeds.json'}")
+    paths = write_seeds(summary, args.out)
+    print(seeds_markdown(summary))
+    print(f"[eval seeds] -> {paths[1]} and {paths[0]}")
     return summary
 
 

@@ -24,8 +24,8 @@ other pair (`one_fact_changed`; a two-object pair tries a swap first, since bind
 transformer gets wrong most often on two-object captions): the changed pair joins the batch, and the
 caption now has its own image one fact away as a competitor, as does the image its caption. A changed
 object count gives an image only: it is a competitor for the captions and has no caption of its own.
-Sampled shapes are often between two shapes, so each pair also brings `clip.morph_negatives` images with a circle, square or diamond drawn as a
-superellipse past halfway to a neighbouring shape (`morphs`), and training images draw theirs a little
+Sampled shapes are often between two shapes, so each pair also brings `clip.morph_negatives` images with
+a circle, square or diamond drawn as a superellipse past halfway to a neighbouring shape (`morphs`), and training images draw theirs a little
 off the exact shape (`clip.morph_jitter`); blur, noise and a colour cast (`augment`) stand in for the
 decoder. Nothing of this needs the dVAE: the reranker reads pixels, and only the BPE is shared.
 
@@ -310,19 +310,21 @@ def one_fact_changed(scene: data.Scene, caption: str, rng: np.random.Generator, 
     """
     spec = parse_caption(caption)
     order = [facts[j] for j in rng.permutation(len(facts))]
-    rounds = [order]
-    if swap_first and len(scene.objects) == 2:  # first the swaps until one is made, then the rest as usual
-        rounds = [[f for f in order if f in SWAPS], order]
     out: list[Negative] = []
-    for first, facts_now in enumerate(rounds):
-        for fact in facts_now:
-            if len(out) == k or (first == 0 and len(rounds) == 2 and out):
-                break
-            if any(neg.fact == fact for neg in out):
-                continue
+    if swap_first and len(scene.objects) == 2 and k > 0:  # the swaps first, until one is made
+        for fact in [f for f in order if f in SWAPS]:
             neg = _negative(fact, scene, spec, rng, avoid_heldout, tries)
             if neg is not None:
                 out.append(neg)
+                break
+    for fact in order:
+        if len(out) == k:
+            break
+        if any(neg.fact == fact for neg in out):
+            continue
+        neg = _negative(fact, scene, spec, rng, avoid_heldout, tries)
+        if neg is not None:
+            out.append(neg)
     return out
 
 

@@ -438,7 +438,7 @@ def machine_speed(cfg: Config, device) -> dict:
     if device.type != "cpu":
         g = round(matmul_gflops(seconds=0.5, device=device), 1)
         return {"gflops": g, "threads": None, "line": f"{device}: fp32 matmul {g:.0f} GFLOP/s"}
-    threads = getattr(cfg.train, "threads", 0)
+    threads = cfg.train.threads
     if threads or _smoke(cfg) or os.environ.get("OMP_NUM_THREADS"):  # the thread count is already chosen
         if threads:
             torch.set_num_threads(threads)
@@ -755,6 +755,15 @@ def seeds_markdown(summary: dict) -> str:
                 cell(r["minutes"], ".1f"), cell(r["machine_gflops"], ".0f")]
         lines.append("| " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
+
+
+def write_seeds(summary: dict, out: str | Path) -> tuple[Path, Path]:
+    """`seeds_summary`'s result as OUT/seeds.json and OUT/seeds.md (written atomically)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "seeds.json", summary)
+    write_atomic(out / "seeds.md", seeds_markdown(summary))
+    return out / "seeds.json", out / "seeds.md"
 
 
 def set_aside(out: str | Path, names: list[str] | None = None) -> Path | None:
