@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -394,7 +394,7 @@ def write_split(out_dir: str | Path, split: str = "train", n: int = 100, image_s
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from .files import OwnedFolder
+    from .infra.files import OwnedFolder
 
     if n < 1:
         raise DataError(f"n={n}: write at least one sample")
@@ -490,13 +490,14 @@ def build_dataset(cfg, split: str = "train"):
         if split not in ("train", "heldout"):
             raise DataError(f"the emoji dataset has no {split!r} split; it has 'train' and 'heldout' (each emoji "
                             "is one image, so there is no val of new images for the training captions)")
-        from .emojiset import EmojiDataset  # optional extra: imported only when asked for
+        from .realdata.emoji import EmojiDataset  # optional extra: imported only when asked for
         return EmojiDataset(cfg.image_size, split=split, max_skip_rate=cfg.max_skip_rate)
     if split != "train":
         raise DataError(f"the {cfg.dataset} dataset has no {split!r} split; only ShapesWorld has "
                         f"val/heldout (and emoji heldout). Evaluate on other images by pointing data.path elsewhere.")
     if not cfg.path:
         raise DataError(f"the {cfg.dataset} dataset needs data.path (e.g. --data.path=/data/my_images)")
-    from .realdata import FolderDataset, TarShardDataset
+    from .realdata.folders import FolderDataset
+    from .realdata.shards import TarShardDataset
     cls = FolderDataset if cfg.dataset == "folder" else TarShardDataset
     return cls(cfg.path, cfg.image_size, seed=cfg.seed, max_skip_rate=cfg.max_skip_rate)

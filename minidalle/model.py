@@ -74,7 +74,14 @@ class Layout:
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block whose attention uses one mask kind (row, column or conv)."""
+    """Pre-LN transformer block whose attention uses one mask kind (row, column or conv).
+
+    `step` is the block's maths, written once: LayerNorm, q/k/v, attention, projection and residual,
+    then LayerNorm, MLP and residual. Only how the queries reach the keys differs between its callers,
+    so each passes its own `attend(qkv) -> y`: training and the likelihood (`forward`: the whole
+    sequence under the mask), the sampler's prefill and decode (`forward_cached`: through the
+    key/value cache) and the compiled decode step (sampling._static_step).
+    """
 
     def __init__(self, cfg: TransformerConfig, kind: str):
         super().__init__()
@@ -87,18 +94,25 @@ class Block(nn.Module):
                                  nn.Linear(cfg.mlp_ratio * d, d))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, bank: MaskBank, impl: str) -> torch.Tensor:
-        B, L, C = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)  # each (B, L, C)
-        q, k, v = (t.view(B, L, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, L, hd)
-        y = attend(q, k, v, self.kind, bank, impl)  # (B, nh, L, hd)
-        return self._finish(x, y)
+    def step(self, x: torch.Tensor, attend_fn) -> torch.Tensor:
+        """x (B, n, C) -> (B, n, C), with attend_fn(qkv (3, B, nh, n, hd)) -> y (B, nh, n, hd).
 
-    def _finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Attention output y (B, nh, n, hd) -> projection, residual, then the MLP half of the block."""
-        B, _, n, _ = y.shape
-        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, n, -1)))
-        return x + self.drop(self.mlp(self.ln2(x)))
+        Written with the functional ops on the block's own weights (the same kernels the modules call):
+        a toy decode step is ~40 small calls, and nn.Module's per-call overhead was a fifth of its time.
+        """
+        B, n, C = x.shape
+        p, train = self.drop.p, self.training  # what nn.Dropout would pass
+        h = F.layer_norm(x, (C,), self.ln1.weight, self.ln1.bias, self.ln1.eps)
+        qkv = F.linear(h, self.qkv.weight, self.qkv.bias).view(B, n, 3, self.n_head, C // self.n_head)
+        y = attend_fn(qkv.permute(2, 0, 3, 1, 4))  # (B, nh, n, hd)
+        x = x + F.dropout(F.linear(y.transpose(1, 2).reshape(B, n, C), self.proj.weight, self.proj.bias), p, train)
+        fc, _, out = self.mlp
+        h = F.layer_norm(x, (C,), self.ln2.weight, self.ln2.bias, self.ln2.eps)
+        return x + F.dropout(F.linear(F.gelu(F.linear(h, fc.weight, fc.bias)), out.weight, out.bias), p, train)
+
+    def forward(self, x: torch.Tensor, bank: MaskBank, impl: str) -> torch.Tensor:
+        """The whole sequence x (B, L, C) under this layer's mask (training, the likelihood)."""
+        return self.step(x, lambda qkv: attend(qkv[0], qkv[1], qkv[2], self.kind, bank, impl))
 
     def forward_cached(self, x: torch.Tensor, kv: torch.Tensor, pos: int, keys: torch.Tensor | None = None,
                        mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -108,25 +122,18 @@ class Block(nn.Module):
         attend either to the cached positions `keys` (index tensor: the positions this layer's mask
         allows for one new position, gathered) or to every position up to pos+n-1 under `mask`
         (n, pos+n) (the prefill of the caption). Either way: the same numbers as `forward` on the
-        whole prefix. See sampling.KVCache.
-
-        For sampling only (eval mode, so no dropout), and written with the functional ops on the
-        block's own weights: a toy decode step is ~40 small calls, and nn.Module's per-call overhead
-        was a fifth of its time.
+        whole prefix. For sampling only (eval mode, no dropout). See sampling.KVCache.
         """
         if self.training:
             raise ConfigError("forward_cached is for sampling: call model.eval() first (it applies no dropout)")
-        B, n, C = x.shape
-        h = F.layer_norm(x, (C,), self.ln1.weight, self.ln1.bias, self.ln1.eps)
-        qkv = F.linear(h, self.qkv.weight, self.qkv.bias).view(B, n, 3, self.n_head, C // self.n_head)
-        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, nh, n, hd)
-        kv[:, :, :, pos:pos + n] = qkv[1:]
-        seen = kv.index_select(3, keys) if keys is not None else kv[:, :, :, :pos + n]  # (2, B, nh, |keys|, hd)
-        y = F.scaled_dot_product_attention(qkv[0], seen[0], seen[1], attn_mask=mask)  # (B, nh, n, hd)
-        x = x + F.linear(y.transpose(1, 2).reshape(B, n, C), self.proj.weight, self.proj.bias)
-        fc, _, out = self.mlp
-        h = F.layer_norm(x, (C,), self.ln2.weight, self.ln2.bias, self.ln2.eps)
-        return x + F.linear(F.gelu(F.linear(h, fc.weight, fc.bias)), out.weight, out.bias)
+
+        def through_cache(qkv: torch.Tensor) -> torch.Tensor:
+            n = qkv.shape[3]
+            kv[:, :, :, pos:pos + n] = qkv[1:]
+            seen = kv.index_select(3, keys) if keys is not None else kv[:, :, :, :pos + n]  # (2, B, nh, |keys|, hd)
+            return F.scaled_dot_product_attention(qkv[0], seen[0], seen[1], attn_mask=mask)
+
+        return self.step(x, through_cache)
 
 
 class DALLE(nn.Module):
@@ -150,35 +157,36 @@ class DALLE(nn.Module):
         self.image_head = nn.Linear(d, layout.image_vocab, bias=False)
         self.bank = MaskBank(layout.text_len, layout.grid, cfg.conv_kernel, compile_flex=compile_flex)
         self.attn_impl, self.attn_reason = "sdpa", "not run yet"  # what the last forward used, and why
-        self.apply(self._init)
-        for block in self.blocks:  # GPT-2: residual projections scaled by depth
-            for w in (block.proj.weight, block.mlp[2].weight):
-                nn.init.normal_(w, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                self.init_parameter(name, p)
+            # The residual projections are drawn a second time, as the first version of this file did
+            # (GPT-2's depth scaling applied after a plain init): their first values are overwritten,
+            # but the draw keeps the random stream, so a seed still gives the model earlier runs trained.
+            for name, p in self.named_parameters():
+                if self._residual(name):
+                    self.init_parameter(name, p)
 
     @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+    def _residual(name: str) -> bool:
+        """The projections that write into the residual stream: each block's attention output and MLP output."""
+        return name.startswith("blocks.") and name.endswith((".proj.weight", ".mlp.2.weight"))
 
-    def init_parameter(self, name: str, t: torch.Tensor, generator: torch.Generator) -> None:
-        """Fill one full parameter tensor `t` by the same rule as __init__, from `generator`: what
-        distributed.materialize calls for a model built on the meta device and sharded (the 12B config).
+    def init_parameter(self, name: str, t: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Fill parameter `name` (the full tensor t) by the model's one init rule, GPT-2's: weights
+        N(0, 0.02), the residual projections N(0, 0.02 / sqrt(2 n_layer)), biases 0, LayerNorms 1 and 0.
 
+        __init__ calls it on every parameter (from the global generator); distributed.materialize calls
+        it for a model built on the meta device and sharded (the 12B config), from `generator`.
         Example: model.init_parameter("blocks.0.proj.weight", torch.empty(d, d), torch.Generator().manual_seed(0))
         """
         owner, _, attr = name.rpartition(".")
-        mod = self.get_submodule(owner)
-        if isinstance(mod, nn.LayerNorm):
+        if isinstance(self.get_submodule(owner), nn.LayerNorm):
             t.fill_(1.0 if attr == "weight" else 0.0)
         elif attr == "bias":
             t.zero_()
         else:
-            residual = owner.startswith("blocks.") and owner.endswith((".proj", ".mlp.2"))
-            std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if residual else 0.02
+            std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if self._residual(name) else 0.02
             t.normal_(0.0, std, generator=generator)
 
     @classmethod
@@ -295,3 +303,21 @@ def flops_per_token(cfg: TransformerConfig, layout: Layout, density: float | Non
     attention = 12 * cfg.n_layer * d * L * density
     return {"weights": 6 * n_weights, "attention": attention, "total": 6 * n_weights + attention,
             "mask_density": density}
+
+
+# --- pairs ---------------------------------------------------------------------------------------------
+def caption_ids(tok, caption: str, layout: Layout, dropout: float = 0.0, seed: int | None = None,
+                truncate: bool = False) -> tuple[list[int], bool]:
+    """`layout.text_len` ids for a caption, padded with one padding id per position, and whether it was cut.
+
+    With dropout, the BPE dropout encoding is used when it fits and the plain one otherwise (dropout
+    splits words into more tokens; a caption is never cut because of it).
+    Example: toy: "a red circle." -> ([ids of the 4 tokens..., 450, 451, ..., 477], False)
+    """
+    T = layout.text_len
+    ids = tok.encode(caption, dropout=dropout, seed=seed) if dropout > 0 else []
+    cut = False
+    if not ids or len(ids) > T:  # the plain encoding: bpe's own refusal (or counted cut) of what does not fit
+        ids, cut = tok.encode_to_length(caption, T, pad_id=-1, truncate=truncate)
+        ids = [i for i in ids if i >= 0]
+    return ids + [layout.text_vocab + p for p in range(len(ids), T)], cut

@@ -235,12 +235,13 @@ def _static_step(model, kv: torch.Tensor, code: torch.Tensor, cell: torch.Tensor
     G = lay.grid
     x = model.image_emb(code) + model.row_emb(cell // G) + model.col_emb(cell % G)  # (B, 1, C)
     for i, block in enumerate(model.blocks):
-        B, n, C = x.shape
-        qkv = block.qkv(block.ln1(x)).view(B, n, 3, block.n_head, C // block.n_head).permute(2, 0, 3, 1, 4)
-        kv[i].index_copy_(3, p.view(1), qkv[1:])
         row = model.bank.dense(block.kind, lay.length, x.device).index_select(0, p.view(1))  # (1, L)
-        y = F.scaled_dot_product_attention(qkv[0], kv[i, 0], kv[i, 1], attn_mask=row)
-        x = block._finish(x, y)
+
+        def whole_cache(qkv, kv=kv[i], row=row):
+            kv.index_copy_(3, p.view(1), qkv[1:])
+            return F.scaled_dot_product_attention(qkv[0], kv[0], kv[1], attn_mask=row)
+
+        x = block.step(x, whole_cache)
     return model.image_head(model.ln_f(x[:, -1]))
 
 
@@ -270,7 +271,7 @@ def sample(model, text: torch.Tensor, temperature: float = 1.0, *, top_k: int = 
     one, for callers that sample in several calls (`generate` streams its candidates chunk by chunk).
     Example: sample(model, text (64, 32), temperature=1.0, top_k=32, guidance=2.0) -> long (64, 64)
     """
-    from .train import resolve_precision
+    from .infra.devices import resolve_precision
 
     check_filters(temperature, top_k, top_p, guidance)
     model.check_inputs(text, torch.zeros(text.shape[0], 0, dtype=torch.long, device=text.device))
@@ -314,7 +315,7 @@ def sample(model, text: torch.Tensor, temperature: float = 1.0, *, top_k: int = 
 def default_chunk(model, device, precision: str = "auto", guidance: float = 1.0) -> int:
     """Rows `sample` runs at once when not told (`rows_per_chunk` for its dtype, halved under guidance,
     whose unconditional twins share the chunk). Example: toy model on the CPU -> 1024"""
-    from .train import resolve_precision
+    from .infra.devices import resolve_precision
 
     dtype = torch.bfloat16 if resolve_precision(precision, device) == "bf16" else next(model.parameters()).dtype
     return max(1, rows_per_chunk(model, device, dtype) // (2 if guidance != 1 else 1))
@@ -371,7 +372,7 @@ def encode_prompts(tok, prompts: list[str], layout, truncate: bool = False,
     Example: encode_prompts(tok, ["A red circle"], layout) -> (ids (1, 32), [{"lowercased": True, ...}])
     """
     from .bpe import TextTooLong
-    from .text_to_image import caption_ids
+    from .model import caption_ids
 
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -433,22 +434,12 @@ def draw(model, dvae, tok, captions: list[str], temperature: float = 1.0, batch_
 @torch.no_grad()
 def decode_images(dvae, codes: torch.Tensor, grid: int, batch_size: int = 512) -> torch.Tensor:
     """Image codes (n, N) -> uint8 images (n, H, W, 3) through the dVAE's decoder, in batches."""
-    from .image_tokenizer import to_uint8
+    from .viz import to_uint8
 
     dev = next(dvae.parameters()).device
     out = [to_uint8(dvae.decode(codes[s:s + batch_size].view(-1, grid, grid).to(dev)).cpu())
            for s in range(0, len(codes), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
-
-
-def evaluate_prompts(model, dvae, tok, captions: list[str], temperature: float = 1.0, batch_size: int = 256,
-                     seed: int = 0, progress: bool = True, **settings) -> tuple[dict, torch.Tensor]:
-    """The judge's accuracy (per attribute, and "overall" = every stated attribute right) of one
-    sample per caption, and the images. Example: -> ({"overall": 0.6, "color": 0.9, ...}, uint8 (n, H, W, 3))"""
-    from .judge import evaluate
-
-    _, images = draw(model, dvae, tok, captions, temperature, batch_size, seed, progress, **settings)
-    return evaluate(list(images), captions, progress=progress), images
 
 
 def warn_unguided(model, guidance: float) -> None:

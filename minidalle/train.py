@@ -47,84 +47,28 @@ with the data continuing from the first sample not yet trained on.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import json
 import math
 import os
-import random
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint as ckpt
-from . import distributed
-from .config import Config, TrainConfig, check_section, smoke_mode
-from .errors import CheckpointError, ConfigError, DataError, MinidalleError
-from .files import set_aside_folder
+from .infra import checkpoint as ckpt
+from .scale import distributed
+from .config import TrainConfig, check_section, smoke_mode
+from .errors import ConfigError, DataError, MinidalleError
+from .infra.devices import (capture_rng_state, pick_device, resolve_precision, restore_rng_state, rng_isolated,
+                            seed_everything, use_fused)
+from .infra.resume import _RANK_SEED, Resuming, _BatchStream, _config_dict, _open_metrics, _splits_itself, _write_line
 
 EVENTS = ("on_fit_start", "on_before_optimizer_step", "on_step_end", "on_eval", "on_checkpoint", "on_fit_end")
 _RESERVED = {"step", "split", "loss", "lr", "grad_norm", "step_ms"}  # keys a loss_fn extra may not use
-_END = object()  # sentinel for "iterator exhausted"
-_RANK_SEED = 1_000_003  # rank r's RNG stream starts at seed + r * this (rank 0: exactly the seed)
-
-
-def pick_device(pref: str = "auto", key: str = "train.device") -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; anything else must name an available device.
-
-    Example: pick_device() -> device(type='cpu') on a laptop without a GPU
-    """
-    mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if pref == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu")
-    try:
-        dev = torch.device(pref)
-    except RuntimeError:
-        raise ConfigError(f"{key}={pref!r} is not a device; use auto, cpu, cuda, cuda:1 or mps") from None
-    if (dev.type == "cuda" and not torch.cuda.is_available()) or (dev.type == "mps" and not mps_ok):
-        raise ConfigError(f"{key}={pref!r} is not available on this machine; use {key}=auto")
-    return dev
-
-
-def resolve_precision(pref: str, device: torch.device) -> str:
-    """train.precision -> "bf16", "fp16" or "fp32". auto: bf16 autocast on CUDA (its tensor cores), fp32 elsewhere
-    (CPU bf16 matmuls are slower than fp32 on most CPUs). Example: resolve_precision("auto", cpu) -> "fp32"
-    """
-    if pref == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return pref
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python's `random`, numpy's global RNG and torch (all devices).
-
-    Example: seed_everything(0); a = torch.rand(1); seed_everything(0); torch.rand(1) == a -> True
-    """
-    random.seed(seed)
-    np.random.seed(seed % 2**32)  # numpy only takes seeds in [0, 2**32)
-    torch.manual_seed(seed)
-
-
-@contextmanager
-def rng_isolated(seed: int):
-    """Run a block with every RNG seeded to `seed`, then put all RNG states back as they were.
-
-    Evaluation and the start of each data epoch run inside this, so turning eval on or off, or
-    fast-forwarding data on resume, never shifts the random numbers the training updates see.
-    Example: with rng_isolated(0): x = torch.rand(1)  # same x every time; outside RNG untouched
-    """
-    saved = ckpt.capture_rng_state()
-    seed_everything(seed)
-    try:
-        yield
-    finally:
-        ckpt.restore_rng_state(saved)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -160,44 +104,7 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim
                              fused=use_fused(params, cfg))
 
 
-def use_fused(params, cfg: TrainConfig) -> bool | None:
-    """True where the fused AdamW serves every parameter: plain tensors (fsdp's sharded ones are left to the
-    default), floating point, all on the CPU or all on one CUDA device. None: let torch pick (foreach)."""
-    kinds = {p.device.type for p in params}
-    ok = cfg.parallel != "fsdp" and len(kinds) == 1 and kinds <= {"cpu", "cuda"} and all(p.is_floating_point()
-                                                                                            for p in params)
-    return True if ok else None
-
-
-def set_fused(optimizer: torch.optim.Optimizer, fused: bool | None) -> None:
-    """After load_state_dict: the fused flag the checkpoint carried is replaced by this run's choice."""
-    for group in optimizer.param_groups:
-        group["fused"] = fused
-        if fused:
-            group["foreach"] = None  # fused and foreach are exclusive
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """Parse `metrics.jsonl` (or the one inside a run folder) into a list of dicts.
-
-    Example: read_metrics("runs/smoke")[0] -> {"step": 1, "split": "train", "loss": 5.41, ...}
-    """
-    path = Path(path)
-    path = path / "metrics.jsonl" if path.is_dir() else path
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()
-    out = []
-    for i, line in enumerate(lines):
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            if i != len(lines) - 1:  # only the very last line can be torn (by a crash mid-write)
-                raise DataError(f"{path} line {i + 1} is not JSON: {line[:80]!r}") from None
-    return out
-
-
-class Trainer:
+class Trainer(Resuming):
     """Trains `model` by minimising `loss_fn(model, batch)`; see the module docstring for the loop.
 
     Args:
@@ -205,34 +112,33 @@ class Trainer:
             sharded in place (fsdp) as cfg.parallel says: `trainer.model` is what the loss sees,
             `trainer.module` the model itself. Under fsdp a model built on the meta device is
             materialised slice by slice (it needs `init_parameter`, see distributed.materialize).
-        cfg: a TrainConfig, or a whole Config (its `.train` is used and all of it is saved).
+        cfg: the TrainConfig of this stage (a run's `cfg.train`, `cfg.dvae_train` or `cfg.clip_train`).
         train_data: `batch_at(i) -> batch` (exact, instant resume) or a re-iterable of batches.
         loss_fn: `loss_fn(model, batch) -> loss` or `-> (loss, {name: float})`; loss a 0-d tensor.
         eval_data: like train_data; evaluation uses its first cfg.eval_batches batches every time.
-        config: what to store as `config.json` in each checkpoint (Config or JSON-able dict);
-            default: the Config passed as cfg, else {"train": cfg}.
+        config: what to store as `config.json` in each checkpoint: the whole run's config (anything
+            with `to_dict()`) or a JSON-able dict; default {section: cfg}.
         progress: show a tqdm bar with the live loss.
         out_flag: the command-line setting that chose cfg.out_dir, named in messages about the folder
             (default `--<section>.out_dir`; `demo` passes `--out`).
-        section: which section of the run config cfg is, for messages (`clip_train.lr`); default: found
-            by identity in the Config passed as cfg or config, else "train".
+        section: which section of the run's config cfg is, so messages name the key the user types
+            (`--dvae_train.out_dir`, not `train.out_dir`); default "train".
         log: where the line saying how many CPU threads a fit runs on goes (`_pick_threads`).
     Example: Trainer(model, TrainConfig(max_steps=100), batch_at, loss_fn).fit()
              -> {"train": [100 dicts like {"step": 1, "loss": 5.4, "lr": ...}], "eval": [...]}
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig | Config, train_data, loss_fn: Callable,
-                 eval_data=None, config: Config | dict | None = None, progress: bool = True,
-                 out_flag: str | None = None, section: str | None = None, log: Callable[[str], None] = print):
-        if isinstance(cfg, Config):
-            config, cfg = (cfg if config is None else config), cfg.train
-        # Which section of the run config these settings are (train, dvae_train, ...), so messages
-        # name the key the user types: --dvae_train.out_dir, not train.out_dir.
-        self.section = section or next((f.name for f in dataclasses.fields(Config) if isinstance(config, Config)
-                                        and getattr(config, f.name) is cfg), "train")
-        check_section(cfg, self.section)
-        self.out_flag = out_flag or f"--{self.section}.out_dir"
-        self.cfg, self.config = cfg, _config_dict(cfg, config)
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, train_data, loss_fn: Callable,
+                 eval_data=None, config=None, progress: bool = True, out_flag: str | None = None,
+                 section: str = "train", log: Callable[[str], None] = print):
+        if not isinstance(cfg, TrainConfig):
+            raise ConfigError(f"Trainer takes the TrainConfig of one stage (a run's cfg.train, cfg.dvae_train or "
+                              f"cfg.clip_train, with section= naming it), not a {type(cfg).__name__}; pass the whole "
+                              f"run's config as config= to save it in each checkpoint")
+        self.section = section
+        check_section(cfg, section)
+        self.out_flag = out_flag or f"--{section}.out_dir"
+        self.cfg, self.config = cfg, _config_dict(cfg, section, config)
         device = pick_device(cfg.device, f"{self.section}.device")
         self.precision = resolve_precision(cfg.precision, device)
         # The process group (if any) and this rank's device; then the model is wrapped or sharded, and
@@ -346,7 +252,7 @@ class Trainer:
         stream = _BatchStream(self.train_data, cfg.seed, start=self.step * cfg.grad_accum, rank=ctx.rank,
                               world=ctx.world, split_by_rank=split, offset=self._data_offset)
         if rng is not None:
-            ckpt.restore_rng_state(rng)  # after the fast-forward, which must not disturb it
+            restore_rng_state(rng)  # after the fast-forward, which must not disturb it
         self.history, self._stop = {"train": [], "eval": []}, False
         self.model.train()
         self.threads = self._pick_threads(ctx)
@@ -511,7 +417,7 @@ class Trainer:
         Every process calls this together. ddp: rank 0 writes the usual folder (the copies are equal);
         fsdp: each process writes its slices into one sharded folder (checkpoint.save_sharded).
         """
-        rngs = distributed.gather(ckpt.capture_rng_state(), self.dist)
+        rngs = distributed.gather(capture_rng_state(), self.dist)
         state = {"step": self.step, "rng": rngs[0], "rng_ranks": rngs, "world": self.dist.world,
                  "micro_batches": self._data_offset + self.step * self.cfg.grad_accum * self.dist.world,
                  "loss": self.loss, "skipped": self.skipped,  # loss: so a finished run, resumed, says where it ended
@@ -537,28 +443,6 @@ class Trainer:
         self._fire("on_checkpoint")
         return self.last_checkpoint
 
-    def _agreed_resume_point(self, resume, start_over: bool) -> ckpt.Loaded | None:
-        """`_resume_point` on rank 0 (which may warn, refuse or set the run aside), then the same
-        checkpoint read on every other process; an error on rank 0 stops them all."""
-        if not self.dist.active or self.dist.world == 1:
-            return self._resume_point(resume, start_over)
-        start, err = None, None
-        if self.dist.main:
-            try:
-                start = self._resume_point(resume, start_over)
-            except Exception as e:  # noqa: BLE001 -- rank 0's reason is the others' reason to stop
-                err = e
-        chosen = distributed.broadcast(("error", str(err)) if err else ("ok", start and str(start.path)), self.dist)
-        if err is not None:
-            raise err
-        if chosen[0] == "error":
-            raise CheckpointError(f"rank 0 could not resume: {chosen[1]}")
-        if self.dist.main or chosen[1] is None:
-            return start
-        loaded = ckpt.read_checkpoint(chosen[1], full_weights=False, verify=False)  # rank 0 checked every file
-        _check_state(loaded)
-        return loaded
-
     def _pick_threads(self, ctx) -> dict | None:
         """On a CPU, set torch's thread count for this fit and say so: cfg.threads when set, else what
         benchtools.choose_threads measures now (one thread when others load the machine). Left alone
@@ -572,58 +456,13 @@ class Trainer:
         elif smoke_mode() or os.environ.get("OMP_NUM_THREADS"):
             return None
         else:
-            from .benchtools import choose_threads
+            from .infra.machine import choose_threads
 
             info = choose_threads()
         if ctx.main:
             self.log(f"[{self.section}] {info['line']}")
         return info
 
-    def _load(self, start: ckpt.Loaded) -> None:
-        """Put a checkpoint's weights, optimizer moments, EMA and loss scale into this run."""
-        if start.sharded:  # any number of processes, sharded or not: each reads its own slices
-            if self.dist.parallel != "fsdp" and not self._trust_sharded:
-                raise ckpt.UntrustedCheckpoint(
-                    f"{start.path} is a sharded (FSDP) checkpoint and this run is not fsdp: resuming it means "
-                    f"unpickling its {ckpt.SHARDED_DIR}/.metadata, and a pickle can run any code. If your own run "
-                    f"wrote it, pass --trust-sharded (trust_sharded=True), or resume it with "
-                    f"--{self.section}.parallel=fsdp under torchrun; else start over (--start-over)")
-            try:
-                has_ema = ckpt.load_sharded(start.path, self.model, self.optimizer, self.ema)
-            except CheckpointError as e:
-                raise CheckpointError(f"{e}{self._changed_since(start)}") from None
-            if not has_ema and self.ema is not None:
-                self._load_ema(start)  # EMA just switched on: it starts from the loaded weights
-        else:
-            if self.dist.parallel == "fsdp":
-                raise CheckpointError(f"{start.path} is a full checkpoint (written by a ddp or single-process run); "
-                                      f"an fsdp run resumes from the sharded checkpoints it writes. Resume it with "
-                                      f"--{self.section}.parallel=ddp, or start over")
-            # Names and shapes first (a changed architecture, named as such), then the optimizer, whose
-            # load checks the parameter counts before changing anything, then the copy: a checkpoint
-            # that does not fit leaves the model and optimizer exactly as they were.
-            problems = ckpt.weight_problems(self.module, start.tensors)
-            if problems:
-                raise CheckpointError(f"{start.path} holds the weights of another architecture than this model "
-                                      f"({'; '.join(problems)}){self._changed_since(start)}. Resume with the "
-                                      f"settings it was saved with, or start over with --start-over (start_over=True)")
-            try:
-                self.optimizer.load_state_dict(start.state["optimizer"])
-                set_fused(self.optimizer, use_fused([p for g in self.optimizer.param_groups for p in g["params"]],
-                                                    self.cfg))
-            except (ValueError, KeyError, RuntimeError) as e:
-                raise CheckpointError(f"{start.path / ckpt.STATE_FILE}: its optimizer state does not fit this "
-                                      f"model's parameters ({e})") from None
-            ckpt.apply_weights(self.module, start.tensors, start.path / ckpt.MODEL_FILE)
-            if self.ema is not None:
-                self._load_ema(start)
-        if self.scaler is not None and isinstance(start.state.get("scaler"), dict):
-            self.scaler.load_state_dict(start.state["scaler"])
-
-    def _changed_since(self, start: ckpt.Loaded) -> str:
-        """"; settings changed since it was saved: model.n_layer: 2 -> 4, ..." ("" when none did)."""
-        changes = [c for c in _config_changes(start.config, self.config) if not c.split(":")[0].endswith("out_dir")]
-        return f"; settings changed since it was saved: {', '.join(changes[:6])}" if changes else ""
 
     @property
     def train_seconds(self) -> float:
@@ -632,189 +471,14 @@ class Trainer:
         running = time.perf_counter() - self._fit_t0 if self._fit_t0 is not None else self._fit_seconds
         return self.seconds_before + running
 
-    def _rank_rng(self, start: ckpt.Loaded) -> dict | None:
-        """This process's saved RNG state; None (fresh per-rank seeds) when the world size changed."""
-        ranks = start.state.get("rng_ranks")
-        if isinstance(ranks, list) and len(ranks) == self.dist.world:
-            return ranks[self.dist.rank]
-        saved_world = len(ranks) if isinstance(ranks, list) else 1
-        if saved_world == self.dist.world == 1:
-            return start.state["rng"]
-        if self.dist.main:
-            warnings.warn(f"{start.path.name} was saved by {saved_world} processes and resumes on {self.dist.world}: "
-                          "weights, optimizer moments and the data continue exactly; the random streams (dropout) "
-                          "start afresh", stacklevel=4)
-        seed_everything(self.cfg.seed + _RANK_SEED * self.dist.rank + start.step)
-        return None
-
-    def _resume_point(self, resume, start_over: bool) -> ckpt.Loaded | None:
-        """The checkpoint fit() starts from, read back and checked (None = from scratch); see fit()."""
-        existing = ckpt.list_checkpoints(self.ckpt_root)
-        if start_over:
-            self._set_aside()
-            return None
-        if resume is False or resume is None:
-            if existing:
-                raise CheckpointError(f"{self.ckpt_root} already holds checkpoints ({existing[-1][1].name}, ...); "
-                                      f"continue that run with --resume (resume=True in Python), start over with "
-                                      f"--start-over (start_over=True), or choose another folder ({self.out_flag})")
-            return None
-        if resume is True:
-            loaded, rejected = ckpt.find_resumable(self.ckpt_root, check=_check_state, full_weights=False)
-            if loaded is None and rejected:
-                why = "; ".join(f"{p.name}: {reason.replace(str(p) + os.sep, '')}" for p, reason in rejected)
-                raise CheckpointError(f"cannot resume: none of the {len(rejected)} checkpoints in {self.ckpt_root} "
-                                      f"can be read ({why}). Nothing was changed. Start over with --start-over "
-                                      f"(start_over=True), which moves them into {self.out_dir}/set-aside-<time>/")
-            for p, reason in rejected:
-                ckpt.warn_skipped(p, reason, stacklevel=4)
-            return loaded
-        loaded = ckpt.read_checkpoint(resume, full_weights=False)  # an explicitly named checkpoint must be intact
-        _check_state(loaded)
-        newer = [p.name for s, p in existing if s > loaded.step]
-        if newer:
-            warnings.warn(f"resuming from step {loaded.step} while newer checkpoints exist "
-                          f"({', '.join(newer)}); they are overwritten as training reaches their steps", stacklevel=4)
-        return loaded
-
-    def _set_aside(self) -> Path | None:
-        """Move this run's checkpoints and metrics into out_dir/set-aside-<time>/ (start_over=True)."""
-        parts = [p for p in (self.ckpt_root, self.out_dir / "metrics.jsonl") if p.exists()]
-        if not parts:
-            return None
-        aside = set_aside_folder(self.out_dir)  # two restarts in one second get two folders
-        for part in parts:
-            os.rename(part, aside / part.name)
-        ckpt.fsync_dir(self.out_dir)  # the moves survive a power cut
-        warnings.warn(f"starting over: the previous run's {' and '.join(p.name for p in parts)} moved to {aside}",
-                      stacklevel=5)
-        return aside
-
-    def _warn_if_config_changed(self, start: ckpt.Loaded) -> None:
-        """Warn, listing each key, when this run's config differs from the one saved at `start`.
-
-        The LR schedule is a pure function of the config, so a changed train.max_steps or
-        train.warmup_steps silently bends the rest of the curve. A warning, not an error: resuming
-        with a larger max_steps to train longer is a normal thing to do.
-        """
-        changes = _config_changes(start.config, self.config)
-        if changes:
-            warnings.warn(f"resuming from {start.path.name} with a config that differs from the one it was saved "
-                          "with; the resumed run uses the new values:\n  " + "\n  ".join(changes), stacklevel=4)
-
-    def _load_ema(self, start: ckpt.Loaded) -> None:
-        """Continue the saved EMA; a checkpoint saved without one (EMA just switched on) starts it from its weights."""
-        saved = start.state.get("ema")
-        if not isinstance(saved, dict) or set(saved) != set(self.ema):
-            warnings.warn(f"{start.path.name} holds no EMA of these weights; the EMA starts from them now", stacklevel=5)
-            saved = {k: v for k, v in self.module.state_dict().items() if k in self.ema}
-        for k, v in saved.items():
-            self.ema[k].copy_(v.float())
-
     def _fire(self, event: str) -> None:
         for fn in self.callbacks[event]:
             fn(self)
 
 
-class _BatchStream:
-    """Hands out one process's training micro-batches in order, and can start again at any of them.
-
-    `start` counts this process's micro-batches already consumed. With `world` processes, process
-    `rank` reads global batch j = offset + k * world + rank for its k-th micro-batch (offset: nonzero
-    only after a resume that changed grad_accum x world): `batch_at(j)` directly,
-    or, from an iterable every process walks identically, every world-th batch. An iterable that
-    already gives each process its own share (`split_by_rank`: the folder and tar datasets split their
-    files by rank) is read whole; its ranks may hold unequal numbers of batches, and each simply
-    starts its next epoch sooner: every process still makes exactly max_steps updates, so none waits.
-    Example: _BatchStream(lambda i: i, seed=0, start=5).next() -> 5
-             _BatchStream(lambda i: i, seed=0, start=5, rank=1, world=2).next() -> 11
-    """
-
-    def __init__(self, data, seed: int, start: int = 0, rank: int = 0, world: int = 1, split_by_rank: bool = False,
-                 offset: int = 0):
-        self.data, self.seed, self.epoch, self._it, self.offset = data, seed, -1, None, offset
-        self.rank, self.world = (0, 1) if split_by_rank else (rank, world)
-        self.k = start if callable(data) else 0  # this process's micro-batches handed out
-        self._drawn = 0  # iterables: batches drawn from the shared stream
-        while self.k < start:  # an iterable cannot jump: draw the consumed batches and drop them
-            self.next()
-
-    def next(self):
-        j = self.offset + self.k * self.world + self.rank
-        if callable(self.data):
-            batch = self.data(j)
-        else:
-            while True:
-                batch = self._draw()
-                self._drawn += 1
-                if self._drawn - 1 == j:
-                    break
-        self.k += 1
-        return batch
-
-    def _draw(self):
-        batch = _END if self._it is None else next(self._it, _END)
-        if batch is _END:
-            self._it = self._new_epoch()
-            batch = next(self._it)
-        return batch
-
-    def _new_epoch(self):
-        """A fresh iterator whose shuffle depends only on seed + epoch (not on where training is)."""
-        self.epoch += 1
-        # Draw the first batch inside the pinned RNG too: a DataLoader picks its shuffle order on the
-        # first next(), not in iter(), so pinning only iter() left resumed runs with another order.
-        set_epoch(self.data, self.epoch)
-        with rng_isolated(self.seed + self.epoch):
-            it = iter(self.data)
-            first = next(it, _END)
-        if first is _END:
-            raise DataError(f"train_data yielded no batches in epoch {self.epoch}; pass a re-iterable "
-                            "(list, DataLoader) or a batch_at(i) callable, not a one-shot generator")
-        return itertools.chain([first], it)
-
-
-def _check_state(loaded: ckpt.Loaded) -> None:
-    """Refuse a checkpoint whose state.pt lacks what an exact resume needs (a CheckpointError, so
-    a resume falls back to an older checkpoint rather than stopping)."""
-    state, where = loaded.state, loaded.path / ckpt.STATE_FILE
-    problems = []
-    if state.get("step") != loaded.step:
-        problems.append(f"step {state.get('step')!r} (the manifest says {loaded.step})")
-    opt = state.get("optimizer")
-    if not loaded.sharded and not (isinstance(opt, dict) and isinstance(opt.get("state"), dict)
-                                   and isinstance(opt.get("param_groups"), list)):
-        problems.append("no optimizer state")  # (a sharded checkpoint keeps it in sharded/)
-    rng = state.get("rng")
-    if not (isinstance(rng, dict) and {"python", "numpy", "torch"} <= set(rng)):
-        problems.append("no RNG states")
-    if problems:
-        raise CheckpointError(f"{where} is not a training state: {', '.join(problems)}")
-
-
-def _splits_itself(data) -> bool:
-    """True when the data (or a DataLoader's dataset) deals itself out by rank (`splits_by_rank`)."""
-    return any(getattr(part, "splits_by_rank", False) for part in (data, getattr(data, "dataset", None)))
-
-
 def _to_float(t) -> float:
     """A 0-d tensor's value; an FSDP norm arrives as a replicated DTensor."""
     return float(t.full_tensor()) if hasattr(t, "full_tensor") else float(t)
-
-
-def set_epoch(data, epoch: int) -> None:
-    """Tell the data which epoch starts, wherever it listens: the data itself, a DataLoader's
-    dataset (the folder and tar datasets reshuffle by seed and epoch) or its sampler (a
-    DistributedSampler). Without this every epoch of those datasets had the same order.
-
-    Example: set_epoch(DataLoader(FolderDataset(...)), 3) -> dataset.epoch == 3
-    """
-    seen = []
-    for part in (data, getattr(data, "dataset", None), getattr(data, "sampler", None)):
-        fn = getattr(part, "set_epoch", None)
-        if callable(fn) and not any(part is s for s in seen):
-            fn(epoch)
-            seen.append(part)
 
 
 def _unpack_loss(out, where: str, section: str, need_grad: bool) -> tuple[torch.Tensor, float, dict[str, float]]:
@@ -842,46 +506,6 @@ def _unpack_loss(out, where: str, section: str, need_grad: bool) -> tuple[torch.
     return loss, value, {str(k): float(v) for k, v in extras.items()}
 
 
-def _config_dict(cfg: TrainConfig, config) -> dict:
-    """What goes into each checkpoint's config.json."""
-    if config is None:
-        return {"train": dataclasses.asdict(cfg)}
-    if isinstance(config, Config):
-        return config.to_dict()
-    try:
-        json.dumps(config)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"config must be a Config or a JSON-serialisable dict ({e})") from None
-    return dict(config)
-
-
-def _config_changes(old: dict, new: dict) -> list[str]:
-    """Every setting that differs between two nested config dicts, as "dotted.key: old -> new" lines.
-
-    Both sides go through JSON first, so a tuple in a live config equals the list it was saved as.
-    Example: {"train": {"max_steps": 100, "lr": 0.1}}, {"train": {"max_steps": 200, "lr": 0.1}}
-             -> ["train.max_steps: 100 -> 200"]
-    """
-    old, new = _flatten(json.loads(json.dumps(old))), _flatten(json.loads(json.dumps(new)))
-
-    def show(d: dict, key: str) -> str:  # a key only one side has: a field added or removed since
-        return repr(d[key]) if key in d else "(absent)"
-
-    return [f"{k}: {show(old, k)} -> {show(new, k)}" for k in sorted(old.keys() | new.keys())
-            if k not in old or k not in new or old[k] != new[k]]
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    """Example: {"train": {"lr": 0.1}, "seed": 0} -> {"train.lr": 0.1, "seed": 0}"""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _to_device(batch, device: torch.device):
     """Move every tensor inside a batch (tensor, tuple, list or dict, nested) to `device`."""
     if isinstance(batch, torch.Tensor):
@@ -893,19 +517,3 @@ def _to_device(batch, device: torch.device):
     return batch
 
 
-def _open_metrics(path: Path, keep_upto: int):
-    """Open metrics.jsonl for appending, first dropping lines past `keep_upto` (logged after the
-    checkpoint we resume from, so they will be logged again) -- the file then reads as one clean run."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    kept = [r for r in read_metrics(path) if r.get("step", 0) <= keep_upto] if keep_upto else []
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)  # atomic: a crash here leaves the old file or the new one, never half
-    return open(path, "a")
-
-
-def _write_line(f, record: dict) -> None:
-    if f is None:  # not rank 0
-        return
-    f.write(json.dumps(record) + "\n")
-    f.flush()  # one line per flush: `tail -f` and a crashed run both see every finished step

@@ -138,3 +138,8 @@ def save_ranked_grid(prompts: list[str], images, scores, path: str | Path, title
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float (B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3), the datasets' layout."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minidalle import checkpoint as ckpt
-from minidalle import distributed
+from minidalle.infra import checkpoint as ckpt
+from minidalle.scale import distributed
 from minidalle.config import TrainConfig
 from minidalle.train import Trainer
 
@@ -59,7 +59,7 @@ def loss_fn(model, batch):
 
 def folder_batches(path: str):
     """A DataLoader over a folder dataset: each rank reads its own files (one image per batch)."""
-    from minidalle.realdata import FolderDataset
+    from minidalle.realdata.folders import FolderDataset
 
     ds = FolderDataset(path, 8, min_files=1)
     return torch.utils.data.DataLoader(ds, batch_size=1, collate_fn=lambda items: torch.stack([im for im, _ in items]))

@@ -1,4 +1,4 @@
-"""Tests for minidalle.attention_bench: the benchmark's plumbing, not the speed it measures.
+"""Tests for minidalle.bench.attention: the benchmark's plumbing, not the speed it measures.
 
 Speed is for `python -m minidalle bench attention`, not for unit tests on a shared 2-core CI box, so
 these run a tiny layout with eager flex and check the shape of the result: the keys are there and
@@ -14,9 +14,9 @@ import time
 import pytest
 import torch
 
-from minidalle import attention, attention_bench
-from minidalle.attention_bench import (TARGETS, benchmark_attention, check_targets, format_attention_benchmark,
-                                       interleaved)
+from minidalle import attention
+from minidalle.bench import attention as attention_bench
+from minidalle.bench.attention import TARGETS, benchmark_attention, check_targets, format_attention_benchmark, interleaved
 
 TINY = ((8, 4),)  # 8 text tokens + a 4x4 grid: 24 tokens, kernel 3
 

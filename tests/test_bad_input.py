@@ -21,8 +21,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minidalle import checkpoint as ckpt
-from minidalle.cli import main
+from minidalle.infra import checkpoint as ckpt
+from minidalle.cli.main import main
 from minidalle.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]

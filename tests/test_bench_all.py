@@ -1,4 +1,4 @@
-"""Tests for minidalle.bench_all: the plumbing of `bench all`, with every benchmark replaced by a fake.
+"""Tests for minidalle.bench.suite: the plumbing of `bench all`, with every benchmark replaced by a fake.
 
 The fakes return figures drawn at random for each test, so a summary that shows them got them from
 the benchmark's result, and targets are judged on those numbers, not on values written here.
@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from minidalle import attention_bench, bench_all, bpe_bench, image_tokenizer, judge, pipeline, sampling_bench
-from minidalle.cli import main
+from minidalle.bench import attention as attention_bench, suite as bench_all, bpe as bpe_bench, sampling as sampling_bench
+from minidalle.stages import report as reporting
+from minidalle.bench import dvae as dvae_bench, judge as judge_bench
+from minidalle.cli.main import main
 from minidalle.config import get_config
 from minidalle.errors import CheckpointError, ConfigError, DataError
 
@@ -50,16 +52,16 @@ class Fakes:
         }
         self.quality = {"val_all_best16": u(), "val_all_single": u(), "heldout_all_best16": u(),
                         "heldout_all_single": u(), "val_gain": u(), "n_prompts": rng.randint(2, 9)}
-        for module, name, key in ((judge, "benchmark", "judge"), (image_tokenizer, "benchmark_dvae", "dvae"),
+        for module, name, key in ((judge_bench, "benchmark", "judge"), (dvae_bench, "benchmark_dvae", "dvae"),
                                   (bpe_bench, "benchmark_bpe", "bpe"),
                                   (attention_bench, "benchmark_attention", "attention"),
                                   (sampling_bench, "benchmark_sampling", "sampling")):
             monkeypatch.setattr(module, name, self._fake(key))
-        for module, name in ((judge, "format_benchmark"), (image_tokenizer, "format_dvae_benchmark"),
+        for module, name in ((judge_bench, "format_benchmark"), (dvae_bench, "format_dvae_benchmark"),
                              (bpe_bench, "format_bpe_benchmark"), (attention_bench, "format_attention_benchmark"),
                              (sampling_bench, "format_sampling_benchmark")):
             monkeypatch.setattr(module, name, lambda r: "a text report")
-        monkeypatch.setattr(pipeline, "evaluate_run", self._fake_eval)
+        monkeypatch.setattr(reporting, "evaluate_run", self._fake_eval)
 
     def _fake(self, key):
         def bench(*args, **kwargs):
@@ -171,7 +173,7 @@ def test_an_interrupt_keeps_what_was_measured(tmp_path, fakes, monkeypatch):
         fakes.calls.append(("dvae", args, kwargs))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(image_tokenizer, "benchmark_dvae", dvae_killed)
+    monkeypatch.setattr(dvae_bench, "benchmark_dvae", dvae_killed)
     with pytest.raises(KeyboardInterrupt):
         bench_all.bench_all(_args(tmp_path), get_config("smoke"))
     assert fakes.names() == ["judge", "dvae"]

@@ -2,7 +2,7 @@
 
 import torch
 
-from minidalle.benchtools import alternate, calls_for, judge_targets, rounded
+from minidalle.bench.tools import alternate, calls_for, judge_targets, rounded
 
 
 def test_alternate_swaps_the_order_and_counts_repeats_already_done():
@@ -25,14 +25,14 @@ def test_judge_targets_on_both_sides_of_the_bound():
 
 
 def test_choose_threads_takes_more_threads_only_when_they_pay(monkeypatch):
-    from minidalle import benchtools
+    from minidalle.infra import machine
 
-    monkeypatch.setattr(benchtools, "available_cpus", lambda: 2)
+    monkeypatch.setattr(machine, "available_cpus", lambda: 2)
     before = torch.get_num_threads()
     try:
         for rates, want in (({1: 30.0, 2: 58.0}, 2), ({1: 30.0, 2: 33.0}, 1), ({1: 30.0, 2: 8.0}, 1)):
-            monkeypatch.setattr(benchtools, "matmul_gflops", lambda t, s, r=rates: r[t])
-            info = benchtools.choose_threads()
+            monkeypatch.setattr(machine, "matmul_gflops", lambda t, s, r=rates: r[t])
+            info = machine.choose_threads()
             assert info["threads"] == want and torch.get_num_threads() == want
             assert info["gflops"] == rates[want] and f"{want} CPU thread" in info["line"]
     finally:
@@ -40,7 +40,7 @@ def test_choose_threads_takes_more_threads_only_when_they_pay(monkeypatch):
 
 
 def test_matmul_gflops_measures_and_restores_the_thread_count():
-    from minidalle.benchtools import matmul_gflops
+    from minidalle.infra.machine import matmul_gflops
 
     before = torch.get_num_threads()
     assert matmul_gflops(1, 0.05) > 0.1  # any CPU multiplies faster than 0.1 GFLOP/s

@@ -12,9 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidalle.bpe import (GPT4_SPLIT_PATTERN, BasicTokenizer, RegexTokenizer, Tokenizer, merge_pair, sanitize,
-                           train_merges)
-from minidalle.bpe_bench import naive_merges
+from minidalle.bpe import GPT4_SPLIT_PATTERN, BasicTokenizer, RegexTokenizer, Tokenizer, merge_pair, sanitize, train_merges
+from minidalle.bench.bpe import naive_merges
 from minidalle.data import ShapesWorld
 from minidalle.errors import ConfigError, DataError
 
@@ -482,7 +481,7 @@ def test_property_padding_and_truncation(text, length):
 def test_bench_bpe_runs_small_and_reports_every_figure(capsys):
     pytest.importorskip("tiktoken")
     pytest.importorskip("tokenizers")
-    from minidalle.bpe_bench import benchmark_bpe, source_corpus
+    from minidalle.bench.bpe import benchmark_bpe, source_corpus
 
     assert len(source_corpus(0.25).encode("utf-8")) <= 2**18
     r = benchmark_bpe(mib=0.25, vocab_size=600, n_captions=300, naive_kib=8, naive_merges_n=40, progress=False)

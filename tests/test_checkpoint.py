@@ -16,11 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minidalle import checkpoint as ckpt
-from minidalle import files
+from minidalle.infra import checkpoint as ckpt
+from minidalle.infra import devices
+from minidalle.infra import files
 from minidalle.config import TrainConfig
 from minidalle.errors import CheckpointError, ConfigError
-from minidalle.train import Trainer, read_metrics
+from minidalle.infra.resume import read_metrics
+from minidalle.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -379,9 +381,9 @@ def test_gpu_checkpoint_resumes_on_cpu(tmp_path):
 
 def test_rng_state_round_trip():
     import random
-    state = ckpt.capture_rng_state()
+    state = devices.capture_rng_state()
     first = (random.random(), np.random.rand(), torch.rand(1).item())
-    ckpt.restore_rng_state(state)
+    devices.restore_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
 
 
@@ -500,7 +502,7 @@ def test_a_second_trainer_on_the_same_folder_is_refused(tmp_path):
 
 
 def test_a_lock_held_by_another_process_is_refused_and_a_dead_ones_lock_replaced(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from minidalle.checkpoint import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from minidalle.infra.checkpoint import RunLock; "
                                f"RunLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
@@ -542,7 +544,7 @@ def test_start_over_and_an_explicit_checkpoint_together_are_refused(saved):
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs POSIX fork")
 def test_a_forked_child_does_not_keep_its_parents_lock(tmp_path):
     """DataLoader workers are forked: if they inherited the lock, it would outlive a killed trainer."""
-    script = (f"import os, sys, time; from minidalle.checkpoint import RunLock; RunLock({str(tmp_path)!r}).acquire()\n"
+    script = (f"import os, sys, time; from minidalle.infra.checkpoint import RunLock; RunLock({str(tmp_path)!r}).acquire()\n"
               "if os.fork() == 0:\n    time.sleep(30); os._exit(0)\n"
               "print('locked', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO,

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from minidalle.cli import main
+from minidalle.cli.main import main
 from minidalle.config import get_config
 
 
@@ -111,7 +111,7 @@ def test_train_bpe_refuses_a_text_len_that_would_cut_training_captions(tmp_path,
 def test_every_caption_shapesworld_can_write_fits_the_toy_text_length():
     # The full toy recipe (50,000 training captions, not the smoke cap), as `make demo` trains it.
     from minidalle.bpe import RegexTokenizer
-    from minidalle.text_to_image import training_captions
+    from minidalle.stages.text_tokenizer import training_captions
     from minidalle.data import longest_caption
 
     cfg = get_config("toy", smoke=False)

@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from minidalle import clip
+from minidalle.stages import reranker
 from minidalle import data
 from minidalle.bpe import RegexTokenizer
-from minidalle.cli import main
+from minidalle.cli.main import main
 from minidalle.config import get_config
 from minidalle.errors import CheckpointError, DataError
 from minidalle.judge import binding_swap, judge
-from minidalle.text_to_image import caption_ids
+from minidalle.model import caption_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in tests/conftest.py
 
@@ -29,7 +30,7 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def tok(cfg):
-    from minidalle.text_to_image import training_captions
+    from minidalle.stages.text_tokenizer import training_captions
 
     return RegexTokenizer(lowercase=True).train(training_captions(cfg.data), cfg.text.vocab_size, progress=False)
 
@@ -141,7 +142,7 @@ def test_one_fact_changed_scenes_are_wrong_for_the_judge_too():
     seen = set()
     for j in range(24):
         scene, text = ds.example(j)
-        negs = clip.one_fact_changed(scene, text, np.random.default_rng(j), k=len(clip.FACTS))
+        negs = reranker.one_fact_changed(scene, text, np.random.default_rng(j), k=len(reranker.FACTS))
         assert len({n.fact for n in negs}) == len(negs) >= 3
         for neg in negs:
             seen.add(neg.fact)
@@ -153,7 +154,7 @@ def test_one_fact_changed_scenes_are_wrong_for_the_judge_too():
                 continue
             assert judge(image, neg.caption).ok, (neg.caption, neg)
             assert not judge(data.render(scene, 32), neg.caption).ok, (text, neg.caption)
-    assert seen == set(clip.FACTS)
+    assert seen == set(reranker.FACTS)
 
 
 def test_superellipses_are_the_shapes_at_their_exponents_and_others_past_halfway():
@@ -166,19 +167,19 @@ def test_superellipses_are_the_shapes_at_their_exponents_and_others_past_halfway
     for j in range(60):
         scene = ds.scene(j)
         ps = {k: exact[o.shape] for k, o in enumerate(scene.objects) if o.shape in exact}
-        assert np.array_equal(clip.render_morphed(scene, 32, ps), data.render(scene, 32))
+        assert np.array_equal(reranker.render_morphed(scene, 32, ps), data.render(scene, 32))
         if len(scene.objects) != 1 or scene.objects[0].shape not in exact:
             continue
         tried += 1
         shape = scene.objects[0].shape
-        kept += detect(clip.render_morphed(scene, 32, clip.morphs(scene, rng, past=False)))[0].shape == shape
-        flipped += detect(clip.render_morphed(scene, 32, clip.morphs(scene, rng, past=True)))[0].shape != shape
+        kept += detect(reranker.render_morphed(scene, 32, reranker.morphs(scene, rng, past=False)))[0].shape == shape
+        flipped += detect(reranker.render_morphed(scene, 32, reranker.morphs(scene, rng, past=True)))[0].shape != shape
     assert tried >= 15 and kept == tried and flipped >= 0.8 * tried, (tried, kept, flipped)
 
 
 def test_pairs_are_a_pure_function_of_the_batch_index(cfg, tok):
     layout = clip.CLIP.from_config(cfg).layout
-    make = lambda: clip.ShapesPairs("train", 40, 16, 0, tok, layout, batch_size=8, negatives=2, strength=1.0, seed=3,
+    make = lambda: reranker.ShapesPairs("train", 40, 16, 0, tok, layout, batch_size=8, negatives=2, strength=1.0, seed=3,
                                     morph_negatives=1, morph_jitter=0.5)
     a, b = make(), make()
     for i in (4, 0, 9):  # any order, any instance
@@ -189,7 +190,7 @@ def test_pairs_are_a_pure_function_of_the_batch_index(cfg, tok):
     assert len(ids) == pairs and len(images) >= pairs and images.min() >= 0 and images.max() <= 1
     assert len(images) > 8  # the negatives came along
     assert sum("morph" in f for f in a.facts) > 10 and int((a.kind == 1).sum()) > 10  # image-only rivals
-    clean = clip.ShapesPairs("train", 40, 16, 0, tok, layout, batch_size=8, negatives=2, strength=0.0, seed=3,
+    clean = reranker.ShapesPairs("train", 40, 16, 0, tok, layout, batch_size=8, negatives=2, strength=0.0, seed=3,
                              morph_negatives=1, morph_jitter=0.5)
     assert not torch.equal(clean(0)[0], images) and torch.equal(clean(0)[1], ids)  # augmentation: images only
 
@@ -216,7 +217,7 @@ def test_train_clip_command_then_eval_clip(smoke_run, capsys):
         assert 0 <= summary[split]["i2t@1"] <= summary[split]["i2t@5"] <= 1
         assert 0 <= summary[f"facts_{split}"]["overall"] <= 1
     assert (root / "bpe" / "bpe.model").is_file()
-    model, cfg, tok = clip.load_clip(root / "clip")
+    model, cfg, tok = reranker.load_clip(root / "clip")
     assert not model.training and cfg.clip == get_config("smoke").clip and tok.vocab_size == cfg.text.vocab_size
     assert main(["eval", "clip", "--preset", "smoke", "--n", "16", "--json", *flags]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -229,10 +230,10 @@ def test_train_clip_command_then_eval_clip(smoke_run, capsys):
 def test_finished_clip_needs_max_steps(smoke_run, tmp_path):
     root, _, _ = smoke_run
     cfg = get_config("smoke", {"clip_train.out_dir": str(root / "clip"), "text.out_dir": str(root / "bpe")})
-    assert clip.finished_clip(cfg).name == "step_0000020"
+    assert reranker.finished_clip(cfg).name == "step_0000020"
     longer = get_config("smoke", {"clip_train.out_dir": str(root / "clip"), "clip_train.max_steps": 30})
-    assert clip.finished_clip(longer) is None
-    assert clip.finished_clip(get_config("smoke", {"clip_train.out_dir": str(tmp_path / "none")})) is None
+    assert reranker.finished_clip(longer) is None
+    assert reranker.finished_clip(get_config("smoke", {"clip_train.out_dir": str(tmp_path / "none")})) is None
 
 
 def test_another_bpe_is_refused_for_loading_and_resuming(smoke_run, tmp_path, capsys):
@@ -240,8 +241,8 @@ def test_another_bpe_is_refused_for_loading_and_resuming(smoke_run, tmp_path, ca
     other = tmp_path / "bpe2"
     assert main(["train", "bpe", "--preset", "smoke", "--data.seed=5", f"--text.out_dir={other}", "--json"]) == 0
     with pytest.raises(CheckpointError, match="another text tokenizer"):
-        clip.load_clip(root / "clip", bpe=other)
-    assert clip.load_clip(root / "clip", bpe=root / "bpe" / "bpe.model")[2].vocab_size > 256
+        reranker.load_clip(root / "clip", bpe=other)
+    assert reranker.load_clip(root / "clip", bpe=root / "bpe" / "bpe.model")[2].vocab_size > 256
     shutil.copytree(root / "clip", tmp_path / "clip")
     capsys.readouterr()
     argv = ["train", "clip", "--preset", "smoke", "--resume", "--clip_train.max_steps=30",
@@ -259,11 +260,11 @@ def test_a_stopped_and_resumed_run_equals_the_uninterrupted_one(smoke_run, tmp_p
                                     "clip_train.max_steps": 12, "clip_train.eval_every": 0})
 
     quiet = {"progress": False, "log": lambda line: None}
-    _, straight, _ = clip.train_clip(cfg(tmp_path / "a"), **quiet)
+    _, straight, _ = reranker.train_clip(cfg(tmp_path / "a"), **quiet)
     stop_at_5 = {"on_step_end": lambda t: t.step == 5 and t.request_stop()}
-    _, first, _ = clip.train_clip(cfg(tmp_path / "b"), callbacks=stop_at_5, **quiet)
+    _, first, _ = reranker.train_clip(cfg(tmp_path / "b"), callbacks=stop_at_5, **quiet)
     assert first.step == 5
-    _, second, _ = clip.train_clip(cfg(tmp_path / "b"), resume=True, **quiet)
+    _, second, _ = reranker.train_clip(cfg(tmp_path / "b"), resume=True, **quiet)
     losses = [r["loss"] for r in first.history["train"] + second.history["train"]]
     assert losses == [r["loss"] for r in straight.history["train"]]
     assert losses[-1] < losses[0]
@@ -295,7 +296,7 @@ def test_a_two_object_pair_brings_a_swap_first_and_a_shape_swap_keeps_each_place
     twos = [ds.example(j) for j in range(60) if len(ds.example(j)[0].objects) == 2]
     firsts = []
     for j, (scene, text) in enumerate(twos):
-        negs = clip.one_fact_changed(scene, text, np.random.default_rng(j), k=2, swap_first=True)
+        negs = reranker.one_fact_changed(scene, text, np.random.default_rng(j), k=2, swap_first=True)
         a, b = scene.objects
         by_colour = data.Scene((replace(a, color=b.color), replace(b, color=a.color)), relation=scene.relation)
         by_shape = data.Scene((replace(a, shape=b.shape), replace(b, shape=a.shape)), relation=scene.relation)

@@ -2,7 +2,8 @@
 
 import pytest
 
-from minidalle.config import PRESETS, SMOKE_CAPS, Config, get_config, parse_overrides, smoke_mode
+from minidalle.presets import PRESETS, SMOKE_CAPS
+from minidalle.config import Config, get_config, parse_overrides, smoke_mode
 from minidalle.errors import ConfigError
 
 

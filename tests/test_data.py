@@ -8,9 +8,7 @@ import torch
 
 from minidalle import data
 from minidalle.captions import parse_caption
-from minidalle.data import (COLORS, HELDOUT_ARRANGEMENTS, HELDOUT_PAIRS, Obj, Scene, ShapesWorld,
-                            canonical_arrangement, is_heldout, read_split, render, sample_scene,
-                            shape_mask, write_split)
+from minidalle.data import COLORS, HELDOUT_ARRANGEMENTS, HELDOUT_PAIRS, Obj, Scene, ShapesWorld, canonical_arrangement, is_heldout, read_split, render, sample_scene, shape_mask, write_split
 from minidalle.errors import ConfigError, DataError
 
 
@@ -261,7 +259,7 @@ def test_build_dataset_emoji_holds_out_a_split_training_never_sees():
     pytest.importorskip("emoji")
     from minidalle.config import get_config
     from minidalle.data import build_dataset, eval_split
-    from minidalle.emojiset import emoji_split
+    from minidalle.realdata.emoji import emoji_split
 
     cfg = get_config("small", {"data.image_size": 16}).data
     held, train = build_dataset(cfg, "heldout"), build_dataset(cfg, "train")
@@ -278,7 +276,7 @@ def test_build_dataset_emoji_holds_out_a_split_training_never_sees():
 def test_two_objects_shapes_the_training_stream_only():
     from minidalle.config import get_config
     from minidalle.data import ShapesWorld, build_dataset
-    from minidalle.image_tokenizer import dataset_id
+    from minidalle.stages.image_tokenizer import dataset_id
 
     all_two = ShapesWorld("train", 16, 0, two_objects=1.0)
     assert all(len(all_two.scene(i).objects) == 2 for i in range(40))

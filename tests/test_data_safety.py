@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from minidalle import checkpoint as ckpt
-from minidalle import pipeline
-from minidalle.cli import main
+from minidalle.infra import checkpoint as ckpt
+from minidalle.stages import pipeline
+from minidalle.cli.main import main
 from minidalle.config import get_config
 
 LEDGER = ".minidalle-written.json"  # files.LEDGER (spelled out, so this file also runs against older code)
@@ -138,7 +138,7 @@ def test_a_rerun_into_its_own_folder_replaces_it_and_says_so(run, tmp_path, caps
 
 @pytest.mark.parametrize("fail_at", [1, 2])
 def test_a_generate_that_fails_half_way_leaves_the_earlier_results(run, tmp_path, monkeypatch, fail_at):
-    from minidalle import generate as gen
+    from minidalle.stages import generate as gen
 
     out = tmp_path / "gen"
     assert generate(run, out) == 0
@@ -164,7 +164,7 @@ def test_a_generate_that_fails_half_way_leaves_the_earlier_results(run, tmp_path
 def test_an_unwritable_out_is_refused_before_any_sampling(run, tmp_path, monkeypatch):
     """Root writes anywhere, so the folder's refusal is simulated where OwnedFolder makes its staging folder."""
     import minidalle.sampling as sampling
-    from minidalle import generate as gen
+    from minidalle.stages import generate as gen
 
     pipe = gen.load_pipeline(get_config("smoke"), run=run)
     monkeypatch.setattr(sampling, "sample", lambda *a, **k: pytest.fail("sampled before the folder was checked"))
@@ -183,7 +183,7 @@ def test_an_unwritable_out_is_refused_before_any_sampling(run, tmp_path, monkeyp
 def test_generate_streams_its_candidates_and_estimates_a_long_job(run, tmp_path, monkeypatch, capsys):
     """However large n is, no more than one chunk of candidates is decoded (and so held) at a time."""
     import minidalle.sampling as sampling
-    from minidalle import generate as gen
+    from minidalle.stages import generate as gen
 
     seen, real = [], sampling.decode_images
     monkeypatch.setattr(sampling, "decode_images", lambda dvae, codes, grid, **k: seen.append(len(codes)) or
@@ -208,7 +208,7 @@ def test_generate_streams_its_candidates_and_estimates_a_long_job(run, tmp_path,
 
 
 def test_the_overview_shows_a_bounded_number_of_prompts(run, tmp_path, monkeypatch):
-    from minidalle import generate as gen
+    from minidalle.stages import generate as gen
     from minidalle import viz
 
     got = []
@@ -373,7 +373,7 @@ def test_demo_retrains_a_transformer_whose_image_tokenizer_changed(demo, tmp_pat
 def test_start_over_is_refused_while_a_stage_is_being_trained(demo, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(demo, out)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; from minidalle.checkpoint import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from minidalle.infra.checkpoint import RunLock; "
                                f"RunLock({str(out / 'transformer')!r}).acquire(); print('locked', flush=True); "
                                "time.sleep(60)"], stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
@@ -390,7 +390,7 @@ def test_start_over_is_refused_while_a_stage_is_being_trained(demo, tmp_path, ca
 def test_a_second_demo_on_one_folder_is_refused(demo, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(demo, out)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; from minidalle.checkpoint import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from minidalle.infra.checkpoint import RunLock; "
                                f"RunLock({str(out)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
@@ -434,7 +434,7 @@ def test_an_interrupted_stage_counts_its_earlier_training_and_says_the_minutes_a
             raise KeyboardInterrupt  # the demo dies after the reranker's first two updates were saved
         return real_load(*a, **k)
 
-    import minidalle.generate as gen
+    import minidalle.stages.generate as gen
 
     real_load = gen.load_pipeline
     monkeypatch.setattr(gen, "load_pipeline", crash_after_clip)
@@ -451,7 +451,7 @@ def test_an_interrupted_stage_counts_its_earlier_training_and_says_the_minutes_a
 
 
 def test_owned_folder_refuses_a_ledger_entry_that_is_not_a_plain_name(tmp_path):
-    from minidalle.files import OwnedFolder
+    from minidalle.infra.files import OwnedFolder
 
     out = OwnedFolder(tmp_path / "o", "generate").check()
     out.write("00000.png", b"x")
@@ -477,7 +477,7 @@ def test_a_lock_file_that_is_a_link_is_refused_never_followed(tmp_path, capsys):
 
 
 def test_a_file_edited_while_the_command_ran_is_not_replaced(tmp_path):
-    from minidalle.files import OwnedFolder
+    from minidalle.infra.files import OwnedFolder
 
     first = OwnedFolder(tmp_path / "o", "generate", index="captions.jsonl").check()
     first.write("00000.png", b"old")
@@ -502,7 +502,7 @@ def test_a_file_edited_while_the_command_ran_is_not_replaced(tmp_path):
 
 
 def test_a_commit_cut_short_never_leaves_an_index_that_mixes_old_and_new(tmp_path, monkeypatch):
-    from minidalle import files
+    from minidalle.infra import files
 
     first = files.OwnedFolder(tmp_path / "o", "data", index="captions.jsonl").check()
     first.write("00000.png", b"old")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minidalle import checkpoint as ckpt
+from minidalle.infra import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # dist_worker
@@ -185,8 +185,8 @@ def test_train_commands_run_under_torchrun_and_the_sharded_transformer_samples(t
     built on the meta device, the tokenizers prepared by rank 0 first: the BPE is trained there); the
     sharded checkpoint then loads whole in this one process. (The stage-1 tokenizer is trained here, in
     this process: the same Trainer under ddp is what the other launches test.)"""
-    from minidalle.cli import main
-    from minidalle.text_to_image import load_transformer
+    from minidalle.cli.main import main
+    from minidalle.stages.transformer import load_transformer
 
     flags = [f"--dvae_train.out_dir={tmp_path}/dvae", f"--text.out_dir={tmp_path}/bpe", f"--train.out_dir={tmp_path}/tr"]
     assert main(["train", "dvae", "--preset", "smoke", "--json", *flags]) == 0
@@ -206,7 +206,7 @@ def test_train_commands_run_under_torchrun_and_the_sharded_transformer_samples(t
 # --- in this process: the pieces, without launching anything ---------------------------------------
 
 def test_rank_r_reads_every_world_th_batch_and_a_self_splitting_dataset_whole():
-    from minidalle.train import _BatchStream
+    from minidalle.infra.resume import _BatchStream
 
     assert [_BatchStream(lambda i: i, 0, start=0, rank=1, world=2).next() for _ in range(1)] == [1]
     s = _BatchStream(lambda i: i, 0, start=3, rank=1, world=2)
@@ -218,7 +218,7 @@ def test_rank_r_reads_every_world_th_batch_and_a_self_splitting_dataset_whole():
 
 
 def test_parallel_none_under_a_multi_process_launch_is_refused(monkeypatch):
-    from minidalle import distributed
+    from minidalle.scale import distributed
     from minidalle.errors import ConfigError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -308,7 +308,7 @@ def test_uneven_folder_shards_do_not_make_a_rank_wait(tmp_path):
 
 
 def test_fsdp_refuses_a_model_with_a_0d_parameter_and_names_the_fix():
-    from minidalle import distributed
+    from minidalle.scale import distributed
     from minidalle.clip import CLIP
     from minidalle.config import get_config
     from minidalle.errors import ConfigError

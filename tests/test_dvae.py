@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from minidalle import losses
-from minidalle.checkpoint import load_checkpoint, save_checkpoint
+from minidalle.infra.checkpoint import load_checkpoint, save_checkpoint
 from minidalle.config import TrainConfig, get_config
 from minidalle.data import ShapesWorld
-from minidalle.dvae import (DVAE, Bottleneck, Decoder, Encoder, count_parameters, downsample_factor, dvae_loss_fn, grid_size,
-                            paper_parameter_counts, schedule_callback)
+from minidalle.dvae import DVAE, Bottleneck, Decoder, Encoder, count_parameters, downsample_factor, dvae_loss_fn, grid_size, paper_parameter_counts, schedule_callback
 from minidalle.errors import ConfigError, DataError
 from minidalle.quantize import GumbelQuantizer, VectorQuantizer, temperature_at
 from minidalle.train import Trainer

@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from minidalle import emojiset
-from minidalle.emojiset import EmojiDataset, emoji_caption, render_emoji
+from minidalle.realdata import emoji as emojiset
+from minidalle.realdata.emoji import EmojiDataset, emoji_caption, render_emoji
 from minidalle.errors import DataError
-from minidalle.realdata import BadImageError
+from minidalle.realdata.images import BadImageError
 
 
 def test_emoji_caption_from_cldr_names():

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from minidalle.cli import main
+from minidalle.cli.main import main
 from minidalle.config import get_config
 from minidalle.data import read_split
 from minidalle.errors import CheckpointError, ConfigError, DataError
-from minidalle.generate import (MARKER, best_of, candidates, curve_from_scores, generate, load_pipeline, rank,
-                                read_prompts, rerank_curve, run_config)
+from minidalle.stages.generate import MARKER, best_of, candidates, curve_from_scores, generate, load_pipeline, rank, read_prompts, rerank_curve, run_config
 
 
 def test_best_of_picks_the_top_score_of_each_disjoint_group():
@@ -175,7 +174,7 @@ def test_the_rerank_curve_without_a_reranker_draws_the_other_rankings(run, tmp_p
 
 
 def test_generate_takes_a_checkpoint_folder_as_the_readme_and_export_say(run, tmp_path, capsys):
-    from minidalle import checkpoint as ckpt
+    from minidalle.infra import checkpoint as ckpt
 
     step = ckpt.latest_valid_checkpoint(run / "transformer" / "checkpoints")
     assert main(["generate", "a red circle", "--checkpoint", str(step), "--run", str(run), "--n", "2", "--keep", "1",
@@ -209,9 +208,9 @@ def test_emoji_and_cjk_prompts_draw_without_a_warning_per_glyph(tmp_path):
 
 
 def test_a_checkpoint_of_the_other_stage_is_named_as_such(run, tmp_path, capsys):
-    from minidalle import checkpoint as ckpt
-    from minidalle.clip import load_clip
-    from minidalle.text_to_image import load_transformer
+    from minidalle.infra import checkpoint as ckpt
+    from minidalle.stages.reranker import load_clip
+    from minidalle.stages.transformer import load_transformer
 
     reranker = ckpt.latest_valid_checkpoint(run / "clip" / "checkpoints")
     transformer = ckpt.latest_valid_checkpoint(run / "transformer" / "checkpoints")
@@ -227,7 +226,7 @@ def test_a_damaged_checkpoint_is_reported_once(run, tmp_path):
     import shutil
     import warnings
 
-    from minidalle import checkpoint as ckpt
+    from minidalle.infra import checkpoint as ckpt
 
     copy = tmp_path / "clip"
     shutil.copytree(run / "clip", copy)

@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-from minidalle.cli import main
+from minidalle.cli.main import main
 from minidalle.config import get_config
 from minidalle.data import ShapesWorld
 from minidalle.errors import CheckpointError, DataError
 from minidalle.quantize import perplexity, temperature_at
-from minidalle.image_tokenizer import (encode_dataset, load_dvae, object_cells, psnr, reconstruction_report,
-                                       to_uint8, tokenizer_id, train_dvae)
+from minidalle.stages.image_tokenizer import encode_dataset, load_dvae, object_cells, psnr, reconstruction_report, tokenizer_id, train_dvae
+from minidalle.viz import to_uint8
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,7 +95,7 @@ def test_cli_train_and_bench_dvae(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out.strip())
     assert res["paper_params"]["encoder"] > 50e6 and res["val"]["original"]["n"] == 8
     with pytest.raises(CheckpointError):
-        from minidalle.image_tokenizer import benchmark_dvae
+        from minidalle.bench.dvae import benchmark_dvae
         benchmark_dvae(get_config("smoke"), tmp_path / "bench", n_eval=8, progress=False)
 
 

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minidalle import data, judge
+from minidalle.bench import judge as judge_bench
 from minidalle.captions import parse_caption
 from minidalle.data import Obj, Scene
 from minidalle.errors import DataError
@@ -255,7 +256,7 @@ def test_wrong_specs_change_exactly_one_fact():
     rng = np.random.default_rng(0)
     for scene in [one("circle", "red", "big", "left"), two(), two(("square", "red", "big"), "above", ("square", "blue", "big"))]:
         truth = _facts(judge.to_spec(scene))
-        wrong = judge.wrong_specs(scene, rng)
+        wrong = judge_bench.wrong_specs(scene, rng)
         assert set(wrong) == ({"color", "shape", "size", "position"} if len(scene.objects) == 1
                               else {"color", "shape", "size", "relation"})
         for attr, spec in wrong.items():
@@ -269,14 +270,14 @@ def test_wrong_specs_change_exactly_one_fact():
 
 def test_wrong_specs_skip_the_relation_of_identical_twins():
     twins = two(("circle", "red", "small"), "left of", ("circle", "red", "small"))
-    assert "relation" not in judge.wrong_specs(twins, np.random.default_rng(0))  # the swap is true too
+    assert "relation" not in judge_bench.wrong_specs(twins, np.random.default_rng(0))  # the swap is true too
 
 
 def test_wrong_specs_of_a_render_are_rejected_on_their_own_check():
     scene = two(("triangle", "white", "small"), "above", ("diamond", "purple", "big"))
     image = data.render(scene, 32)
     assert judge.judge(image, scene).ok
-    for attr, spec in judge.wrong_specs(scene, np.random.default_rng(1)).items():
+    for attr, spec in judge_bench.wrong_specs(scene, np.random.default_rng(1)).items():
         verdict = judge.judge(image, spec)
         assert not verdict.ok and verdict.checks[attr] is False, (attr, spec.text, verdict.checks)
 
@@ -284,17 +285,17 @@ def test_wrong_specs_of_a_render_are_rejected_on_their_own_check():
 def test_benchmark_accepts_true_captions_and_rejects_wrong_ones():
     # Both halves matter: a judge that always says yes passes the accuracy and scores 0 on the
     # rejections; one that always says no, the reverse. Measured 1.000 on every cell below.
-    result = judge.benchmark(n=40, image_size=16, seed=0, progress=False)
+    result = judge_bench.benchmark(n=40, image_size=16, seed=0, progress=False)
     for split in ("val", "heldout"):
         for kind in ("clean", "degraded"):
             assert result[kind][split]["overall"] >= 0.95, (kind, split, result[kind][split])
         rejects = result["rejects"]["clean"][split]
-        for attr in judge.WRONG:
+        for attr in judge_bench.WRONG:
             assert rejects["tried"][attr] > 0 and rejects[attr] >= 0.9, (split, attr, rejects)
             assert rejects["on_check"][attr] >= 0.9, (split, attr, rejects)
     json.dumps(result, allow_nan=False)  # the CLI prints it as JSON
-    table = judge.format_benchmark(result)
-    for kind in judge.CONDITIONS:  # every condition and split, in both tables
+    table = judge_bench.format_benchmark(result)
+    for kind in judge_bench.CONDITIONS:  # every condition and split, in both tables
         assert table.count(f"{kind} val ") == 2 and table.count(f"{kind} heldout ") == 2, table
 
 

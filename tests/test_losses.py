@@ -9,9 +9,7 @@ import torch
 
 from minidalle import data
 from minidalle.errors import DataError, MinidalleError
-from minidalle.losses import (LOG_B_MAX, LOG_B_MIN, LOGIT_LAPLACE_EPS, binned_logit_laplace_nll, logit_laplace_mean,
-                              logit_laplace_nll,
-                              map_pixels, mse_loss, split_decoder_output, to_unit, unmap_pixels)
+from minidalle.losses import LOG_B_MAX, LOG_B_MIN, LOGIT_LAPLACE_EPS, binned_logit_laplace_nll, logit_laplace_mean, logit_laplace_nll, map_pixels, mse_loss, split_decoder_output, to_unit, unmap_pixels
 
 
 def reference_log_density(x, mu, b):

@@ -6,8 +6,9 @@ import shutil
 import numpy as np
 import pytest
 
-from minidalle import pipeline
-from minidalle.cli import main
+from minidalle.stages import pipeline
+from minidalle.stages import report as reporting
+from minidalle.cli.main import main
 from minidalle.config import get_config
 from minidalle.errors import CheckpointError, DataError
 from minidalle.judge import to_spec
@@ -40,7 +41,7 @@ def test_demo_writes_samples_and_a_report(demo_run):
 
 def test_per_attribute_counts_are_the_prompts_that_state_it(demo_run):
     report = json.loads((demo_run / "report.json").read_text())
-    prompts = pipeline.split_prompts(get_config("smoke"), report["n_prompts"])
+    prompts = reporting.split_prompts(get_config("smoke"), report["n_prompts"])
     for split, table in report["per_attribute"].items():
         specs = [to_spec(p) for p in prompts[split]]
         two = sum(len(s.objects) == 2 for s in specs)
@@ -56,8 +57,8 @@ def test_a_second_demo_reuses_every_stage(demo_run, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a finished stage was trained again")
 
-    for where in ("minidalle.image_tokenizer.train_dvae", "minidalle.text_to_image.train_transformer",
-                  "minidalle.clip.train_clip", "minidalle.text_to_image.train_text_tokenizer"):
+    for where in ("minidalle.stages.image_tokenizer.train_dvae", "minidalle.stages.transformer.train_transformer",
+                  "minidalle.stages.reranker.train_clip", "minidalle.stages.text_tokenizer.train_text_tokenizer"):
         monkeypatch.setattr(where, refuse)
     before = json.loads((demo_run / "stages.json").read_text())
     report = pipeline.run_demo(get_config("smoke"), demo_run, progress=False, log=lambda m: None)
@@ -67,21 +68,21 @@ def test_a_second_demo_reuses_every_stage(demo_run, monkeypatch):
 
 
 def test_an_interrupted_demo_continues_with_the_stage_it_stopped_in(tmp_path, monkeypatch):
-    import minidalle.clip as clip
+    from minidalle.stages import reranker
 
-    out, real = tmp_path / "run", clip.train_clip
+    out, real = tmp_path / "run", reranker.train_clip
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(clip, "train_clip", interrupted)
+    monkeypatch.setattr(reranker, "train_clip", interrupted)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_demo(get_config("smoke"), out, progress=False, log=lambda m: None)
     assert set(json.loads((out / "stages.json").read_text())) == {"dvae", "bpe", "transformer"}
 
     calls = []
-    monkeypatch.setattr(clip, "train_clip", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr("minidalle.text_to_image.train_transformer",
+    monkeypatch.setattr(reranker, "train_clip", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr("minidalle.stages.transformer.train_transformer",
                         lambda *a, **k: pytest.fail("the finished transformer was trained again"))
     report = pipeline.run_demo(get_config("smoke"), out, n_prompts=2, progress=False, log=lambda m: None)
     assert calls == [1] and not report["stages"]["clip"]["reused"] and report["stages"]["transformer"]["reused"]
@@ -89,7 +90,7 @@ def test_an_interrupted_demo_continues_with_the_stage_it_stopped_in(tmp_path, mo
 
 
 def test_stage_one_is_trained_again_with_the_next_seed_when_it_lost_the_meaning(tmp_path, monkeypatch):
-    import minidalle.image_tokenizer as it
+    import minidalle.stages.image_tokenizer as it
 
     readings = iter([0.4, 0.97])
     monkeypatch.setattr(pipeline, "_smoke", lambda cfg: False)  # smoke runs skip the check: too few updates
@@ -119,7 +120,7 @@ def test_accuracy_table_single_is_the_mean_and_best_is_the_top_scored():
     relation = np.array([[np.nan] * 4, [1.0, 0.0, 0.0, 1.0]])  # only the second caption states a relation
     scores = np.array([[0.1, 0.9, 0.2, 0.3], [0.0, 0.1, 0.8, 0.2]])
     verdicts = {"ok": ok, "checks": {"shape": shape, "relation": relation, "size": np.full((2, 4), np.nan)}}
-    t = pipeline.accuracy_table(verdicts, scores)
+    t = reporting.accuracy_table(verdicts, scores)
     assert t["all"] == {"single": 0.25, "best": 0.5, "prompts": 2}
     assert t["relation"] == {"single": 0.5, "best": 0.0, "prompts": 1}
     assert "size" not in t and t["samples"] == 8
@@ -130,13 +131,13 @@ def test_accuracy_table_splits_one_and_two_object_captions_and_counts_swaps():
     scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])
     swap = np.array([[np.nan, np.nan], [0.0, 0.0], [1.0, 0.0]])  # prompt 0: one object, no swap possible
     verdicts = {"ok": ok, "checks": {}, "swap": swap, "objects": np.array([1, 2, 2])}
-    t = pipeline.accuracy_table(verdicts, scores)
+    t = reporting.accuracy_table(verdicts, scores)
     assert t["one"] == {"single": 0.5, "best": 1.0, "prompts": 1}
     assert t["two"] == {"single": 0.25, "best": 0.5, "prompts": 2}
     assert t["binding_swaps"] == {"single": 0.25, "best": 0.5, "prompts": 2}  # prompt 2's pick is the swap
-    head = pipeline._headline({"val": t}, 2)
+    head = reporting._headline({"val": t}, 2)
     assert head["val_two_best2"] == 0.5 and head["val_binding_swaps_single"] == 0.25 and head["val_one_best2"] == 1.0
-    md = pipeline.accuracy_markdown({"per_attribute": {"val": t}})
+    md = reporting.accuracy_markdown({"per_attribute": {"val": t}})
     assert "| all facts, two-object captions | 2 | 0.250 | 0.500 |" in md and "binding swaps" in md
 
 
@@ -150,9 +151,9 @@ def test_eval_reads_the_demo_run_and_writes_its_report(demo_run, capsys):
 
 def test_eval_without_a_run_says_how_to_make_one(tmp_path):
     with pytest.raises(CheckpointError, match="make demo"):
-        pipeline.evaluate_run(get_config("smoke"), tmp_path / "missing")
+        reporting.evaluate_run(get_config("smoke"), tmp_path / "missing")
     with pytest.raises(DataError, match="judge"):
-        pipeline.evaluate_run(get_config("smoke", {"data.dataset": "emoji"}), tmp_path)
+        reporting.evaluate_run(get_config("smoke", {"data.dataset": "emoji"}), tmp_path)
 
 
 def test_start_over_sets_the_earlier_run_aside(tmp_path):
@@ -180,6 +181,6 @@ def test_eval_seeds_puts_runs_side_by_side_preferring_their_eval(tmp_path, capsy
     md = (tmp_path / "sum" / "seeds.md").read_text()
     assert "| 1 | 64 | 0.50 |" in md and "| 2 | 256 | 0.75 |" in md and "Generated" in md
     with pytest.raises(CheckpointError, match="report.json"):
-        pipeline.seeds_summary([tmp_path / "empty"])
+        reporting.seeds_summary([tmp_path / "empty"])
     assert main(["eval", "seeds", "--out", str(tmp_path / "sum")]) == 2  # no --runs: a one-line refusal
     assert "--runs" in capsys.readouterr().err

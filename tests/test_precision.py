@@ -1,4 +1,4 @@
-"""Tests for minidalle.precision: the gradient-scaling autograd function, format helpers, the
+"""Tests for minidalle.scale.precision: the gradient-scaling autograd function, format helpers, the
 per-resblock scaler's arithmetic and schedule, and the fp16/bf16 comparison on the toy model."""
 
 import math
@@ -8,9 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from minidalle.errors import ConfigError, MinidalleError
-from minidalle.precision import (GROWTH, ResblockScaler, ToyResNet, _ScaleGrad, compare_gradient_schemes,
-                                 format_range, grad_histogram_data, overflow_fraction, round_grad, scale_grad,
-                                 underflow_fraction)
+from minidalle.scale.precision import GROWTH, ResblockScaler, ToyResNet, _ScaleGrad, compare_gradient_schemes, format_range, grad_histogram_data, overflow_fraction, round_grad, scale_grad, underflow_fraction
 
 INIT = 2.0 ** 13
 

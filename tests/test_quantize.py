@@ -9,9 +9,7 @@ from safetensors.torch import load_model, save_model
 
 from minidalle.config import DVAEConfig
 from minidalle.errors import ConfigError
-from minidalle.quantize import (CodebookHealth, GumbelQuantizer, VectorQuantizer, cos_anneal, kl_weight_at,
-                                make_quantizer, nearest_code, nearest_code_naive, perplexity, stats_to_floats,
-                                temperature_at)
+from minidalle.quantize import CodebookHealth, GumbelQuantizer, VectorQuantizer, cos_anneal, kl_weight_at, make_quantizer, nearest_code, nearest_code_naive, perplexity, stats_to_floats, temperature_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in tests/conftest.py
 

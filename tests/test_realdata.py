@@ -23,9 +23,9 @@ import torch
 from PIL import Image
 
 from minidalle.errors import DataError
-from minidalle.realdata import (MAX_CAPTION_CHARS, SKIP_REASONS, BadImageError, FolderDataset, SkipStats,
-                                SkipWarning, TarShardDataset, expand_shards, load_image, pick_caption,
-                                read_captions, split_for_consumer)
+from minidalle.realdata.images import MAX_CAPTION_CHARS, SKIP_REASONS, BadImageError, SkipStats, SkipWarning, load_image, pick_caption, read_captions
+from minidalle.realdata.folders import FolderDataset, split_for_consumer
+from minidalle.realdata.shards import TarShardDataset, expand_shards
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

@@ -8,9 +8,7 @@ import torch
 from minidalle.config import TransformerConfig
 from minidalle.errors import ConfigError, DataError
 from minidalle.model import DALLE, Layout
-from minidalle.sampling import (KVCache, _static_step, decode_step, encode_prompts, filter_logits, guide,
-                                log_likelihood, pick, prefill, rows_per_chunk, sample, sample_reference,
-                                warn_unguided)
+from minidalle.sampling import KVCache, _static_step, decode_step, encode_prompts, filter_logits, guide, log_likelihood, pick, prefill, rows_per_chunk, sample, sample_reference, warn_unguided
 
 LAYOUT = Layout(text_len=6, text_vocab=20, grid=4, image_vocab=12)
 

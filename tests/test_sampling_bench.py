@@ -1,4 +1,4 @@
-"""Tests for minidalle.sampling_bench: the benchmark's plumbing, not the speed it measures.
+"""Tests for minidalle.bench.sampling: the benchmark's plumbing, not the speed it measures.
 
 Speed is for `python -m minidalle bench sampling`, not for unit tests on a shared 2-core box, so these
 run tiny models (the smoke preset's in the toy's place, a 2-layer d_model 16 one in the big ones')
@@ -14,8 +14,8 @@ import sys
 import pytest
 import torch
 
-from minidalle import sampling_bench as sb
-from minidalle.cli import main
+from minidalle.bench import sampling as sb
+from minidalle.cli.main import main
 from minidalle.config import TransformerConfig, get_config
 from minidalle.model import DALLE, Layout
 

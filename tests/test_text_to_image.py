@@ -7,9 +7,12 @@ import shutil
 import pytest
 import torch
 
-from minidalle import text_to_image as t2i
+from minidalle.stages import transformer as t2i
+from minidalle.model import caption_ids
+from minidalle.stages import text_tokenizer
+from minidalle.stages.text_tokenizer import train_text_tokenizer
 from minidalle.bpe import RegexTokenizer
-from minidalle.cli import main
+from minidalle.cli.main import main
 from minidalle.config import get_config, parse_overrides
 from minidalle.errors import CheckpointError, DataError
 from minidalle.model import Layout
@@ -24,7 +27,7 @@ def tok():
 
 def test_caption_ids_pad_each_position_with_its_own_id(tok):
     lay = Layout(text_len=40, text_vocab=tok.vocab_size, grid=4, image_vocab=8)
-    ids, cut = t2i.caption_ids(tok, CAPTIONS[0], lay)
+    ids, cut = caption_ids(tok, CAPTIONS[0], lay)
     n = len(tok.encode(CAPTIONS[0]))
     assert not cut and len(ids) == 40
     assert ids[:n] == tok.encode(CAPTIONS[0])
@@ -33,23 +36,23 @@ def test_caption_ids_pad_each_position_with_its_own_id(tok):
 
 def test_caption_ids_with_dropout_vary_by_seed_and_never_cut(tok):
     lay = Layout(text_len=40, text_vocab=tok.vocab_size, grid=4, image_vocab=8)
-    plain = t2i.caption_ids(tok, CAPTIONS[2], lay)[0]
-    drawn = {tuple(t2i.caption_ids(tok, CAPTIONS[2], lay, dropout=0.5, seed=s)[0]) for s in range(20)}
+    plain = caption_ids(tok, CAPTIONS[2], lay)[0]
+    drawn = {tuple(caption_ids(tok, CAPTIONS[2], lay, dropout=0.5, seed=s)[0]) for s in range(20)}
     n_plain = sum(i < tok.vocab_size for i in plain)
     assert len(drawn) > 1 and any(sum(i < tok.vocab_size for i in d) > n_plain for d in drawn)  # more, shorter tokens
-    assert t2i.caption_ids(tok, CAPTIONS[2], lay, 0.5, seed=3) == t2i.caption_ids(tok, CAPTIONS[2], lay, 0.5, seed=3)
+    assert caption_ids(tok, CAPTIONS[2], lay, 0.5, seed=3) == caption_ids(tok, CAPTIONS[2], lay, 0.5, seed=3)
     # a text length the plain encoding just fits: dropout (more, shorter tokens) falls back to it
     tight = Layout(text_len=len(tok.encode(CAPTIONS[2])), text_vocab=tok.vocab_size, grid=4, image_vocab=8)
     for s in range(20):
-        ids, cut = t2i.caption_ids(tok, CAPTIONS[2], tight, dropout=0.9, seed=s)
+        ids, cut = caption_ids(tok, CAPTIONS[2], tight, dropout=0.9, seed=s)
         assert not cut and ids == tok.encode(CAPTIONS[2])
 
 
 def test_a_caption_that_does_not_fit_is_refused_or_cut_and_counted(tok):
     lay = Layout(text_len=3, text_vocab=tok.vocab_size, grid=2, image_vocab=8)
     with pytest.raises(DataError, match="more than the model.s 3"):
-        t2i.caption_ids(tok, CAPTIONS[1], lay)
-    ids, cut = t2i.caption_ids(tok, CAPTIONS[1], lay, truncate=True)
+        caption_ids(tok, CAPTIONS[1], lay)
+    ids, cut = caption_ids(tok, CAPTIONS[1], lay, truncate=True)
     assert cut and ids == tok.encode(CAPTIONS[1])[:3]
     pairs = t2i.Pairs(torch.zeros(3, 4, dtype=torch.long), CAPTIONS, tok, lay, batch_size=2)
     assert pairs.cut == sum(len(tok.encode(c)) > 3 for c in CAPTIONS) >= 2
@@ -75,11 +78,11 @@ def test_pairs_are_a_pure_function_of_the_batch_index(tok):
 
 def test_real_captions_that_do_not_fit_are_cut_and_counted_not_refused(tmp_path, monkeypatch):
     long = "a very long caption " * 20
-    monkeypatch.setattr(t2i, "training_captions", lambda data, n=None: CAPTIONS * 30 + [long])
+    monkeypatch.setattr(text_tokenizer, "training_captions", lambda data, n=None: CAPTIONS * 30 + [long])
     cfg = get_config("smoke", {"data.dataset": "folder", "data.path": str(tmp_path), "text.text_len": 16,
                                "text.vocab_size": 320, "text.out_dir": str(tmp_path / "bpe")})
     lines = []
-    summary = t2i.train_text_tokenizer(cfg, log=lines.append)
+    summary = train_text_tokenizer(cfg, log=lines.append)
     assert summary["captions_cut"] == 1
     assert any("1 of 91 training captions are longer than text.text_len=16" in line for line in lines)
 
@@ -87,12 +90,12 @@ def test_real_captions_that_do_not_fit_are_cut_and_counted_not_refused(tmp_path,
 def test_captions_that_run_out_of_merges_before_the_vocab_size_are_refused(tmp_path, monkeypatch):
     # "ab ab ab" splits into the chunks "ab", " ab", " ab": merge (a, b), then (" ", ab), then nothing is
     # left to pair, so 2 merges: 258 tokens at most
-    monkeypatch.setattr(t2i, "training_captions", lambda data, n=None: ["ab ab ab"] * 10)
+    monkeypatch.setattr(text_tokenizer, "training_captions", lambda data, n=None: ["ab ab ab"] * 10)
     cfg = get_config("smoke", {"data.dataset": "folder", "data.path": str(tmp_path), "text.vocab_size": 300,
                                "text.out_dir": str(tmp_path / "bpe")})
     with pytest.warns(UserWarning, match="allows only"), \
             pytest.raises(DataError, match=r"allow only 258 tokens .*--text.vocab_size=258 or lower"):
-        t2i.train_text_tokenizer(cfg, log=lambda m: None)
+        train_text_tokenizer(cfg, log=lambda m: None)
     assert not (tmp_path / "bpe").exists()  # nothing written
 
 
@@ -107,8 +110,8 @@ def smoke_run(tmp_path_factory):
 
 def test_train_transformer_trains_and_records_its_tokenizers(smoke_run):
     root, _ = smoke_run
-    from minidalle import checkpoint as ckpt
-    from minidalle.image_tokenizer import tokenizer_id
+    from minidalle.infra import checkpoint as ckpt
+    from minidalle.stages.image_tokenizer import tokenizer_id
 
     last = ckpt.latest_valid_checkpoint(root / "transformer" / "checkpoints")
     assert last.name == "step_0000020"

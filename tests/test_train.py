@@ -13,8 +13,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from minidalle.config import TrainConfig, get_config
 from minidalle.errors import CheckpointError, ConfigError, MinidalleError
-from minidalle.train import (Trainer, configure_optimizer, lr_at, set_fused, use_fused, pick_device, read_metrics, rng_isolated,
-                             seed_everything)
+from minidalle.infra.devices import set_fused, use_fused
+from minidalle.infra.resume import read_metrics
+from minidalle.train import Trainer, configure_optimizer, lr_at
+from minidalle.infra.devices import pick_device, rng_isolated, seed_everything
 
 
 
@@ -280,7 +282,7 @@ def test_fresh_fit_refuses_a_used_out_dir_and_resume_true_starts_fresh(tmp_path)
 
 def test_full_config_is_saved(tmp_path):
     config = get_config("smoke", {"train.out_dir": str(tmp_path), "train.max_steps": 2, "train.eval_every": 0})
-    trainer = Trainer(make_model(), config, batch_at, loss_fn)  # progress bar on, as by default
+    trainer = Trainer(make_model(), config.train, batch_at, loss_fn, config=config)  # progress bar on, as by default
     trainer.fit()
     saved = json.loads((trainer.last_checkpoint / "config.json").read_text())
     assert saved == json.loads(config.to_json())
@@ -330,8 +332,8 @@ def _numbered_folder(root, n=10):
 
 
 def test_folder_dataset_epochs_reshuffle_and_resume_exactly(tmp_path):
-    from minidalle.image_tokenizer import image_batches
-    from minidalle.realdata import FolderDataset
+    from minidalle.stages.image_tokenizer import image_batches
+    from minidalle.realdata.folders import FolderDataset
 
     data = image_batches(FolderDataset(_numbered_folder(tmp_path / "imgs"), 4, seed=3), 4)  # 2 batches an epoch
     seen = []
@@ -373,7 +375,7 @@ def test_ema_follows_its_formula_and_resumes_exactly(tmp_path):
     assert all(torch.allclose(trainer.ema[k], ema[k], atol=1e-6) for k in ema)
     straight = trainer.ema
     _split_run(tmp_path / "b", batch_at, k=3, max_steps=6, ema_decay=0.5)
-    from minidalle import checkpoint as ckpt
+    from minidalle.infra import checkpoint as ckpt
 
     saved = ckpt.read_checkpoint(ckpt.latest_valid_checkpoint(tmp_path / "b" / "checkpoints")).state["ema"]
     assert all(torch.equal(saved[k], straight[k]) for k in straight)  # stopped and resumed = uninterrupted

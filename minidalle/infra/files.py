@@ -32,7 +32,9 @@ import time
 import warnings
 from pathlib import Path
 
-from .errors import CheckpointError, DataError
+from ..errors import CheckpointError, DataError
+from ..errors import ConfigError
+import math
 
 try:
     import fcntl
@@ -439,3 +441,29 @@ class OwnedFolder:
 
     def _write_ledger(self, files: dict) -> None:
         write_atomic(self.path / LEDGER, json.dumps({"command": self.command, "files": files}, indent=0) + "\n")
+
+
+def check_out_folder(path: str | Path, flag: str) -> Path:
+    """Refuse an output folder that cannot be one (it, or a folder above it, is a file), naming the flag.
+
+    Example: check_out_folder("notes.txt/run", "--out") -> ConfigError("--out=notes.txt/run: notes.txt is a file ...")
+    """
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            raise ConfigError(f"{flag}={path}: {part} is a file, not a folder; choose another folder")
+    return path
+
+
+def strict_json(value):
+    """NaN and infinity are not JSON (strict parsers refuse them): they are written as null.
+
+    Example: strict_json({"x": [float("nan"), 1]}) -> {"x": [None, 1]}
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError, MinidalleError
+from ..errors import ConfigError, MinidalleError
 
 GROWTH, BACKOFF, WINDOW = 2.0 ** (1 / 1000), 2.0 ** -0.5, 125  # growth and backoff: the paper; the window: ours
 SIMULATE = {None: None, "fp16": torch.float16, "bf16": torch.bfloat16}

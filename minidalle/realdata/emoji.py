@@ -36,8 +36,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, features
 from torch.utils.data import Dataset
 
-from .errors import DataError
-from .realdata import BadImageError, SkipStats
+from ..errors import DataError
+from .images import BadImageError, SkipStats
 
 logger = logging.getLogger(__name__)
 

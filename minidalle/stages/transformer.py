@@ -18,9 +18,7 @@ mean something else to the model.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -29,121 +27,20 @@ from typing import Callable
 
 import torch
 
-from . import checkpoint as ckpt
-from . import distributed
-from .attention import choose_impl
-from .bpe import RegexTokenizer, Tokenizer
-from .config import Config
-from .data import ShapesWorld, build_dataset, eval_split, longest_caption
-from .dvae import DVAE, count_parameters
-from .errors import CheckpointError, ConfigError, DataError
+from ..infra import checkpoint as ckpt
+from ..scale import distributed
+from ..attention import choose_impl
+from ..bpe import Tokenizer
+from ..config import Config
+from ..data import ShapesWorld, build_dataset, eval_split
+from ..errors import CheckpointError, ConfigError, DataError
 from .image_tokenizer import encode_dataset, load_dvae, tokenizer_id, train_dvae
-from .model import DALLE, Layout, dalle_loss, flops_per_token
-from .train import Trainer, pick_device, seed_everything
-
-BPE_FILE = "bpe.model"
-
-
-# --- the text tokenizer's stage ----------------------------------------------------------------------
-def training_captions(data, n: int | None = None) -> list[str]:
-    """The captions of the first n training samples (all of data.n_train for ShapesWorld by default).
-
-    ShapesWorld captions are drawn without rendering images; other datasets are read item by item.
-    """
-    ds = build_dataset(data, "train")
-    if isinstance(ds, ShapesWorld):
-        return [ds.example(i)[1] for i in range(n or len(ds))]
-    captions = []
-    for _, text in ds:
-        captions.append(text)
-        if n and len(captions) >= n:
-            break
-    return captions
-
-
-def train_text_tokenizer(cfg: Config, log: Callable[[str], None] = print) -> dict:
-    """The text tokenizer on the training captions: bpe.model, bpe.vocab and tokenizer.json in text.out_dir.
-
-    Refuses (DataError, nothing written) when a ShapesWorld caption would not fit `text.text_len`: the
-    transformer reads exactly that many text positions, so such a caption would be cut in training
-    (real captions are cut and counted), and when the captions run out of pairs to merge before
-    `text.vocab_size` (the tokenizer would not have the size the transformer is built for).
-    """
-    tc = cfg.text
-    captions = training_captions(cfg.data)
-    t0 = time.time()
-    tok = RegexTokenizer(lowercase=tc.lowercase).train(captions, tc.vocab_size)
-    seconds = time.time() - t0
-    if tok.vocab_size < tc.vocab_size:  # the corpus ran out of pairs to merge (the trainer warned)
-        raise DataError(f"the {len(captions)} training captions allow only {tok.vocab_size} tokens ({len(tok.merges)} "
-                        f"merges, then no pair is left to merge); text.vocab_size is {tc.vocab_size}. Set "
-                        f"--text.vocab_size={tok.vocab_size} or lower")
-    lengths = [len(tok.encode(c)) for c in captions]
-    over = [i for i, n in enumerate(lengths) if n > tc.text_len]
-    if over:
-        worst = max(over, key=lengths.__getitem__)
-        what = (f"{len(over)} of {len(captions)} training captions are longer than text.text_len={tc.text_len} "
-                f"tokens with this tokenizer ({len(tok.merges)} merges), e.g. {captions[worst][:80]!r} "
-                f"({lengths[worst]} tokens)")
-        if cfg.data.dataset == "shapes":  # every ShapesWorld caption must fit: a cut one is a config mistake
-            raise DataError(f"{what}; they would be cut in training. Raise --text.text_len, or --text.vocab_size "
-                            "so that words merge into fewer tokens")
-        # Real captions have a long tail; refusing the run for a few would block it. They are cut,
-        # counted here and again with the transformer's figures.
-        log(f"[train bpe] warning: {what}; they will be cut to {tc.text_len} tokens")
-    out = Path(tc.out_dir)
-    model, vocab, hf, aside = _save_bpe(tok, out, log)
-    summary = {"stage": "bpe", "captions": len(captions), "captions_cut": len(over),
-               "vocab_size": tok.vocab_size, "merges": len(tok.merges),
-               "seconds": round(seconds, 2), "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths),
-               "model": str(model), "out": str(out), "set_aside": str(aside) if aside else None}
-    log(f"[train bpe] {len(captions)} captions, {len(tok.merges)} merges in {seconds:.1f} s -> {model}, {vocab}, {hf}")
-    log(f"[train bpe] tokens per caption: mean {summary['mean_tokens']:.1f}, max {max(lengths)} "
-        f"(text.text_len={tc.text_len}): " + (f"{len(over)} will be cut" if over else "every training caption fits"))
-    if cfg.data.dataset == "shapes":  # ShapesWorld's captions are finite: the longest any split can hold
-        longest = longest_caption(lambda text: len(tok.encode(text)))
-        summary["longest_possible_tokens"] = len(tok.encode(longest))
-        fits = "fits" if summary["longest_possible_tokens"] <= tc.text_len else "DOES NOT FIT: prompts may be cut"
-        log(f"[train bpe] the longest caption ShapesWorld can write takes {summary['longest_possible_tokens']} "
-            f"tokens ({fits}): {longest!r}")
-    return summary
-
-
-BPE_FILES = (BPE_FILE, "bpe.vocab", "tokenizer.json")  # what train_text_tokenizer writes into text.out_dir
-
-
-def _save_bpe(tok, out: Path, log) -> tuple[Path, Path, Path, Path | None]:
-    """Write the tokenizer's files into `out`. An earlier, different bpe.model there is not overwritten:
-    its files move into out/set-aside-<time>/ first (models trained with it record its checksum and still
-    need it), and `log` says so. The same tokenizer again changes nothing on disk.
-    Returns (bpe.model, bpe.vocab, tokenizer.json, the set-aside folder or None)."""
-    import shutil
-
-    from .files import set_aside_folder
-
-    out.mkdir(parents=True, exist_ok=True)
-    stage = out / f".tmp-bpe-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    try:
-        model, vocab = tok.save(stage / "bpe")
-        hf = tok.export_hf(stage / "tokenizer.json")
-        old, aside = out / BPE_FILE, None
-        if old.is_file() and _file_sha256(old) == _file_sha256(model) and all((out / f).is_file() for f in BPE_FILES):
-            log(f"[train bpe] {out} already holds this very tokenizer (bpe.model {_file_sha256(old)[:12]}); kept")
-            return old, out / "bpe.vocab", out / "tokenizer.json", None
-        present = [out / f for f in BPE_FILES if (out / f).exists()]
-        if old.is_file():
-            aside = set_aside_folder(out)
-            for f in present:
-                os.replace(f, aside / f.name)
-            log(f"[train bpe] the earlier text tokenizer in {out} (bpe.model {_file_sha256(aside / BPE_FILE)[:12]}) "
-                f"is set aside in {aside}: a transformer or reranker trained with it records that checksum and needs "
-                "it back (move the files back, or point --text.out_dir there)")
-        for f in (model, vocab, hf):
-            os.replace(f, out / f.name)
-        return out / model.name, out / vocab.name, out / hf.name, aside
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+from ..model import DALLE, Layout, dalle_loss
+from ..train import Trainer
+from ..infra.devices import pick_device, seed_everything
+from ..model import caption_ids
+from ..sampling import draw
+from .text_tokenizer import BPE_FILE, _file_sha256, prepare_bpe
 
 
 # --- the tokenizers stage 2 reads ---------------------------------------------------------------------
@@ -157,10 +54,6 @@ class TokenizerIds:
 
     def to_dict(self) -> dict:
         return {"dvae": self.dvae, "bpe": self.bpe, "dvae_checkpoint": self.dvae_checkpoint}
-
-
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def finished_dvae(cfg: Config) -> Path | None:
@@ -195,42 +88,6 @@ def prepare_tokenizers(cfg: Config, progress: bool = True, log: Callable[[str], 
     tok, bpe_sha = prepare_bpe(cfg, log, "[train transformer]")
     ids = TokenizerIds(tokenizer_id(done), bpe_sha, str(done))
     return dvae, tok, ids
-
-
-def prepare_bpe(cfg: Config, log: Callable[[str], None] = print, tag: str = "[train]") -> tuple[Tokenizer, str]:
-    """(BPE tokenizer, sha256 of its bpe.model): the one in text.out_dir is reused, a missing one trained.
-
-    The stages that read captions (the transformer, the reranker) share it, so their ids mean the same.
-    Example: prepare_bpe(get_config("toy")) -> (RegexTokenizer with 446 tokens, "3f9a...")
-    """
-    bpe_path = Path(cfg.text.out_dir) / BPE_FILE
-    if not bpe_path.is_file():
-        log(f"{tag} no text tokenizer at {bpe_path}: training it first")
-        train_text_tokenizer(cfg, log=log)
-    tok = Tokenizer.load(bpe_path)
-    if tok.vocab_size != cfg.text.vocab_size:
-        raise DataError(f"the text tokenizer {bpe_path} has {tok.vocab_size} tokens; text.vocab_size is "
-                        f"{cfg.text.vocab_size}. Retrain it (`python -m minidalle train bpe`) or set --text.vocab_size")
-    log(f"{tag} text tokenizer: {bpe_path} ({tok.vocab_size} tokens)")
-    return tok, _file_sha256(bpe_path)
-
-
-# --- pairs ---------------------------------------------------------------------------------------------
-def caption_ids(tok: Tokenizer, caption: str, layout: Layout, dropout: float = 0.0, seed: int | None = None,
-                truncate: bool = False) -> tuple[list[int], bool]:
-    """`layout.text_len` ids for a caption, padded with one padding id per position, and whether it was cut.
-
-    With dropout, the BPE dropout encoding is used when it fits and the plain one otherwise (dropout
-    splits words into more tokens; a caption is never cut because of it).
-    Example: toy: "a red circle." -> ([ids of the 4 tokens..., 450, 451, ..., 477], False)
-    """
-    T = layout.text_len
-    ids = tok.encode(caption, dropout=dropout, seed=seed) if dropout > 0 else []
-    cut = False
-    if not ids or len(ids) > T:  # the plain encoding: bpe's own refusal (or counted cut) of what does not fit
-        ids, cut = tok.encode_to_length(caption, T, pad_id=-1, truncate=truncate)
-        ids = [i for i in ids if i >= 0]
-    return ids + [layout.text_vocab + p for p in range(len(ids), T)], cut
 
 
 @dataclass
@@ -396,7 +253,7 @@ def train_transformer(cfg: Config, resume: bool | str = False, start_over: bool 
             f"text.text_len={cfg.text.text_len} tokens and were cut")
     config = {**cfg.to_dict(), "tokenizers": ids.to_dict()}
     trainer = Trainer(model, cfg.train, train, dalle_loss, eval_data=val, config=config, progress=progress, log=log,
-                      out_flag=out_flag or "--train.out_dir")
+                      out_flag=out_flag or "--train.out_dir", section="train")
     for event, fns in (callbacks or {}).items():
         for fn in fns if isinstance(fns, (list, tuple)) else [fns]:
             trainer.add_callback(event, fn)
@@ -528,8 +385,8 @@ def evaluate_transformer(cfg: Config, n: int = 256, checkpoint: str | Path | Non
     the checkpoint as the user named it (`eval_folder`), never to a folder its config.json names.
     Example: evaluate_transformer(get_config("toy")) -> {"val_all_single": 0.6, "val": {...}, "heldout": {...}}
     """
-    from .sampling import evaluate_prompts
-    from .viz import save_grid
+    from .transformer import evaluate_prompts
+    from ..viz import save_grid
 
     if cfg.data.dataset != "shapes":
         raise DataError(f"eval transformer reads samples with the ShapesWorld judge; data.dataset is "
@@ -570,29 +427,13 @@ def eval_folder(checkpoint: str | Path) -> Path:
     return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
-def describe(cfg: Config) -> dict:
-    """Parameters of every stage, the sequence and the transformer's training FLOPs per token, all
-    counted on the meta device (the paper preset's 12B parameters take no memory).
-
-    Example: describe(get_config("paper"))["transformer_params"] -> 12293824256
-    """
-    layout = Layout.from_config(cfg)
-    with torch.device("meta"):
-        dvae = DVAE(cfg.dvae)
-        model = DALLE(cfg.model, layout)
-    flops = flops_per_token(cfg.model, layout)
-    return {"preset": cfg.preset, "image_size": cfg.data.image_size, "grid": layout.grid,
-            "image_vocab": layout.image_vocab, "text_len": layout.text_len, "text_vocab": layout.text_vocab,
-            "sequence_len": layout.length, "image_len": layout.image_len,
-            "dvae_encoder_params": count_parameters(dvae.encoder), "dvae_decoder_params": count_parameters(dvae.decoder),
-            "transformer_params": count_parameters(model), "d_model": cfg.model.n_head * cfg.model.head_dim,
-            "layer_schedule": _schedule(model.kinds), "flops_per_token": flops["total"],
-            "flops_weights": flops["weights"], "flops_attention": flops["attention"],
-            "mask_density": flops["mask_density"]}
 
 
-def _schedule(kinds: list[str]) -> str:
-    """Example: ["row", "column", "row", "conv"] -> "row, column, row, conv" (long lists shortened)"""
-    if len(kinds) <= 8:
-        return ", ".join(kinds)
-    return ", ".join(kinds[:6]) + f", ... ({kinds.count('row')} row, {kinds.count('column')} column), {kinds[-1]}"
+def evaluate_prompts(model, dvae, tok, captions: list[str], temperature: float = 1.0, batch_size: int = 256,
+                     seed: int = 0, progress: bool = True, **settings) -> tuple[dict, torch.Tensor]:
+    """The judge's accuracy (per attribute, and "overall" = every stated attribute right) of one
+    sample per caption, and the images. Example: -> ({"overall": 0.6, "color": 0.9, ...}, uint8 (n, H, W, 3))"""
+    from ..judge import evaluate
+
+    _, images = draw(model, dvae, tok, captions, temperature, batch_size, seed, progress, **settings)
+    return evaluate(list(images), captions, progress=progress), images

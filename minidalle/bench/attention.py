@@ -35,10 +35,10 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .attention import BLOCK_CPU, KINDS, MaskBank, attend, block_counts, flex_available
-from .benchtools import alternate, calls_for, judge_targets, per_call
-from .benchtools import rounded as _r
-from .errors import ConfigError
+from ..attention import BLOCK_CPU, KINDS, MaskBank, attend, block_counts, flex_available
+from .tools import alternate, calls_for, judge_targets, per_call
+from .tools import rounded as _r
+from ..errors import ConfigError
 
 HEAD_DIM = 64
 KERNEL = 11  # the paper's convolutional kernel; clipped to fit smaller grids (see `_kernel`)

@@ -42,19 +42,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file, save_model
 
-from .errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
 from .files import LOCK_FILE, RunLock, fsync_dir, pid_alive  # noqa: F401 -- the lock is part of this module's API
 
 
@@ -398,7 +395,7 @@ def save_sharded(root: str | Path, step: int, model: torch.nn.Module, optimizer,
     from torch.distributed.checkpoint import save as dcp_save
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from . import distributed
+    from ..scale import distributed
 
     if keep_last < 2:
         raise ConfigError(f"keep_last={keep_last}: keep at least 2 checkpoints")
@@ -466,7 +463,6 @@ def _dcp_errors() -> tuple:
     from torch.distributed.checkpoint.api import CheckpointException
 
     return (Exception, CheckpointException)
-
 
 
 def _sharded_keys(path: Path) -> dict:
@@ -623,37 +619,6 @@ def warn_skipped(path: Path, why: str, stacklevel: int = 2) -> None:
 
 
 # --- RNG state as plain data -------------------------------------------------------------------------
-
-def capture_rng_state() -> dict:
-    """Python, numpy, torch (and CUDA) RNG states in a form `torch.load(weights_only=True)` accepts.
-
-    numpy's state holds an ndarray, which weights_only refuses; we store it as an int64 tensor.
-    Example: capture_rng_state().keys() -> dict_keys(["python", "numpy", "torch"]) (+ "cuda" on GPUs)
-    """
-    version, internal, gauss_next = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, list(internal), gauss_next],
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    """Inverse of `capture_rng_state`.
-
-    Example: s = capture_rng_state(); a = torch.rand(1); restore_rng_state(s); torch.rand(1) == a -> True
-    """
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        # a run resumed on fewer GPUs restores the devices it has
-        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(s.cpu(), i)
 
 
 # --- small helpers ------------------------------------------------------------------------------------

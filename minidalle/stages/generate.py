@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config
-from .errors import CheckpointError, ConfigError, DataError
+from ..config import Config
+from ..errors import CheckpointError, ConfigError, DataError
 
 RANKINGS = ("clip", "likelihood")
 CURVE_SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -80,10 +80,10 @@ def load_pipeline(cfg: Config, run: str | Path | None = None, device: str = "aut
     only with need_clip (no_clip_hint: what else the caller can do, added to that message). Only
     full checkpoints (safetensors) are read, unless trust_sharded: a sharded one's index is a pickle.
     """
-    from . import checkpoint as ckpt
-    from .clip import load_clip
-    from .text_to_image import _tokenizers_for, finished_transformer, load_transformer
-    from .train import pick_device
+    from ..infra import checkpoint as ckpt
+    from .reranker import load_clip
+    from .transformer import _tokenizers_for, finished_transformer, load_transformer
+    from ..infra.devices import pick_device
 
     cfg = run_config(cfg, run)
     path = Path(checkpoint) if checkpoint else finished_transformer(cfg)
@@ -134,7 +134,7 @@ def candidates(pipe: Pipeline, prompts: list[str], n: int, seed: int = 0, trunca
 
     settings: temperature, top_k, top_p, guidance, precision, compile (as sampling.sample takes them).
     """
-    from .sampling import decode_images, encode_prompts, sample, warn_unguided
+    from ..sampling import decode_images, encode_prompts, sample, warn_unguided
 
     if int(n) != n or n < 1:
         raise ConfigError(f"n={n} is invalid: draw at least 1 candidate per prompt")
@@ -190,9 +190,9 @@ def generate(pipe: Pipeline, prompts: list[str], out: str | Path, n: int = 32, k
     leaves the earlier results as they were.
     Example: generate(pipe, ["a red circle"], "samples", n=32, keep=4) -> {"files": 4, "out": "samples", ...}
     """
-    from .files import OwnedFolder
-    from .sampling import encode_prompts, warn_unguided
-    from .viz import save_ranked_grid
+    from ..infra.files import OwnedFolder
+    from ..sampling import encode_prompts, warn_unguided
+    from ..viz import save_ranked_grid
 
     if int(n) != n or n < 1:
         raise ConfigError(f"n={n} is invalid: draw at least 1 candidate per prompt")
@@ -233,7 +233,7 @@ def _stream(pipe: Pipeline, folder, prompts: list[str], text: torch.Tensor, note
 
     from PIL import Image
 
-    from .sampling import decode_images, default_chunk, sample
+    from ..sampling import decode_images, default_chunk, sample
 
     P, layout = len(prompts), pipe.model.layout
     total = P * n
@@ -317,7 +317,7 @@ def _need_clip(pipe: Pipeline) -> None:
 
 def _clip_scores(pipe: Pipeline, prompts: list[str], images: torch.Tensor, cut: bool) -> torch.Tensor:
     """The reranker's similarity of each image (B, H, W, 3) to its prompt: (B,) on the CPU."""
-    from .clip import rerank
+    from ..clip import rerank
 
     _need_clip(pipe)
 
@@ -359,7 +359,7 @@ def _judge_all(images: torch.Tensor, prompts: list[str], progress: bool) -> dict
     """Per candidate: all right (P, n) bool, for each check (P, n) float with nan where not stated, and
     `swap` (P, n) float, 1 where the two objects' shapes came out exchanged (judge.binding_swap), nan where
     the caption cannot show a swap; per prompt, `objects` (P,) int, how many objects its caption names."""
-    from .judge import CHECKS, binding_swap, judge, to_spec
+    from ..judge import CHECKS, binding_swap, judge, to_spec
 
     P, n = images.shape[:2]
     ok = np.zeros((P, n), bool)
@@ -423,8 +423,8 @@ def rerank_curve(pipe: Pipeline, n_prompts: int = 64, sizes=CURVE_SIZES, seed: i
     = the largest size), and the plot's path.
     Example: -> {"val_all_single": 0.56, "val_all_best16_clip": 0.9, "heldout_all_best16_clip": 0.7, ...}
     """
-    from .data import ShapesWorld
-    from .judge import CHECKS
+    from ..data import ShapesWorld
+    from ..judge import CHECKS
 
     if pipe.cfg.data.dataset != "shapes":
         raise DataError(f"the reranking curve needs the ShapesWorld judge; this model's data.dataset is "

@@ -44,9 +44,11 @@ import math
 
 import torch
 
-from .config import Config
-from .dvae import count_parameters
-from .errors import ConfigError
+from ..config import Config
+from ..dvae import count_parameters
+from ..errors import ConfigError
+from ..dvae import DVAE
+from ..model import DALLE, Layout, flops_per_token
 
 GIB = 2 ** 30
 HEADROOM = 0.10  # of the GPU's memory, kept free for the CUDA context and fragmentation
@@ -83,7 +85,7 @@ def unit_params(cfg: Config, total: int) -> dict:
 
     Example: unit_params(get_config("toy"), 987392) -> {"block": 198272, "rest": 194304}
     """
-    from .model import Block
+    from ..model import Block
 
     with torch.device("meta"):
         block = count_parameters(Block(cfg.model, "row"))
@@ -113,7 +115,7 @@ def plan(cfg: Config, gpus: int, gpu_mem_gb: float, mfu: float = 0.3, gpu_tflops
     default to `train.max_steps`. Memory figures are GiB; `fits` keeps 10% of gpu_mem_gb free.
     Example: plan(get_config("paper"), 1024, 16, batch=1024, steps=430_000)["memory"]["fsdp_ckpt"]["fits"] -> True
     """
-    from .text_to_image import describe
+    from .plan import describe
 
     _check(gpus, gpu_mem_gb, mfu, gpu_tflops, batch, steps)
     res = describe(cfg)
@@ -205,3 +207,31 @@ def format_plan(res: dict) -> str:
         f"  memory per GPU in GiB, activations with {scores}; fits = total <= {res['usable_gb']:.3g} GiB "
         f"({1 - res['headroom']:.0%} of {res['gpu_mem_gb']:g})",
         "", plan_table(res)])
+
+
+def describe(cfg: Config) -> dict:
+    """Parameters of every stage, the sequence and the transformer's training FLOPs per token, all
+    counted on the meta device (the paper preset's 12B parameters take no memory).
+
+    Example: describe(get_config("paper"))["transformer_params"] -> 12293824256
+    """
+    layout = Layout.from_config(cfg)
+    with torch.device("meta"):
+        dvae = DVAE(cfg.dvae)
+        model = DALLE(cfg.model, layout)
+    flops = flops_per_token(cfg.model, layout)
+    return {"preset": cfg.preset, "image_size": cfg.data.image_size, "grid": layout.grid,
+            "image_vocab": layout.image_vocab, "text_len": layout.text_len, "text_vocab": layout.text_vocab,
+            "sequence_len": layout.length, "image_len": layout.image_len,
+            "dvae_encoder_params": count_parameters(dvae.encoder), "dvae_decoder_params": count_parameters(dvae.decoder),
+            "transformer_params": count_parameters(model), "d_model": cfg.model.n_head * cfg.model.head_dim,
+            "layer_schedule": _schedule(model.kinds), "flops_per_token": flops["total"],
+            "flops_weights": flops["weights"], "flops_attention": flops["attention"],
+            "mask_density": flops["mask_density"]}
+
+
+def _schedule(kinds: list[str]) -> str:
+    """Example: ["row", "column", "row", "conv"] -> "row, column, row, conv" (long lists shortened)"""
+    if len(kinds) <= 8:
+        return ", ".join(kinds)
+    return ", ".join(kinds[:6]) + f", ... ({kinds.count('row')} row, {kinds.count('column')} column), {kinds[-1]}"

@@ -11,12 +11,10 @@ retrained tokenizer can never be paired with stale codes.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
 import os
-import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -26,14 +24,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import checkpoint as ckpt
-from .config import Config
-from .data import TWO_OBJECTS, ShapesWorld, build_dataset, eval_split
-from .dvae import DVAE, dvae_loss_fn, paper_parameter_counts, schedule_callback
-from .errors import CheckpointError, DataError
-from .losses import to_unit
-from .quantize import perplexity
-from .train import Trainer, pick_device, seed_everything
+from ..infra import checkpoint as ckpt
+from ..config import Config
+from ..data import TWO_OBJECTS, ShapesWorld, build_dataset, eval_split
+from ..dvae import DVAE, dvae_loss_fn, schedule_callback
+from ..errors import DataError
+from ..losses import to_unit
+from ..quantize import perplexity
+from ..train import Trainer
+from ..infra.devices import pick_device, seed_everything
+from ..viz import to_uint8
 
 
 def image_batches(dataset, batch_size: int, train: bool = True):
@@ -82,7 +82,7 @@ def train_dvae(cfg: Config, resume: bool | str = False, progress: bool = True,
     train = image_batches(build_dataset(cfg.data, "train"), tc.batch_size)
     split = eval_split(cfg.data)  # ShapesWorld's val, the held-out emoji; none for folders and shards
     val = image_batches(build_dataset(cfg.data, split), tc.batch_size, train=False) if split else None
-    trainer = Trainer(model, tc, train, dvae_loss_fn, eval_data=val, config=cfg, progress=progress, out_flag=out_flag,
+    trainer = Trainer(model, tc, train, dvae_loss_fn, eval_data=val, config=cfg, progress=progress, out_flag=out_flag, section="dvae_train",
                       log=log)
     callback = schedule_callback(cfg.dvae)
     trainer.add_callback("on_fit_start", callback)
@@ -177,11 +177,6 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """float (B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3), the datasets' layout."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-
-
 def object_cells(images: torch.Tensor, grid: int) -> torch.Tensor:
     """Which cells of a grid x grid code grid hold any non-black pixel: uint8 (n, H, W, 3) -> bool (n, grid, grid).
 
@@ -198,7 +193,7 @@ def reconstruction_report(model: DVAE, split: str, image_size: int, n: int, seed
     """Judge accuracy on n originals and on their reconstructions, per attribute, plus PSNR and the
     code perplexity over those images, over all cells and over the cells that hold part of an object.
     Example: -> {"original": {...}, "reconstruction": {...}, "psnr": 24.1, "perplexity": 21.0, ...}"""
-    from .judge import evaluate
+    from ..judge import evaluate
 
     ds = ShapesWorld(split, image_size, seed, n)
     images, captions = ds.batch(0, n)  # uint8 (n, H, W, 3)
@@ -221,57 +216,3 @@ def reconstruction_report(model: DVAE, split: str, image_size: int, n: int, seed
             "perplexity_objects": float(perplexity(object_counts))}
 
 
-def benchmark_dvae(cfg: Config, out_dir: str | os.PathLike, n_eval: int = 500, progress: bool = True) -> dict:
-    """Train stage 1 from scratch with `cfg`, then measure the tokenizer.
-
-    Reports wall time of training, judge accuracy on originals vs reconstructions of `val` and
-    `heldout` (per attribute), PSNR, perplexity and dead codes at the end of training, encoding
-    throughput, and the paper preset's parameter counts beside the released model's.
-    """
-    out = Path(out_dir)
-    if ckpt.list_checkpoints(out / "checkpoints"):
-        raise CheckpointError(f"{out} already holds a run; the benchmark trains from scratch, choose a new --out")
-    cfg = copy.deepcopy(cfg)  # the caller's config keeps its own out_dir
-    cfg.dvae_train.out_dir = str(out)
-    t0 = time.perf_counter()
-    model, trainer = train_dvae(cfg, progress=progress, out_flag="--out")
-    train_seconds = time.perf_counter() - t0
-    model.eval()
-    size, K = cfg.data.image_size, cfg.dvae.vocab_size
-    result = {"preset": cfg.preset, "quantizer": cfg.dvae.quantizer, "likelihood": cfg.dvae.likelihood,
-              "vocab_size": K, "image_size": size, "steps": trainer.step, "train_seconds": round(train_seconds, 1),
-              "final_loss": trainer.loss, "dead_codes": int(model.quantizer.health.dead())}
-    for split in ("val", "heldout"):
-        result[split] = reconstruction_report(model, split, size, n_eval, cfg.data.seed)
-    result["perplexity_fraction"] = result["val"]["perplexity"] / K
-    ds = ShapesWorld("val", size, cfg.data.seed)
-    images = ds.batch(0, 1024)[0]
-    t0 = time.perf_counter()
-    model.encode(images.to(next(model.parameters()).device))
-    result["encode_images_per_s"] = round(len(images) / (time.perf_counter() - t0), 1)
-    result["paper_params"] = paper_parameter_counts()
-    return result
-
-
-def format_dvae_benchmark(r: dict) -> str:
-    """`benchmark_dvae`'s result as a short text report."""
-    lines = [f"dVAE ({r['quantizer']}, {r['likelihood']}, K={r['vocab_size']}, {r['image_size']}x{r['image_size']}, "
-             f"preset {r['preset']}): {r['steps']} updates in {r['train_seconds']} s, final loss {r['final_loss']:.4f}"]
-    for split in ("val", "heldout"):
-        s = r[split]
-        per = ", ".join(f"{a} {s['original'][a]:.3f}->{s['reconstruction'][a]:.3f}"
-                        for a in ("count", "color", "shape", "size", "position", "relation")
-                        if s["original"][a] is not None)
-        lines.append(f"  {split:<8} judge original {s['original']['overall']:.3f} -> reconstruction "
-                     f"{s['reconstruction']['overall']:.3f} (ratio {s['ratio']:.3f}); PSNR {s['psnr']:.2f} dB")
-        lines.append(f"           per attribute: {per}")
-    lines.append(f"  codebook: perplexity {r['val']['perplexity']:.1f} of K={r['vocab_size']} "
-                 f"({r['perplexity_fraction']:.1%}), {r['val']['codes_used']} codes used on val, "
-                 f"{r['dead_codes']} dead at the end of training")
-    lines.append(f"            over the {r['val']['object_cells']:.0%} of cells holding part of an object: "
-                 f"perplexity {r['val']['perplexity_objects']:.1f}")
-    lines.append(f"  encoding: {r['encode_images_per_s']:.0f} images/s")
-    p = r["paper_params"]
-    lines.append(f"  paper preset: encoder {p['encoder'] / 1e6:.1f}M (released {p['released_encoder'] / 1e6:.1f}M), "
-                 f"decoder {p['decoder'] / 1e6:.1f}M (released {p['released_decoder'] / 1e6:.1f}M)")
-    return "\n".join(lines)

@@ -18,8 +18,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .bpe import GPT4_SPLIT_PATTERN, RegexTokenizer, merge_pair, train_merges
-from .errors import ConfigError
+from ..bpe import GPT4_SPLIT_PATTERN, RegexTokenizer, merge_pair, train_merges
+from ..errors import ConfigError
 
 # What the text tokenizer's implementation should reach (`bench all` judges these).
 TARGETS = (
@@ -95,7 +95,7 @@ def benchmark_bpe(mib: float = 10.0, vocab_size: int = 16_384, n_captions: int =
         import tokenizers  # noqa: F401
     except ImportError as e:
         raise ConfigError(f"bench bpe compares against tiktoken and tokenizers: pip install -e .[test] ({e})") from None
-    from .data import ShapesWorld
+    from ..data import ShapesWorld
 
     text = source_corpus(mib)
     res: dict = {"corpus_mib": round(len(text.encode()) / 2**20, 2), "vocab_size": vocab_size}

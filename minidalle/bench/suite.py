@@ -23,11 +23,12 @@ import time
 import traceback
 from pathlib import Path
 
-from . import config as cfglib
-from .benchtools import describe_machine, judge_targets, machine
-from .benchtools import utc_now as _utc
-from .errors import CheckpointError, ConfigError, DataError
-from .files import write_atomic
+from .. import config as cfglib
+from ..infra.machine import describe_machine, machine
+from .tools import judge_targets
+from ..infra.machine import utc_now as _utc
+from ..errors import CheckpointError, ConfigError, DataError
+from ..infra.files import write_atomic
 
 BENCHMARKS = ("judge", "dvae", "bpe", "attention", "sampling")
 STEPS = BENCHMARKS + ("quality",)  # what --skip accepts
@@ -49,7 +50,7 @@ QUALITY_NAMES = {"val_all_best16": "val, every attribute right, reranker's best 
 
 
 def bpe_targets() -> tuple:
-    from .bpe_bench import TARGETS  # imported late: bpe_bench pulls in the stdlib corpus code
+    from .bpe import TARGETS  # imported late: bpe_bench pulls in the stdlib corpus code
 
     return TARGETS
 
@@ -110,26 +111,26 @@ def _run_judge(cfg, opts):
 
 
 def _run_dvae(cfg, opts):
-    from .image_tokenizer import benchmark_dvae, format_dvae_benchmark
+    from .dvae import benchmark_dvae, format_dvae_benchmark
 
     with tempfile.TemporaryDirectory(prefix="minidalle-bench-all-dvae-") as out:  # it trains from scratch
         return benchmark_dvae(cfg, out, progress=opts["progress"]), format_dvae_benchmark
 
 
 def _run_bpe(cfg, opts):
-    from .bpe_bench import benchmark_bpe, format_bpe_benchmark
+    from .bpe import benchmark_bpe, format_bpe_benchmark
 
     return benchmark_bpe(mib=opts["mib"], progress=opts["progress"]), format_bpe_benchmark
 
 
 def _run_attention(cfg, opts):
-    from .attention_bench import benchmark_attention, format_attention_benchmark
+    from .attention import benchmark_attention, format_attention_benchmark
 
     return benchmark_attention(progress=opts["progress"]), format_attention_benchmark
 
 
 def _run_sampling(cfg, opts):
-    from .sampling_bench import benchmark_sampling, format_sampling_benchmark
+    from .sampling import benchmark_sampling, format_sampling_benchmark
 
     return benchmark_sampling(compile=opts["compile"], progress=opts["progress"]), format_sampling_benchmark
 
@@ -241,7 +242,7 @@ def make_command(cfg: cfglib.Config, run: Path) -> str:
 
 
 def quality_step(cfg: cfglib.Config, run: Path, progress: bool) -> dict:
-    """The whole pipeline's figures from `pipeline.evaluate_run` on the run folder, judged against
+    """The whole pipeline's figures from `report.evaluate_run` on the run folder, judged against
     QUALITY_TARGETS (toy preset only). No finished run: status "not measured", with the error and the
     command that makes one (a DataError, data the judge cannot read: "not measured", no command). Another
     error: status "failed", as for a benchmark.
@@ -254,7 +255,7 @@ def quality_step(cfg: cfglib.Config, run: Path, progress: bool) -> dict:
     try:
         if not run.is_dir():
             raise CheckpointError(f"no run folder {run}, so no finished pipeline to measure")
-        from .pipeline import evaluate_run
+        from ..stages.report import evaluate_run
 
         result = evaluate_run(cfg, run, progress=progress)
         entry.update(status="ok", figures=quality_figures(result, cfg.preset), result=result)
@@ -289,7 +290,7 @@ def bench_all(args, cfg: cfglib.Config) -> dict:
     Returns the summary (what summary.json holds). Bad flags raise ConfigError before anything runs.
     Example: bench_all(parse(["bench", "all", "--skip", "dvae"]), cfg) -> {"benchmarks": {"judge": {...}, ...}, ...}
     """
-    from .cli import check_out_folder
+    from ..infra.files import check_out_folder
 
     skip = parse_skip(getattr(args, "skip", None))
     if getattr(args, "n", None) is not None:
@@ -344,7 +345,7 @@ def write_summary(summary: dict, out: Path) -> tuple[Path, Path]:
     """
     out.mkdir(parents=True, exist_ok=True)
     md, js = out / "summary.md", out / "summary.json"
-    from .cli import strict_json  # late: cli imports this module only when `bench all` runs
+    from ..infra.files import strict_json  # late: cli imports this module only when `bench all` runs
 
     write_atomic(js, json.dumps(strict_json(summary), indent=1, sort_keys=True, default=str, allow_nan=False) + "\n")
     write_atomic(md, to_markdown(summary))

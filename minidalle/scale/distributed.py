@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .errors import ConfigError, MinidalleError
+from ..errors import ConfigError, MinidalleError
 
 
 @dataclass(frozen=True)

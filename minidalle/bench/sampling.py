@@ -65,12 +65,12 @@ import warnings
 import numpy as np
 import torch
 
-from .benchtools import alternate, calls_for, judge_targets, per_call
-from .benchtools import rounded as _r
-from .config import TransformerConfig, get_config
-from .errors import ConfigError
-from .model import DALLE, Layout
-from .sampling import KVCache, decode_images, decode_step, pick, prefill, sample, sample_reference
+from .tools import alternate, calls_for, judge_targets, per_call
+from .tools import rounded as _r
+from ..config import TransformerConfig, get_config
+from ..errors import ConfigError
+from ..model import DALLE, Layout
+from ..sampling import KVCache, decode_images, decode_step, pick, prefill, sample, sample_reference
 
 MIN_SAMPLE_S = 0.1  # one timed sample lasts at least this long (several calls when one is fast)
 MAX_CALLS = 1000
@@ -445,11 +445,11 @@ def _roofline(model: DALLE, repeats: int, bandwidth_mb: int, seed: int) -> dict:
 def _rerank(model: DALLE, preset: str, n: int, repeats: int, seed: int) -> dict:
     """rerank_time_fraction: rerank / (sample + decode + rerank) for n candidates of one prompt."""
     try:
-        from . import clip as cliplib
+        from .. import clip as cliplib
 
-        from .bpe import RegexTokenizer
-        from .dvae import DVAE
-        from .sampling import encode_prompts
+        from ..bpe import RegexTokenizer
+        from ..dvae import DVAE
+        from ..sampling import encode_prompts
 
         cfg = get_config(preset)
         if Layout.from_config(cfg).grid != model.layout.grid or cfg.dvae.vocab_size < model.layout.image_vocab:

@@ -1,0 +1,10 @@
+"""Benchmarks: measured figures against their targets, printed and written as JSON (`python -m minidalle bench ...`).
+
+    tools.py      timing A against B, alternating, on a busy machine; judging figures against targets
+    attention.py  sparse attention: naive, SDPA with a mask, FlexAttention (speed and agreement)
+    sampling.py   recomputing against the key/value cache, chunking, the compiled step
+    bpe.py        the tokenizer's training and encoding speed
+    judge.py      how well the judge reads renders, blurred and degraded
+    dvae.py       the trained dVAE's reconstructions, read by the judge
+    suite.py      `bench all`: every benchmark in one summary, with its date and machine
+"""
