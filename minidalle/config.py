@@ -84,7 +84,7 @@ class TrainConfig:
     nonfinite: str = "stop"  # a non-finite loss or gradient: stop (raise) | skip the update and count it
     dist_timeout: float = 600.0  # seconds a collective may wait for the other processes before it errors
     powersgd_rank: int = 0  # ddp only: compress gradients with PowerSGD of this rank (0 = off)
-    threads: int = 0  # CPU only: torch threads; 0 = measure at the start of each fit and pick (benchtools.choose_threads)
+    threads: int = 0  # CPU only: torch threads; 0 = measure at the start of each fit and pick (infra.machine.choose_threads)
     out_dir: str = "runs/default"  # where metrics.jsonl and checkpoints go
 
 

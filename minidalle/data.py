@@ -473,7 +473,7 @@ def build_dataset(cfg, split: str = "train"):
     """The dataset a `DataConfig` names, yielding `(uint8 (H, W, 3), caption)`.
 
     ShapesWorld has `train`/`val`/`heldout`; the emoji have `train` and `heldout` (about 5% of them,
-    chosen by a hash of the caption: `emojiset.emoji_split`; there is no `val`, since each emoji is one
+    chosen by a hash of the caption: `realdata.emoji.emoji_split`; there is no `val`, since each emoji is one
     image, so no new draws of a training caption exist). The folder and tar datasets are one pool of
     images (point `data.path` at a separate folder or shard set to evaluate on other images).
     Example: build_dataset(get_config("toy").data, "heldout") -> ShapesWorld("heldout", 32, ...)

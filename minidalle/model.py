@@ -101,14 +101,16 @@ class Block(nn.Module):
         a toy decode step is ~40 small calls, and nn.Module's per-call overhead was a fifth of its time.
         """
         B, n, C = x.shape
-        p, train = self.drop.p, self.training  # what nn.Dropout would pass
+        p = self.drop.p if self.training else 0.0  # dropout in training only (nn.Dropout's rule)
         h = F.layer_norm(x, (C,), self.ln1.weight, self.ln1.bias, self.ln1.eps)
         qkv = F.linear(h, self.qkv.weight, self.qkv.bias).view(B, n, 3, self.n_head, C // self.n_head)
         y = attend_fn(qkv.permute(2, 0, 3, 1, 4))  # (B, nh, n, hd)
-        x = x + F.dropout(F.linear(y.transpose(1, 2).reshape(B, n, C), self.proj.weight, self.proj.bias), p, train)
+        h = F.linear(y.transpose(1, 2).reshape(B, n, C), self.proj.weight, self.proj.bias)
+        x = x + (F.dropout(h, p) if p > 0 else h)
         fc, _, out = self.mlp
         h = F.layer_norm(x, (C,), self.ln2.weight, self.ln2.bias, self.ln2.eps)
-        return x + F.dropout(F.linear(F.gelu(F.linear(h, fc.weight, fc.bias)), out.weight, out.bias), p, train)
+        h = F.linear(F.gelu(F.linear(h, fc.weight, fc.bias)), out.weight, out.bias)
+        return x + (F.dropout(h, p) if p > 0 else h)
 
     def forward(self, x: torch.Tensor, bank: MaskBank, impl: str) -> torch.Tensor:
         """The whole sequence x (B, L, C) under this layer's mask (training, the likelihood)."""

@@ -14,7 +14,7 @@ skipped and counted, and the scale lowered, as torch.amp does; that is how fp16 
 Otherwise a non-finite loss or gradient norm stops the run before the optimizer touches the weights
 (cfg.nonfinite=stop), or skips that update and counts it (skip).
 
-Under torchrun with cfg.parallel = ddp or fsdp (distributed.py) every process runs this same
+Under torchrun with cfg.parallel = ddp or fsdp (scale/distributed.py) every process runs this same
 loop on its own share of each batch: with cfg.grad_accum = A micro-batches per update and W
 processes, update s reads micro-batches j = ((s - 1) A + m) W + rank for m < A, so the global
 batch (batch_size x A x W samples) and the data order are the same for any W and A with the
@@ -445,7 +445,7 @@ class Trainer(Resuming):
 
     def _pick_threads(self, ctx) -> dict | None:
         """On a CPU, set torch's thread count for this fit and say so: cfg.threads when set, else what
-        benchtools.choose_threads measures now (one thread when others load the machine). Left alone
+        infra.machine.choose_threads measures now (one thread when others load the machine). Left alone
         on a GPU, under the smoke switch (seconds of work), and where OMP_NUM_THREADS says (torchrun sets it)."""
         if self.device.type != "cpu":
             return None

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from minidalle import clip
-from minidalle.stages import reranker
+from minidalle.stages import reranker, reranker_data
 from minidalle import data
 from minidalle.bpe import RegexTokenizer
 from minidalle.cli.main import main
@@ -142,7 +142,7 @@ def test_one_fact_changed_scenes_are_wrong_for_the_judge_too():
     seen = set()
     for j in range(24):
         scene, text = ds.example(j)
-        negs = reranker.one_fact_changed(scene, text, np.random.default_rng(j), k=len(reranker.FACTS))
+        negs = reranker_data.one_fact_changed(scene, text, np.random.default_rng(j), k=len(reranker_data.FACTS))
         assert len({n.fact for n in negs}) == len(negs) >= 3
         for neg in negs:
             seen.add(neg.fact)
@@ -154,7 +154,7 @@ def test_one_fact_changed_scenes_are_wrong_for_the_judge_too():
                 continue
             assert judge(image, neg.caption).ok, (neg.caption, neg)
             assert not judge(data.render(scene, 32), neg.caption).ok, (text, neg.caption)
-    assert seen == set(reranker.FACTS)
+    assert seen == set(reranker_data.FACTS)
 
 
 def test_superellipses_are_the_shapes_at_their_exponents_and_others_past_halfway():
@@ -167,19 +167,19 @@ def test_superellipses_are_the_shapes_at_their_exponents_and_others_past_halfway
     for j in range(60):
         scene = ds.scene(j)
         ps = {k: exact[o.shape] for k, o in enumerate(scene.objects) if o.shape in exact}
-        assert np.array_equal(reranker.render_morphed(scene, 32, ps), data.render(scene, 32))
+        assert np.array_equal(reranker_data.render_morphed(scene, 32, ps), data.render(scene, 32))
         if len(scene.objects) != 1 or scene.objects[0].shape not in exact:
             continue
         tried += 1
         shape = scene.objects[0].shape
-        kept += detect(reranker.render_morphed(scene, 32, reranker.morphs(scene, rng, past=False)))[0].shape == shape
-        flipped += detect(reranker.render_morphed(scene, 32, reranker.morphs(scene, rng, past=True)))[0].shape != shape
+        kept += detect(reranker_data.render_morphed(scene, 32, reranker_data.morphs(scene, rng, past=False)))[0].shape == shape
+        flipped += detect(reranker_data.render_morphed(scene, 32, reranker_data.morphs(scene, rng, past=True)))[0].shape != shape
     assert tried >= 15 and kept == tried and flipped >= 0.8 * tried, (tried, kept, flipped)
 
 
 def test_pairs_are_a_pure_function_of_the_batch_index(cfg, tok):
     layout = clip.CLIP.from_config(cfg).layout
-    make = lambda: reranker.ShapesPairs("train", 40, 16, 0, tok, layout, batch_size=8, negatives=2, strength=1.0, seed=3,
+    make = lambda: reranker_data.ShapesPairs("train", 40, 16, 0, tok, layout, batch_size=8, negatives=2, strength=1.0, seed=3,
                                     morph_negatives=1, morph_jitter=0.5)
     a, b = make(), make()
     for i in (4, 0, 9):  # any order, any instance
@@ -190,7 +190,7 @@ def test_pairs_are_a_pure_function_of_the_batch_index(cfg, tok):
     assert len(ids) == pairs and len(images) >= pairs and images.min() >= 0 and images.max() <= 1
     assert len(images) > 8  # the negatives came along
     assert sum("morph" in f for f in a.facts) > 10 and int((a.kind == 1).sum()) > 10  # image-only rivals
-    clean = reranker.ShapesPairs("train", 40, 16, 0, tok, layout, batch_size=8, negatives=2, strength=0.0, seed=3,
+    clean = reranker_data.ShapesPairs("train", 40, 16, 0, tok, layout, batch_size=8, negatives=2, strength=0.0, seed=3,
                              morph_negatives=1, morph_jitter=0.5)
     assert not torch.equal(clean(0)[0], images) and torch.equal(clean(0)[1], ids)  # augmentation: images only
 
@@ -296,7 +296,7 @@ def test_a_two_object_pair_brings_a_swap_first_and_a_shape_swap_keeps_each_place
     twos = [ds.example(j) for j in range(60) if len(ds.example(j)[0].objects) == 2]
     firsts = []
     for j, (scene, text) in enumerate(twos):
-        negs = reranker.one_fact_changed(scene, text, np.random.default_rng(j), k=2, swap_first=True)
+        negs = reranker_data.one_fact_changed(scene, text, np.random.default_rng(j), k=2, swap_first=True)
         a, b = scene.objects
         by_colour = data.Scene((replace(a, color=b.color), replace(b, color=a.color)), relation=scene.relation)
         by_shape = data.Scene((replace(a, shape=b.shape), replace(b, shape=a.shape)), relation=scene.relation)

@@ -184,3 +184,19 @@ def test_a_small_model_fits_one_batch():
         opt.step()
         first = first if first is not None else loss.item()
     assert loss.item() < 0.5 * first
+
+
+def test_init_goes_through_the_one_rule_for_every_parameter(monkeypatch):
+    """__init__ fills each parameter with init_parameter, the rule the meta-device (FSDP) path uses too."""
+    seen, real = [], DALLE.init_parameter
+    monkeypatch.setattr(DALLE, "init_parameter", lambda self, name, t, generator=None: seen.append(name) or
+                        real(self, name, t, generator))
+    cfg = TransformerConfig(n_layer=8, n_head=4, head_dim=16, conv_kernel=3)
+    model = DALLE(cfg, Layout(text_len=8, text_vocab=50, grid=4, image_vocab=64), compile_flex=False)
+    names = [n for n, _ in model.named_parameters()]
+    assert set(seen) == set(names) and len(seen) == len(names) + 2 * cfg.n_layer  # residual ones drawn twice
+    params = dict(model.named_parameters())
+    residual = torch.cat([params[f"blocks.{i}.{w}.weight"].flatten() for i in range(8) for w in ("proj", "mlp.2")])
+    plain = torch.cat([params[f"blocks.{i}.qkv.weight"].flatten() for i in range(8)])
+    assert abs(residual.std().item() - 0.02 / math.sqrt(16)) < 5e-4 and abs(plain.std().item() - 0.02) < 1e-3
+    assert all(torch.all(params[f"blocks.{i}.ln1.weight"] == 1) for i in range(8))

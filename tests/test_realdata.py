@@ -1,4 +1,4 @@
-"""Tests for minidalle/realdata.py: images, captions, skip accounting, folder, tar shards.
+"""Tests for minidalle/realdata/: images, captions, skip accounting, folder, tar shards.
 
 Every file a test reads is written here into tmp_path, bad ones included (zero-byte, truncated,
 garbage, decompression bombs, broken caption files). Expected values come from how the fixture was

@@ -209,3 +209,35 @@ def test_prompts_from_people_are_refused_or_flagged():
             encode_prompts(_Tok(), bad, LAYOUT)
     cut, notes = encode_prompts(_Tok(), ["much too long"], LAYOUT, truncate=True)
     assert notes[0]["cut"] and cut.shape == (1, 6)
+
+
+def test_every_path_runs_the_one_block_step(monkeypatch):
+    """Training, prefill, the cached decode step and the static (compiled) step all go through Block.step,
+    so the block's maths exists once; and a model whose step is changed changes on every path."""
+    from minidalle.model import Block
+
+    model, text = _model(), _text(B=2)
+    calls, real = [], Block.step
+
+    def counted(self, x, attend_fn):
+        calls.append(x.shape[1])
+        return real(self, x, attend_fn)
+
+    monkeypatch.setattr(Block, "step", counted)
+    image = torch.randint(0, LAYOUT.image_vocab, (2, 5), generator=_gen())
+    model.train()
+    model(text, image)
+    model.eval()
+    with torch.no_grad():
+        cache = KVCache(model, 2, "cpu", torch.float32)
+        prefill(model, cache, text, image[:, :3])
+        decode_step(model, cache, image[:, 3:4], 3)
+        _static_step(model, cache.kv, image[:, 4:5], torch.tensor(4))
+    n = model.cfg.n_layer
+    assert calls == [LAYOUT.text_len + 5] * n + [LAYOUT.text_len + 3] * n + [1] * n + [1] * n
+
+    monkeypatch.setattr(Block, "step", lambda self, x, attend_fn: real(self, x, attend_fn) * 0)
+    with torch.no_grad():
+        cache = KVCache(model, 2, "cpu", torch.float32)
+        zeroed = prefill(model, cache, text, image[:, :3])
+    assert torch.allclose(zeroed, model.image_head(model.ln_f(torch.zeros_like(model.embed(text, image[:, :3]))[:, -1])))

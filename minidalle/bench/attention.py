@@ -15,7 +15,7 @@ layout (text_len T, grid G; L = T + G*G tokens) at a time:
 How a ratio is measured: each repeat times A and B back to back, in alternating order (AB, BA,
 AB, ...), so that a slow spell of the machine (another job, a frequency change) lands on both;
 the ratio reported is the median of the per-repeat ratios A / B. A "sample" is enough calls in a
-row to last MIN_SAMPLE_S, so fast calls are not lost in the timer's noise. The median absolute
+row to last tools.MIN_SAMPLE_S, so fast calls are not lost in the timer's noise. The median absolute
 times (ms per call) and the range of the per-repeat ratios (`ratio_range`, how noisy the machine
 was) are reported next to every ratio, under `*_ms_*` keys. `flex_compile_seconds` is the time of
 the first row and column flex calls: the compile, plus one call each.
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import BLOCK_CPU, KINDS, MaskBank, attend, block_counts, flex_available
-from .tools import alternate, calls_for, judge_targets, per_call
+from .tools import judge_targets, interleaved
 from .tools import rounded as _r
 from ..errors import ConfigError
 
@@ -44,8 +44,6 @@ HEAD_DIM = 64
 KERNEL = 11  # the paper's convolutional kernel; clipped to fit smaller grids (see `_kernel`)
 # One timed sample lasts at least this long (several calls when one call is fast): long enough that a
 # burst of another job's work on a shared machine is averaged in, not the whole of a sample.
-MIN_SAMPLE_S = 0.1
-MAX_CALLS = 1000  # ... but never more calls than this in one sample
 FLEX_TOL = 1e-4  # float32 flex against SDPA, same mask
 GPU_HEADS, GPU_TOL = 16, 5e-2  # bf16 on the GPU: an output element carries ~3 significant digits
 
@@ -79,27 +77,6 @@ def _qkv(n_head: int, L: int, device, dtype=torch.float32, grad: bool = False, s
             for _ in range(3)]
 
 
-def _calls(fn, sync) -> int:
-    """How many calls make one sample last MIN_SAMPLE_S. Runs fn twice: the first call warms it up
-    (allocations, lazy init, a compile), the second is timed.
-
-    Example: _calls(lambda: time.sleep(0.01), lambda: None) -> 10
-    """
-    fn()
-    return calls_for(per_call(fn, 1, sync), MIN_SAMPLE_S, MAX_CALLS)
-
-
-def interleaved(fa, fb, repeats: int, sync=lambda: None) -> dict:
-    """Time fa and fb back to back, `repeats` times, alternating which goes first (benchtools.alternate).
-
-    Returns the median of the per-repeat ratios fa / fb (`ratio`), their range (`lo`, `hi`: how noisy
-    the machine was), and the median ms per call of each.
-    Example: interleaved(slow, fast, 7) -> {"ratio": 2.01, "lo": 1.97, "hi": 2.1, "a_ms": 4.02, "b_ms": 2.0}
-    """
-    m = alternate(fa, fb, repeats, (_calls(fa, sync), _calls(fb, sync)), sync)
-    return {"ratio": m["ratio"], "lo": m["lo"], "hi": m["hi"], "a_ms": 1e3 * m["a_s"], "b_ms": 1e3 * m["b_s"]}
-
-
 def _train_step(q, k, v, mask=None):
     """One forward + backward of SDPA (the boolean mask, or dense causal when mask is None)."""
     def step():
@@ -120,7 +97,7 @@ def _train_ratios(T: int, G: int, n_head: int, repeats: int, bar) -> dict:
         bar.set_description(f"train {kind} {T}+{G}x{G}")
         m = interleaved(_train_step(q, k, v, bank.dense(kind, L, "cpu")), _train_step(q, k, v), repeats)
         res[f"train_mask_over_causal_{G}" + ("" if kind == "row" else f"_{kind}")] = _r(m["ratio"])
-        ms[kind] = {"mask": _r(m["a_ms"]), "causal": _r(m["b_ms"]), "ratio_range": [_r(m["lo"]), _r(m["hi"])]}
+        ms[kind] = {"mask": _r(1e3 * m["a_s"]), "causal": _r(1e3 * m["b_s"]), "ratio_range": [_r(m["lo"]), _r(m["hi"])]}
         bar.update(1)
     res[f"train_ms_{G}"] = ms
     return res
@@ -175,7 +152,7 @@ def _flex_ratios(T: int, G: int, n_head: int, repeats: int, compile_flex: bool, 
             bar.set_description(key)
             m = interleaved(fa, fb, repeats)
             res[key] = _r(m["ratio"])
-            ms[key] = {name_a: _r(m["a_ms"]), name_b: _r(m["b_ms"]), "ratio_range": [_r(m["lo"]), _r(m["hi"])]}
+            ms[key] = {name_a: _r(1e3 * m["a_s"]), name_b: _r(1e3 * m["b_s"]), "ratio_range": [_r(m["lo"]), _r(m["hi"])]}
             bar.update(1)
     if bank.flex_failed:  # failed later than the warm-up (it should not): the ratios above timed SDPA
         return {"flex": f"unavailable: {bank.flex_failed}"}
@@ -209,7 +186,7 @@ def _gpu_ratios(T: int, G: int, repeats: int, compile_flex: bool, bar) -> dict:
 
             m = interleaved(sdpa, flex, repeats, sync=torch.cuda.synchronize)  # SDPA / flex: a speedup
             res[f"gpu_flex_{name}_speedup_{G}"] = _r(m["ratio"])
-            ms[name] = {"sdpa_mask": _r(m["a_ms"]), "flex": _r(m["b_ms"]), "ratio_range": [_r(m["lo"]), _r(m["hi"])]}
+            ms[name] = {"sdpa_mask": _r(1e3 * m["a_s"]), "flex": _r(1e3 * m["b_s"]), "ratio_range": [_r(m["lo"]), _r(m["hi"])]}
             bar.update(1)
     if not diff < GPU_TOL:
         raise AssertionError(f"FlexAttention and SDPA differ by {diff:.3g} (> {GPU_TOL}) in bf16 on the GPU")

@@ -23,7 +23,7 @@ What is measured (keys; targets in TARGETS):
   codes, so each timed reference step also checks, teacher-forced, that the reference picks the code
   the cached sampler picked; and the reference loop is run for real over the first CHECK_ROWS grid
   rows and compared. The first repeat times one call of each step (those calls check the codes); the
-  later ones MIN_SAMPLE_S samples. `cached_full_run_s` (a whole `sample` run, timed once, not
+  later ones tools.MIN_SAMPLE_S samples. `cached_full_run_s` (a whole `sample` run, timed once, not
   interleaved) sits next to the integrated cached time as a rough check of the interpolation.
 - `kv_speedup_toy_b1_compiled`: the same with `sample(compile=True)` (the static decode step under
   torch.compile); `compile_seconds_toy` is its first call (the compile plus one run), not timed in it.
@@ -50,7 +50,7 @@ What is measured (keys; targets in TARGETS):
 How a ratio is measured: A and B are timed back to back, in alternating order (AB, BA, ...), so a slow
 spell of the shared machine lands on both; the ratio is the median of the per-repeat ratios, with
 their range (`ratio_range`) and the median seconds of each side. A "sample" is enough calls in a row
-to last MIN_SAMPLE_S. Each side is called once first (a warm-up, and the codes compared); when both of
+to last tools.MIN_SAMPLE_S. Each side is called once first (a warm-up, and the codes compared); when both of
 those calls lasted LONG_RUN_S or more they count as the first repeat. `part_seconds` gives the wall
 time of each part of the benchmark, `seconds` the whole.
 """
@@ -65,15 +65,14 @@ import warnings
 import numpy as np
 import torch
 
-from .tools import alternate, calls_for, judge_targets, per_call
+from . import tools
+from .tools import calls_for, interleaved, judge_targets, per_call
 from .tools import rounded as _r
 from ..config import TransformerConfig, get_config
 from ..errors import ConfigError
 from ..model import DALLE, Layout
 from ..sampling import KVCache, decode_images, decode_step, pick, prefill, sample, sample_reference
 
-MIN_SAMPLE_S = 0.1  # one timed sample lasts at least this long (several calls when one is fast)
-MAX_CALLS = 1000
 REPEATS = 7  # interleaved repeats of the pairs whose runs are short
 BIG_REPEATS = 3  # ... and of those whose runs take seconds (l8d512)
 CELLS = 7  # timed steps per "steps" pair (the per-step times are smooth in the step: linear, plus a
@@ -134,26 +133,13 @@ def timed(fn, device="cpu"):
 
 
 def _calls(seconds: float) -> int:
-    """Calls in a row that make one sample last MIN_SAMPLE_S, given one call's seconds. Example: _calls(0.03) -> 4"""
-    return calls_for(seconds, MIN_SAMPLE_S, MAX_CALLS)
+    """Calls in a row that make one sample last tools.MIN_SAMPLE_S, given one call's seconds. Example: _calls(0.03) -> 4"""
+    return calls_for(seconds, tools.MIN_SAMPLE_S, tools.MAX_CALLS)
 
 
 def _per_call(fn, calls: int, device="cpu") -> float:
     """Seconds per call of fn over `calls` calls in a row."""
     return per_call(fn, calls, lambda: _sync(device))
-
-
-def interleaved(fa, fb, repeats: int, first: tuple[float, float], device="cpu") -> dict:
-    """Time fa and fb back to back `repeats` times, alternating which goes first (benchtools.alternate).
-
-    first: the seconds of one call of each (their warm-up calls, A then B), to size the samples. When
-    both lasted LONG_RUN_S or more, a warm-up had nothing left to warm and they count as the first
-    (AB) repeat. Returns the median of the per-repeat ratios fa / fb (`ratio`), their range (`lo`,
-    `hi`), the median seconds of each.
-    Example: interleaved(slow, fast, 5, (0.2, 0.1)) -> {"ratio": 2.0, "lo": 1.9, "hi": 2.2, "a_s": 0.2, "b_s": 0.1}
-    """
-    done = [first] if min(first) >= LONG_RUN_S else []
-    return alternate(fa, fb, repeats, (_calls(first[0]), _calls(first[1])), lambda: _sync(device), done)
 
 
 def compare_codes(a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -202,7 +188,7 @@ def _full_pair(fa, fb, repeats: int, name_a: str, name_b: str, method: str = "fu
     codes_a, ta = timed(fa)  # the warm-up calls: their codes are the ones compared
     codes_b, tb = timed(fb)
     check = compare_codes(codes_a, codes_b)
-    m = interleaved(fa, fb, repeats, (ta, tb))
+    m = interleaved(fa, fb, repeats, (ta, tb), long_run=LONG_RUN_S)
     return m["ratio"], _pair_info(m, name_a, name_b, check, method)
 
 
@@ -353,7 +339,7 @@ def _batch_pair(model: DALLE, repeats: int, seed: int) -> tuple[float, dict]:
     one, eight = lambda: sample(model, text[:1], 0.0), lambda: sample(model, text, 0.0)
     codes1, t1 = timed(one)
     codes8, t8 = timed(eight)
-    m = interleaved(one, eight, repeats, (t1, t8))
+    m = interleaved(one, eight, repeats, (t1, t8), long_run=LONG_RUN_S)
     m = {**m, "ratio": 8 * m["ratio"], "lo": 8 * m["lo"], "hi": 8 * m["hi"]}  # per image
     # row 0 is the same prompt alone and in a batch of 8: information (a batched matmul may round differently)
     info = _pair_info(m, "b1", "b8", {}, "full runs, cached sampler; ratio = 8 x time(B=1) / time(B=8)",
@@ -457,8 +443,8 @@ def _rerank(model: DALLE, preset: str, n: int, repeats: int, seed: int) -> dict:
                               f"cannot decode this model's codes")
         torch.manual_seed(seed)
         reranker, dvae = cliplib.CLIP.from_config(cfg).eval(), DVAE(cfg.dvae).eval()
-        tok = RegexTokenizer()  # bytes only: the prompt becomes a few dozen ids; the reranker's cost is the same
-        text, _ = encode_prompts(tok, [RERANK_PROMPT], model.layout)
+        tok = RegexTokenizer()  # bytes only: the prompt becomes a few dozen ids, cut to the text length (the cost is the same)
+        text, _ = encode_prompts(tok, [RERANK_PROMPT], model.layout, truncate=True)
         text = text.repeat(n, 1)
         gen = torch.Generator().manual_seed(seed)
         parts = {"sample": [], "decode": [], "rerank": []}
@@ -466,7 +452,7 @@ def _rerank(model: DALLE, preset: str, n: int, repeats: int, seed: int) -> dict:
         for r in range(repeats + 1):  # the first round warms up and is not counted
             codes, ts = timed(lambda: sample(model, text, 1.0, generator=gen))
             images, td = timed(lambda: decode_images(dvae, codes, model.layout.grid))
-            scores, tr = timed(lambda: cliplib.rerank(reranker, tok, [RERANK_PROMPT] * n, images))
+            scores, tr = timed(lambda: cliplib.rerank(reranker, tok, [RERANK_PROMPT] * n, images, truncate=True))
             if tuple(scores.shape) != (n,):
                 raise ConfigError(f"rerank returned shape {tuple(scores.shape)} for {n} images")
             if r:

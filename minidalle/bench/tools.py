@@ -55,6 +55,34 @@ def alternate(fa, fb, repeats: int, calls: tuple[int, int], sync=None, done=()) 
             "a_s": statistics.median(ta), "b_s": statistics.median(tb)}
 
 
+MIN_SAMPLE_S = 0.1  # one timed sample lasts at least this long (several calls in a row when one is fast)
+MAX_CALLS = 1000  # ... but never more calls than this in one sample
+
+
+def warm_then_time(fn, sync=None) -> float:
+    """Seconds of one call of fn after a first, untimed call (allocations, lazy init, a compile)."""
+    fn()
+    return per_call(fn, 1, sync)
+
+
+def interleaved(fa, fb, repeats: int, first: tuple[float, float] | None = None, sync=None,
+                long_run: float | None = None) -> dict:
+    """Time fa and fb back to back `repeats` times, alternating which goes first (`alternate`), each
+    sample MIN_SAMPLE_S of calls in a row. What every benchmark's A-against-B figure comes from.
+
+    first: the seconds of one call of each (A, B), to size the samples; None: measured here, each
+    function warmed by one call first. long_run: when both first calls lasted this long or more, a
+    warm-up had nothing left to warm and they count as the first (AB) repeat.
+    Returns `alternate`'s {"ratio", "lo", "hi", "a_s", "b_s"}.
+    Example: interleaved(slow, fast, 5) -> {"ratio": 2.0, "lo": 1.9, "hi": 2.2, "a_s": 0.02, "b_s": 0.01}
+    """
+    if first is None:
+        first = (warm_then_time(fa, sync), warm_then_time(fb, sync))
+    done = [first] if long_run is not None and min(first) >= long_run else []
+    calls = tuple(calls_for(t, MIN_SAMPLE_S, MAX_CALLS) for t in first)
+    return alternate(fa, fb, repeats, calls, sync, done)
+
+
 def rounded(x: float, digits: int = 3) -> float:
     """A float rounded to `digits` significant digits, for the JSON. Example: rounded(0.0123456) -> 0.0123"""
     return float(f"{x:.{digits}g}")

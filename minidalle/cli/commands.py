@@ -62,7 +62,7 @@ def _print_accuracy(title: str, result: dict) -> None:
 
 
 def cmd_bench(args, cfg: cfglib.Config) -> dict:
-    if args.what == "all":  # every benchmark in turn, one summary (minidalle/bench_all.py)
+    if args.what == "all":  # every benchmark in turn, one summary (minidalle/bench/suite.py)
         from ..bench.suite import bench_all
 
         return bench_all(args, cfg)
@@ -184,7 +184,7 @@ def _train_transformer(args, cfg: cfglib.Config) -> dict:
 
 
 def _print_recall(tag: str, result: dict) -> None:
-    """Print `clip.evaluate_clip`'s recall, and its one-fact-changed accuracy when measured, per split."""
+    """Print `reranker.evaluate_clip`'s recall, and its one-fact-changed accuracy when measured, per split."""
     for split in [s for s in ("val", "heldout") if s in result]:  # the emoji have heldout only
         r = result[split]
         print(f"{tag} {split:<8} recall over {r['n']} pairs: image->text @1 {r['i2t@1']:.3f} @5 {r['i2t@5']:.3f}; "
@@ -372,7 +372,7 @@ def cmd_info(args, cfg: cfglib.Config) -> dict:
 
 
 def cmd_plan(args, cfg: cfglib.Config) -> dict:
-    """Memory per GPU under DDP and FSDP, with and without activation checkpointing, and days (minidalle/plan.py)."""
+    """Memory per GPU under DDP and FSDP, with and without activation checkpointing, and days (minidalle/scale/plan.py)."""
     from ..scale.plan import format_plan, plan
 
     res = plan(cfg, args.gpus, args.gpu_mem, mfu=args.mfu, gpu_tflops=args.gpu_tflops, batch=args.batch,

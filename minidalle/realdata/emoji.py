@@ -16,7 +16,7 @@ caption (`emoji_split`: its SHA-256), so it does not move when the font or the `
 adds, drops or reorders emoji. With openmoji 17 / emoji 2.16: 214 held out, 3,730 train.
 
 Glyphs the font lacks are skipped and counted with the same `SkipStats` and `BadImageError` as the
-folder and tar loaders in `realdata.py`.
+folder and tar loaders in `realdata/`.
 
 Licence: the artwork is OpenMoji's (https://openmoji.org/), CC BY-SA 4.0; rendered images are
 adaptations of it. Attribution, recipe and numbers: datasets/emoji/README.md.

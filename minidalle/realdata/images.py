@@ -64,7 +64,7 @@ SKIP_REASONS = {
     "missing_image": "a tar sample with a caption but no image member",
     "bad_shard": "a tar shard that is cut short or corrupt; counts the samples it lost, an estimate from the "
                  "sizes of the other shards (the rest of the shard is lost)",
-    # raised by emojiset.py, which shares this bookkeeping
+    # raised by emoji.py, which shares this bookkeeping
     "not_in_font": "the OpenMoji font has no glyph for this emoji",
     "blank_render": "the glyph rendered as nothing",
 }
@@ -164,7 +164,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "RGBA":
         # Black (documented in datasets/folder/README.md): a transparent pixel has no colour, so it
         # gets the zero value rather than an invented paper-white. Emoji differ on purpose: see
-        # emojiset.render_emoji, whose black outlines need a white background.
+        # emoji.render_emoji, whose black outlines need a white background.
         black = Image.new("RGBA", im.size, (0, 0, 0, 255))
         return Image.alpha_composite(black, im).convert("RGB")
     return im if im.mode == "RGB" else im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, F

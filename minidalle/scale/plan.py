@@ -6,7 +6,7 @@
 
 `python -m minidalle plan --preset paper --gpus 1024 --gpu-mem 16 --batch 1024 --steps 430000`.
 
-Parameters and training FLOPs per token come from `text_to_image.describe` (counted on the meta
+Parameters and training FLOPs per token come from `describe` (below) (counted on the meta
 device). Everything else is arithmetic, under these assumptions, which are minidalle's own:
 
 - Precision: bf16 autocast over fp32 weights. Per parameter that is 4 bytes of fp32 master weights

@@ -1,8 +1,8 @@
-"""Stage 1 end to end: train the dVAE on a dataset, encode a dataset to codes once, measure it.
+"""Stage 1 end to end: train the dVAE on a dataset, encode a dataset to codes once, reload it, read its reconstructions.
 
     model, trainer = train_dvae(get_config("toy"))           # the Trainer + the paper's schedules
     codes = encode_dataset(model, dataset, n, cache_dir)      # (n, h, w) ints, cached on disk
-    result = benchmark_dvae(get_config("toy"), out_dir)       # `python -m minidalle bench dvae`
+    report = reconstruction_report(model, "val", 32, n=500)   # the judge on reconstructions (bench/dvae.py: `bench dvae`)
 
 The transformer (stage 2) never sees pixels: it reads the cached codes, so images are encoded once
 per (dataset, tokenizer checkpoint). The cache key includes the checkpoint's weight checksum, so a

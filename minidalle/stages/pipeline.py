@@ -338,7 +338,7 @@ def run_demo(cfg: Config, out: str | Path, seed: int | None = None, device: str 
 
 def machine_speed(cfg: Config, device) -> dict:
     """The fp32 matmul rate the stages will run at (GFLOP/s), measured in about a second: on a CPU with the
-    thread count benchtools.choose_threads picks now (each stage's Trainer picks again when it starts), on a
+    thread count infra.machine.choose_threads picks now (each stage's Trainer picks again when it starts), on a
     GPU that GPU's. report.json keeps it as machine_gflops, so minutes on two machines can be compared.
     Example: -> {"gflops": 61.0, "threads": 2, "line": "2 CPU threads of 2 (matmul 61 GFLOP/s; 1 thread: 32)"}
     """

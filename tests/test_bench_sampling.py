@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from minidalle.bench import sampling as sb
+from minidalle.bench import tools as benchtools
+from minidalle.bench.tools import interleaved
 from minidalle.cli.main import main
 from minidalle.config import TransformerConfig, get_config
 from minidalle.model import DALLE, Layout
@@ -37,7 +39,7 @@ def numbers(tree):
 @pytest.fixture
 def tiny_setup(monkeypatch):
     monkeypatch.setattr(sb, "MODELS", TINY_MODELS)
-    monkeypatch.setattr(sb, "MIN_SAMPLE_S", 0.002)  # short samples: figures, not precise ones
+    monkeypatch.setattr(benchtools, "MIN_SAMPLE_S", 0.002)  # short samples: figures, not precise ones
     monkeypatch.setattr(sb, "RERANK_PRESET", "smoke")  # its dVAE and reranker read the smoke model's 4x4 codes
 
 
@@ -49,7 +51,7 @@ def tiny():
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(sb, "MODELS", TINY_MODELS)
-            mp.setattr(sb, "MIN_SAMPLE_S", 0.002)
+            mp.setattr(benchtools, "MIN_SAMPLE_S", 0.002)
             mp.setattr(sb, "RERANK_PRESET", "smoke")
             res = sb.benchmark_sampling(**FAST)
         after = torch.get_num_threads()
@@ -243,7 +245,7 @@ def test_interleaved_alternates(monkeypatch):
     import itertools
     import time
 
-    monkeypatch.setattr(sb, "MIN_SAMPLE_S", 0.004)
+    monkeypatch.setattr(benchtools, "MIN_SAMPLE_S", 0.004)
     calls = []
 
     def slow():
@@ -253,7 +255,7 @@ def test_interleaved_alternates(monkeypatch):
     def fast():
         calls.append("b")
 
-    m = sb.interleaved(slow, fast, repeats=3, first=(0.002, 0.001))
+    m = interleaved(slow, fast, repeats=3, first=(0.002, 0.001))
     assert [name for name, _ in itertools.groupby(calls)] == ["a", "b", "a", "b"]  # a b|b a|a b
     assert m["ratio"] > 1 and m["a_s"] > m["b_s"] > 0 and m["lo"] <= m["ratio"] <= m["hi"]
 

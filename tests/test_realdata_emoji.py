@@ -1,4 +1,4 @@
-"""Tests for minidalle/emojiset.py: CLDR captions, colour glyph rendering, EmojiDataset.
+"""Tests for minidalle/realdata/emoji.py: CLDR captions, colour glyph rendering, EmojiDataset.
 
 Rendering tests need the optional packages of `pip install -e .[emoji]` and are skipped without
 them. Expected colours come from the emoji's name (a red apple is red), not from running the code.
