@@ -20,3 +20,8 @@ class DataError(MinidalleError):
 
 class CheckpointError(MinidalleError):
     """A checkpoint that is missing, truncated, tampered with or written by something else."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, for one-line errors that quote another library's."""
+    return str(e).splitlines()[0] if str(e) else ""

@@ -1,13 +1,14 @@
 """The DALL·E transformer: one decoder over [caption tokens ; image tokens] (docs/paper.md, Stage 2).
 
     layout = Layout.from_config(cfg)                      # text_len, text vocab, grid, image vocab
+    ids, cut = caption_ids(tok, "a red circle.", layout)  # text_len ids: the BPE tokens, then one pad id per position
     model  = DALLE(cfg.model, layout)
     text_logits, image_logits = model(text, image)        # (B, T-1, V_text), (B, N, K)
     loss, parts = dalle_loss(model, (text, image))        # 1/8 text + 7/8 image cross-entropy
 
 Input embedding (the paper's Fig. 10):
 - text: token embedding + learned position embedding. Unused text positions hold a padding token of
-  their own, id `text_vocab + position` (the BPE stage writes them), learned like any other token,
+  their own, id `text_vocab + position` (`caption_ids` writes them), learned like any other token,
   not masked with -inf: the paper found this better for captions unlike the training ones.
 - image: token embedding + a row embedding + a column embedding, broadcast over the grid.
 
@@ -16,9 +17,11 @@ token is given, and the last caption position predicts the first image token). S
 scores text_len - 1 text tokens and the image head the grid**2 image tokens; each head covers only
 its own vocabulary, so a text position can never emit an image code or the other way round.
 
-Blocks are pre-LN (LayerNorm, attention, residual; LayerNorm, MLP, residual). Block i uses the mask
-kind `attention.layer_kinds(n_layer)[i]`. Weights start as GPT-2's: N(0, 0.02), and the projections
-into the residual stream scaled by 1/sqrt(2 n_layer) so the stream's variance does not grow with depth.
+Blocks are pre-LN (LayerNorm, attention, residual; LayerNorm, MLP, residual), written once in
+`Block.step` for training, the sampler's cache and its compiled step alike. Block i uses the mask
+kind `attention.layer_kinds(n_layer)[i]`. Weights start as GPT-2's (`DALLE.init_parameter`, the one
+rule): N(0, 0.02), and the projections into the residual stream scaled by 1/sqrt(2 n_layer) so the
+stream's variance does not grow with depth.
 """
 
 from __future__ import annotations
@@ -71,6 +74,24 @@ class Layout:
     def pad_ids(self, device=None) -> torch.Tensor:
         """The all-padding caption (the "no caption" of caption dropout). Example: toy -> [446, 447, ..., 477]"""
         return self.text_vocab + torch.arange(self.text_len, device=device)
+
+
+# --- pairs ---------------------------------------------------------------------------------------------
+def caption_ids(tok, caption: str, layout: Layout, dropout: float = 0.0, seed: int | None = None,
+                truncate: bool = False) -> tuple[list[int], bool]:
+    """`layout.text_len` ids for a caption, padded with one padding id per position, and whether it was cut.
+
+    With dropout, the BPE dropout encoding is used when it fits and the plain one otherwise (dropout
+    splits words into more tokens; a caption is never cut because of it).
+    Example: toy: "a red circle." -> ([ids of the 4 tokens..., 450, 451, ..., 477], False)
+    """
+    T = layout.text_len
+    ids = tok.encode(caption, dropout=dropout, seed=seed) if dropout > 0 else []
+    cut = False
+    if not ids or len(ids) > T:  # the plain encoding: bpe's own refusal (or counted cut) of what does not fit
+        ids, cut = tok.encode_to_length(caption, T, pad_id=-1, truncate=truncate)
+        ids = [i for i in ids if i >= 0]
+    return ids + [layout.text_vocab + p for p in range(len(ids), T)], cut
 
 
 class Block(nn.Module):
@@ -305,21 +326,3 @@ def flops_per_token(cfg: TransformerConfig, layout: Layout, density: float | Non
     attention = 12 * cfg.n_layer * d * L * density
     return {"weights": 6 * n_weights, "attention": attention, "total": 6 * n_weights + attention,
             "mask_density": density}
-
-
-# --- pairs ---------------------------------------------------------------------------------------------
-def caption_ids(tok, caption: str, layout: Layout, dropout: float = 0.0, seed: int | None = None,
-                truncate: bool = False) -> tuple[list[int], bool]:
-    """`layout.text_len` ids for a caption, padded with one padding id per position, and whether it was cut.
-
-    With dropout, the BPE dropout encoding is used when it fits and the plain one otherwise (dropout
-    splits words into more tokens; a caption is never cut because of it).
-    Example: toy: "a red circle." -> ([ids of the 4 tokens..., 450, 451, ..., 477], False)
-    """
-    T = layout.text_len
-    ids = tok.encode(caption, dropout=dropout, seed=seed) if dropout > 0 else []
-    cut = False
-    if not ids or len(ids) > T:  # the plain encoding: bpe's own refusal (or counted cut) of what does not fit
-        ids, cut = tok.encode_to_length(caption, T, pad_id=-1, truncate=truncate)
-        ids = [i for i in ids if i >= 0]
-    return ids + [layout.text_vocab + p for p in range(len(ids), T)], cut

@@ -42,7 +42,9 @@ key: the LR schedule is computed from the config, so the rest of the run follows
 (Exact means without PowerSGD, whose error-feedback memory lives in the communication hook and
 is not saved.) A resume on another number of processes continues the weights, moments and data
 exactly; the random streams restart, and if grad_accum x processes changed, so does the global batch,
-with the data continuing from the first sample not yet trained on.
+with the data continuing from the first sample not yet trained on. The resume half of the Trainer
+(finding, checking and loading the checkpoint, the data order, the metrics log) is in
+infra/resume.py; seeding and devices in infra/devices.py.
 """
 
 from __future__ import annotations

@@ -139,14 +139,14 @@ def main() -> int:
     if args.stop_at is not None:
         trainer.add_callback("on_step_end", lambda t: t.step == args.stop_at and t.request_stop())
     if args.kill_in_save is not None and rank == 0 and first_attempt:
-        real = ckpt._write_text
+        real = ckpt.write_synced
 
         def dying_write(path, text):  # the sharded save's manifest: every shard is already on disk
             if path.name == ckpt.MANIFEST_FILE and f"step_{args.kill_in_save:07d}" in str(path.parent):
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(path, text)
 
-        ckpt._write_text = dying_write
+        ckpt.write_synced = dying_write
     trainer.fit(resume=True)
     if args.folder:
         print(f"rank {rank}: {trainer.step} updates, in epoch {trainer.train_data.dataset.epoch}", file=sys.stderr, flush=True)

@@ -108,7 +108,7 @@ def train_until_killed(out_dir: str, point: str) -> None:
         return wrapped
 
     ckpt.save_model = die_after_nth_file(ckpt.save_model, path_arg=1)  # save_model(model, filename)
-    ckpt._write_text = die_after_nth_file(ckpt._write_text, path_arg=0)  # config.json and manifest.json
+    ckpt.write_synced = die_after_nth_file(ckpt.write_synced, path_arg=0)  # config.json and manifest.json
     torch.save = die_after_nth_file(torch.save, path_arg=1)  # state.pt
     if point == "after_rename":
         ckpt.prune_checkpoints = die_before(ckpt.prune_checkpoints)  # called right after the rename

@@ -3,6 +3,7 @@
     tools.py      timing A against B, alternating, on a busy machine; judging figures against targets
     attention.py  sparse attention: naive, SDPA with a mask, FlexAttention (speed and agreement)
     sampling.py   recomputing against the key/value cache, chunking, the compiled step
+    sampling_limits.py   what limits the sampler: bandwidth and the roofline, the reranker, the GPU
     bpe.py        the tokenizer's training and encoding speed
     judge.py      how well the judge reads renders, blurred and degraded
     dvae.py       the trained dVAE's reconstructions, read by the judge

@@ -10,7 +10,7 @@ Layout, one folder per saved step under `{out_dir}/checkpoints/`:
         manifest.json       sha256 + size of the three files above; written LAST
 
 An FSDP run, whose parameters are sliced across processes, writes a *sharded* checkpoint
-instead: `sharded/` (torch.distributed.checkpoint: one file per process plus `.metadata`) holds
+instead: `sharded/` (torch.distributed.checkpoint, through sharded.py: one file per process plus `.metadata`) holds
 the weights, the AdamW moments and the EMA; `config.json`, `state.pt` (step, every rank's RNG)
 and `manifest.json` (checksums of every file, `"kind": "sharded"`) sit beside it as usual, and the
 same write-then-rename rule makes it atomic. It resumes on any number of processes (the loader
@@ -51,8 +51,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file, save_model
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, first_line
 from .files import LOCK_FILE, RunLock, fsync_dir, pid_alive  # noqa: F401 -- the lock is part of this module's API
+from .files import file_digest, fsync_file, write_synced
+from . import sharded
 
 
 MODEL_FILE = "model.safetensors"
@@ -134,13 +136,13 @@ def _write_folder(tmp: Path, step: int, model: torch.nn.Module, state: dict, con
         save_file({k: v.contiguous() for k, v in model.items()}, str(tmp / MODEL_FILE))
     else:
         save_model(model, str(tmp / MODEL_FILE))
-    _fsync_file(tmp / MODEL_FILE)
-    _write_text(tmp / CONFIG_FILE, config_text)
+    fsync_file(tmp / MODEL_FILE)
+    write_synced(tmp / CONFIG_FILE, config_text)
     torch.save(state, tmp / STATE_FILE)
-    _fsync_file(tmp / STATE_FILE)
-    files = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in PAYLOAD}
+    fsync_file(tmp / STATE_FILE)
+    files = {name: file_digest(tmp / name) for name in PAYLOAD}
     manifest = {"format": FORMAT, "step": step, "files": files}
-    _write_text(tmp / MANIFEST_FILE, _json_text(manifest, MANIFEST_FILE))  # last: "everything above is done"
+    write_synced(tmp / MANIFEST_FILE, _json_text(manifest, MANIFEST_FILE))  # last: "everything above is done"
     fsync_dir(tmp)
 
 
@@ -236,7 +238,7 @@ def verify_checkpoint(path: str | Path) -> dict:
         if size != want["bytes"]:
             raise CheckpointError(f"{fpath} is truncated or altered: {size} bytes on disk, "
                                   f"{want['bytes']} when saved")
-        if _sha256(fpath) != want["sha256"]:
+        if file_digest(fpath)["sha256"] != want["sha256"]:
             raise CheckpointError(f"{fpath} fails its checksum (sha256 mismatch): the file changed after "
                                   "saving (disk error or tampering); it will not be loaded")
     return manifest
@@ -357,7 +359,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         state = _load_state(path, map_location)
         tensors = {}
         if full_weights:  # the sampler's view: every tensor whole (resuming re-slices instead: load_sharded)
-            payload = _read_sharded(path)
+            payload = sharded.read_whole(path / SHARDED_DIR)
             tensors = payload.get("model", {})
             if "ema" in payload:
                 state["ema"] = payload["ema"]
@@ -366,7 +368,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         tensors = load_file(str(path / MODEL_FILE), device=str(map_location))
     except Exception as e:  # noqa: BLE001 -- SafetensorError, OSError, ...: all mean "not readable"
         raise CheckpointError(f"{path / MODEL_FILE} cannot be read as safetensors ({type(e).__name__}: "
-                              f"{_first_line(e)})") from None
+                              f"{first_line(e)})") from None
     return Loaded(path, manifest["step"], tensors, _load_state(path, map_location), config)
 
 
@@ -375,7 +377,7 @@ def _load_state(path: Path, map_location) -> dict:
         state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 -- UnpicklingError, EOFError, RuntimeError, ... all mean the same here
         raise CheckpointError(f"{path / STATE_FILE} cannot be loaded with weights_only=True ({type(e).__name__}: "
-                              f"{_first_line(e)}); refusing to unpickle it") from None
+                              f"{first_line(e)}); refusing to unpickle it") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path / STATE_FILE} holds a {type(state).__name__}, not a state mapping")
     return state
@@ -392,9 +394,6 @@ def save_sharded(root: str | Path, step: int, model: torch.nn.Module, optimizer,
     newest; a later start removes the temp folder. Every process must call this together.
     Example: save_sharded(root, 500, fsdp_model, optimizer, {"step": 500, ...}, cfg, ctx)
     """
-    from torch.distributed.checkpoint import save as dcp_save
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     from ..scale import distributed
 
     if keep_last < 2:
@@ -409,21 +408,19 @@ def save_sharded(root: str | Path, step: int, model: torch.nn.Module, optimizer,
             shutil.rmtree(tmp)
         tmp.mkdir()
     tmp = Path(distributed.broadcast(str(tmp), ctx))
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    payload = {"model": model_sd, "optimizer": optim_sd, **({"ema": ema} if ema is not None else {})}
-    dcp_save(payload, checkpoint_id=str(tmp / SHARDED_DIR))
+    sharded.write_slices(tmp / SHARDED_DIR, model, optimizer, ema)
     distributed.barrier(ctx)  # every slice is on disk before rank 0 vouches for them
     if ctx.main:
-        _write_text(tmp / CONFIG_FILE, config_text)
+        write_synced(tmp / CONFIG_FILE, config_text)
         torch.save(state, tmp / STATE_FILE)
-        _fsync_file(tmp / STATE_FILE)
+        fsync_file(tmp / STATE_FILE)
         for f in (tmp / SHARDED_DIR).iterdir():
-            _fsync_file(f)
+            fsync_file(f)
         fsync_dir(tmp / SHARDED_DIR)
-        files = {str(f.relative_to(tmp)): {"sha256": _sha256(f), "bytes": f.stat().st_size}
+        files = {str(f.relative_to(tmp)): file_digest(f)
                  for f in sorted(tmp.rglob("*")) if f.is_file()}
         manifest = {"format": FORMAT, "step": step, "kind": "sharded", "world": ctx.world, "files": files}
-        _write_text(tmp / MANIFEST_FILE, _json_text(manifest, MANIFEST_FILE))
+        write_synced(tmp / MANIFEST_FILE, _json_text(manifest, MANIFEST_FILE))
         fsync_dir(tmp)
         if final.exists():
             _remove_dir(final)
@@ -435,67 +432,13 @@ def save_sharded(root: str | Path, step: int, model: torch.nn.Module, optimizer,
 
 
 def load_sharded(path: str | Path, model: torch.nn.Module, optimizer, ema: dict | None = None) -> bool:
-    """Fill a live model and optimizer (sharded over any number of processes, or not at all) from a
-    sharded checkpoint: each process reads just the pieces of its own slices. Returns whether an EMA
-    was loaded into `ema` (False when the run saved none: the caller starts it from the weights).
+    """Fill a live model and optimizer (sharded over any number of processes, or not at all) from the
+    sharded checkpoint folder `path`: each process reads just the pieces of its own slices. Returns
+    whether an EMA was loaded into `ema` (False when the run saved none: the caller starts it from the weights).
 
     Example: load_sharded(".../step_0000500", fsdp_model, optimizer) -> False
     """
-    from torch.distributed.checkpoint import load as dcp_load
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    path = Path(path)
-    saved = _sharded_keys(path)
-    has_ema = ema is not None and any(k.startswith("ema.") for k in saved)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    payload = {"model": model_sd, "optimizer": optim_sd, **({"ema": ema} if has_ema else {})}
-    try:
-        dcp_load(payload, checkpoint_id=str(path / SHARDED_DIR))
-    except _dcp_errors() as e:  # evaluated only when something was raised
-        raise CheckpointError(f"{path / SHARDED_DIR} does not fit this model and optimizer ({type(e).__name__}: "
-                              f"{_first_line(e)}); was it saved from a different architecture or config?") from None
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    return has_ema
-
-
-def _dcp_errors() -> tuple:
-    # DCP wraps a failure in CheckpointException, a BaseException: `except Exception` would miss it.
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    return (Exception, CheckpointException)
-
-
-def _sharded_keys(path: Path) -> dict:
-    """The flattened keys ("model.blocks.0.qkv.weight", "optimizer.state...", "ema...") a sharded
-    checkpoint holds, with their storage metadata (shape, dtype), from its index alone."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        return dict(FileSystemReader(str(path / SHARDED_DIR)).read_metadata().state_dict_metadata)
-    except _dcp_errors() as e:  # evaluated only when something was raised
-        raise CheckpointError(f"{path / SHARDED_DIR / '.metadata'} cannot be read ({type(e).__name__}: "
-                              f"{_first_line(e)})") from None
-
-
-def _read_sharded(path: Path) -> dict:
-    """A sharded checkpoint's weights and EMA, whole, on the CPU, with no process group (for sampling
-    and export); the optimizer moments, twice the weights' size, are not read."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint import load as dcp_load
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    wanted = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in _sharded_keys(path).items()
-              if k.startswith(("model.", "ema.")) and isinstance(m, TensorStorageMetadata)}
-    try:
-        dcp_load(wanted, storage_reader=FileSystemReader(str(path / SHARDED_DIR)), no_dist=True)
-    except _dcp_errors() as e:  # evaluated only when something was raised
-        raise CheckpointError(f"{path / SHARDED_DIR} cannot be read back ({type(e).__name__}: "
-                              f"{_first_line(e)})") from None
-    out: dict = {}
-    for key, t in wanted.items():
-        part, name = key.split(".", 1)
-        out.setdefault(part, {})[name] = t
-    return out
+    return sharded.load_slices(Path(path) / SHARDED_DIR, model, optimizer, ema)
 
 
 def export_checkpoint(path: str | Path, out: str | Path | None = None, trust_sharded: bool = False) -> Path:
@@ -618,8 +561,6 @@ def warn_skipped(path: Path, why: str, stacklevel: int = 2) -> None:
 # --- one writer per run folder: files.RunLock (imported above) ----------------------------------------
 
 
-# --- RNG state as plain data -------------------------------------------------------------------------
-
 
 # --- small helpers ------------------------------------------------------------------------------------
 
@@ -644,36 +585,11 @@ def _check_plain(obj, where: str) -> None:
                           "torch.load(weights_only=True) refuses; store it as a tensor, list or number")
 
 
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else ""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):  # 1 MiB at a time: big files never sit in RAM
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _json_text(obj, name: str) -> str:
     try:
         return json.dumps(obj, indent=2, sort_keys=True) + "\n"
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"cannot write {name}: it is not JSON-serialisable ({e})") from None
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    """Push a file's bytes to the disk; otherwise a power cut after the rename can leave zeros."""
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def _remove_dir(path: Path) -> None:

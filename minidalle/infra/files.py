@@ -106,6 +106,20 @@ def pid_alive(pid: int) -> bool:
 LOCK_FILE = ".lock"
 
 
+def fsync_file(path: Path) -> None:
+    """Push a file's bytes to the disk; otherwise a power cut after a rename can leave zeros."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def write_synced(path: Path, text: str) -> None:
+    """Write text to `path` and push it to the disk (into a folder that is renamed into place after)."""
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def fsync_dir(path: Path) -> None:
     """Persist a folder's entries (new files, renames). POSIX only: Windows cannot open folders."""
     if os.name != "posix":
