@@ -36,7 +36,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .bpe import TextTooLong
 from .errors import ConfigError, DataError
+from .infra.devices import resolve_precision
+from .model import caption_ids
+from .viz import to_uint8
 
 
 # --- choosing a code from logits ---------------------------------------------------------------------
@@ -271,7 +275,6 @@ def sample(model, text: torch.Tensor, temperature: float = 1.0, *, top_k: int = 
     one, for callers that sample in several calls (`generate` streams its candidates chunk by chunk).
     Example: sample(model, text (64, 32), temperature=1.0, top_k=32, guidance=2.0) -> long (64, 64)
     """
-    from .infra.devices import resolve_precision
 
     check_filters(temperature, top_k, top_p, guidance)
     model.check_inputs(text, torch.zeros(text.shape[0], 0, dtype=torch.long, device=text.device))
@@ -315,7 +318,6 @@ def sample(model, text: torch.Tensor, temperature: float = 1.0, *, top_k: int = 
 def default_chunk(model, device, precision: str = "auto", guidance: float = 1.0) -> int:
     """Rows `sample` runs at once when not told (`rows_per_chunk` for its dtype, halved under guidance,
     whose unconditional twins share the chunk). Example: toy model on the CPU -> 1024"""
-    from .infra.devices import resolve_precision
 
     dtype = torch.bfloat16 if resolve_precision(precision, device) == "bf16" else next(model.parameters()).dtype
     return max(1, rows_per_chunk(model, device, dtype) // (2 if guidance != 1 else 1))
@@ -371,8 +373,6 @@ def encode_prompts(tok, prompts: list[str], layout, truncate: bool = False,
     characters outside printable ASCII (encoded byte by byte, pieces a ShapesWorld model never saw).
     Example: encode_prompts(tok, ["A red circle"], layout) -> (ids (1, 32), [{"lowercased": True, ...}])
     """
-    from .bpe import TextTooLong
-    from .model import caption_ids
 
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -434,7 +434,6 @@ def draw(model, dvae, tok, captions: list[str], temperature: float = 1.0, batch_
 @torch.no_grad()
 def decode_images(dvae, codes: torch.Tensor, grid: int, batch_size: int = 512) -> torch.Tensor:
     """Image codes (n, N) -> uint8 images (n, H, W, 3) through the dVAE's decoder, in batches."""
-    from .viz import to_uint8
 
     dev = next(dvae.parameters()).device
     out = [to_uint8(dvae.decode(codes[s:s + batch_size].view(-1, grid, grid).to(dev)).cpu())

@@ -280,6 +280,18 @@ def test_fresh_fit_refuses_a_used_out_dir_and_resume_true_starts_fresh(tmp_path)
         fit(tmp_path, max_steps=3)
 
 
+def test_a_whole_config_is_refused_with_what_to_pass(tmp_path):
+    config = get_config("smoke", {"train.out_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"TrainConfig of one stage.*not a Config.*config="):
+        Trainer(make_model(), config, batch_at, loss_fn)
+
+
+def test_messages_name_the_section_the_trainer_was_given(tmp_path):
+    cfg = get_config("smoke", {"dvae_train.out_dir": str(tmp_path), "dvae_train.eval_every": 5}).dvae_train
+    with pytest.warns(UserWarning, match=r"dvae_train\.eval_every=5"):
+        Trainer(make_model(), cfg, batch_at, loss_fn, section="dvae_train", progress=False)
+
+
 def test_full_config_is_saved(tmp_path):
     config = get_config("smoke", {"train.out_dir": str(tmp_path), "train.max_steps": 2, "train.eval_every": 0})
     trainer = Trainer(make_model(), config.train, batch_at, loss_fn, config=config)  # progress bar on, as by default

@@ -21,7 +21,6 @@ import os
 import warnings
 from pathlib import Path
 
-
 from ..errors import CheckpointError, ConfigError, DataError
 from ..scale import distributed
 from . import checkpoint as ckpt
