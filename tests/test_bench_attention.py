@@ -6,10 +6,8 @@ named after the grid measured, every figure is positive and finite, it is plain 
 judged, the thread count comes back, and a FlexAttention that cannot run is reported, not raised.
 """
 
-import itertools
 import json
 import math
-import time
 
 import pytest
 import torch
@@ -18,7 +16,6 @@ from minidalle import attention
 from minidalle.bench import attention as attention_bench
 from minidalle.bench.attention import TARGETS, benchmark_attention, check_targets, format_attention_benchmark
 from minidalle.bench import tools as benchtools
-from minidalle.bench.tools import interleaved
 
 TINY = ((8, 4),)  # 8 text tokens + a 4x4 grid: 24 tokens, kernel 3
 
@@ -139,27 +136,6 @@ def test_flex_that_cannot_run_is_reported_not_raised(monkeypatch):
     monkeypatch.setattr(attention_bench, "flex_available", lambda: (False, "FlexAttention is not in this torch"))
     r = benchmark_attention(repeats=1, layouts=TINY, progress=False)
     assert r["flex"] == "unavailable: FlexAttention is not in this torch"
-
-
-def test_interleaved_alternates_and_takes_the_ratio(monkeypatch):
-    monkeypatch.setattr(benchtools, "MIN_SAMPLE_S", 0.02)
-    calls = []
-
-    def slow():
-        calls.append("a")
-        time.sleep(0.004)
-
-    def fast():
-        calls.append("b")
-        time.sleep(0.001)
-
-    m = interleaved(slow, fast, repeats=3)
-    # 2 calls each to size the samples (a sample is MIN_SAMPLE_S of calls: about 5 of slow, 20 of
-    # fast), then 3 repeats of one sample each, in the order AB, BA, AB.
-    assert calls[:4] == ["a", "a", "b", "b"]
-    assert [name for name, _ in itertools.groupby(calls[4:])] == ["a", "b", "a", "b"]  # a b|b a|a b
-    assert calls[4:].count("b") > 2 * calls[4:].count("a")  # more calls of the faster in a sample
-    assert m["ratio"] > 1.5 and m["a_s"] > m["b_s"] > 0
 
 
 def test_bad_arguments_are_config_errors():

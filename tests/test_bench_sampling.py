@@ -16,7 +16,6 @@ import torch
 
 from minidalle.bench import sampling as sb
 from minidalle.bench import tools as benchtools
-from minidalle.bench.tools import interleaved
 from minidalle.cli.main import main
 from minidalle.config import TransformerConfig, get_config
 from minidalle.model import DALLE, Layout
@@ -239,25 +238,6 @@ def test_integration_and_cells():
     assert sb._integrate([0, 10], [1.0, 2.0], 0, 10) == pytest.approx(16.5)
     assert sb._integrate([5], [2.0], 1, 4) == pytest.approx(8.0)  # flat past the ends
     assert sb._integrate([0, 1], [1.0, 1.0], 3, 2) == 0.0
-
-
-def test_interleaved_alternates(monkeypatch):
-    import itertools
-    import time
-
-    monkeypatch.setattr(benchtools, "MIN_SAMPLE_S", 0.004)
-    calls = []
-
-    def slow():
-        calls.append("a")
-        time.sleep(0.002)
-
-    def fast():
-        calls.append("b")
-
-    m = interleaved(slow, fast, repeats=3, first=(0.002, 0.001))
-    assert [name for name, _ in itertools.groupby(calls)] == ["a", "b", "a", "b"]  # a b|b a|a b
-    assert m["ratio"] > 1 and m["a_s"] > m["b_s"] > 0 and m["lo"] <= m["ratio"] <= m["hi"]
 
 
 def _minimal_result():

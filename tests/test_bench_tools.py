@@ -1,8 +1,12 @@
-"""The timing and target helpers both benchmarks use."""
+"""The timing and target helpers every benchmark uses (bench/tools.py)."""
+
+import itertools
+import time
 
 import torch
 
-from minidalle.bench.tools import alternate, calls_for, judge_targets, rounded
+from minidalle.bench import tools as benchtools
+from minidalle.bench.tools import alternate, calls_for, interleaved, judge_targets, rounded
 
 
 def test_alternate_swaps_the_order_and_counts_repeats_already_done():
@@ -46,3 +50,40 @@ def test_matmul_gflops_measures_and_restores_the_thread_count():
     before = torch.get_num_threads()
     assert matmul_gflops(1, 0.05) > 0.1  # any CPU multiplies faster than 0.1 GFLOP/s
     assert torch.get_num_threads() == before
+
+
+def test_interleaved_warms_each_side_sizes_the_samples_and_alternates(monkeypatch):
+    monkeypatch.setattr(benchtools, "MIN_SAMPLE_S", 0.02)
+    calls = []
+
+    def slow():
+        calls.append("a")
+        time.sleep(0.004)
+
+    def fast():
+        calls.append("b")
+        time.sleep(0.001)
+
+    m = interleaved(slow, fast, repeats=3)
+    # 2 calls each to size the samples (a sample is MIN_SAMPLE_S of calls: about 5 of slow, 20 of
+    # fast), then 3 repeats of one sample each, in the order AB, BA, AB.
+    assert calls[:4] == ["a", "a", "b", "b"]
+    assert [name for name, _ in itertools.groupby(calls[4:])] == ["a", "b", "a", "b"]  # a b|b a|a b
+    assert calls[4:].count("b") > 2 * calls[4:].count("a")  # more calls of the faster in a sample
+    assert m["ratio"] > 1.5 and m["a_s"] > m["b_s"] > 0
+
+
+def test_interleaved_with_first_times_given_alternates_at_once(monkeypatch):
+    monkeypatch.setattr(benchtools, "MIN_SAMPLE_S", 0.004)
+    calls = []
+
+    def slow():
+        calls.append("a")
+        time.sleep(0.002)
+
+    def fast():
+        calls.append("b")
+
+    m = interleaved(slow, fast, repeats=3, first=(0.002, 0.001))
+    assert [name for name, _ in itertools.groupby(calls)] == ["a", "b", "a", "b"]  # a b|b a|a b
+    assert m["ratio"] > 1 and m["a_s"] > m["b_s"] > 0 and m["lo"] <= m["ratio"] <= m["hi"]
