@@ -50,7 +50,7 @@ QUALITY_NAMES = {"val_all_best16": "val, every attribute right, reranker's best 
 
 
 def bpe_targets() -> tuple:
-    from .bpe import TARGETS  # imported late: bpe_bench pulls in the stdlib corpus code
+    from .bpe import TARGETS  # imported late: bench/bpe.py pulls in the stdlib corpus code
 
     return TARGETS
 
