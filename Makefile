@@ -47,12 +47,13 @@ setup:
 demo: setup
 	$(PY) -m minidalle demo --preset $(PRESET) $(DEMO_ARGS)
 
-# Two pytest runs: (1) the unit tests, the notebook lint, every exercise against its solution, the
-# browser test (skipped with a message where no chromium is installed) and every notebook under the
-# smoke switch; (2) the quick notebooks in their default preset, as a student first runs them.
+# Two pytest runs: (1) the unit tests, the notebook lint, and every notebook once under the smoke
+# switch with each exercise tried unanswered, with a wrong answer and with its solution: in JupyterLab
+# by the browser test where chromium is installed, else headless (tests/test_notebook_exercises.py);
+# (2) the quick notebooks in their default preset, as a student first runs them.
 test: setup
 	$(VENV)/bin/nbstripout --verify notebooks/*.ipynb
-	$(PY) -m pytest tests/ notebooks/ $(NBVAL)
+	$(PY) -m pytest tests/
 	@echo "[test] the notebooks in their default preset (MINIDALLE_SMOKE=0): $(notdir $(TOY_NOTEBOOKS))"
 	MINIDALLE_SMOKE=0 $(PY) -m pytest $(TOY_NOTEBOOKS) $(NBVAL)
 

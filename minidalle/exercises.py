@@ -7,6 +7,11 @@ largest difference and where it is, or why the two cannot be compared (shapes, t
     check("1.1", square_coverage(10.3, 12.7, 9.0, 24), shape_mask("square", 10.3, 12.7, 9.0, 24))
     # exercise 1.1: ✓ exact, array of shape (24, 24)
 
+An exercise that asks you not to call a function (write softmax with exp and a sum, cross-entropy
+with gather) is checked through `without`, which runs your code with those functions made to refuse:
+
+    check("6.4", without(lambda: next_code_probs(logits, 2.0), "softmax"), torch.softmax(logits / 2.0, -1))
+
 An exercise you have not attempted yet (your function still returns None, or `...`) prints a
 reminder and fails nothing, so a notebook runs clean before you fill it in, and a wrong answer
 prints what differs without stopping the notebook. With `MINIDALLE_EXERCISES=strict` in the
@@ -49,6 +54,8 @@ def compare(answer, reference, atol: float = 1e-6, rtol: float = 1e-5) -> Verdic
     """
     if _unanswered(answer):
         return Verdict("missing", "not attempted yet: fill in the exercise cell above, run it, then run this one")
+    if isinstance(answer, Banned):
+        return Verdict("wrong", f"your code calls {answer.name}, which this exercise asks you to do without")
     if _is_numeric(reference) and not isinstance(reference, (bool, int, np.integer)):
         return _compare_arrays(answer, reference, atol, rtol)
     if isinstance(reference, dict):
@@ -58,6 +65,51 @@ def compare(answer, reference, atol: float = 1e-6, rtol: float = 1e-5) -> Verdic
     if _plain(answer) == _plain(reference) and type(_plain(answer)) is type(_plain(reference)):
         return Verdict("exact", f"exact: {_short(reference)}")
     return Verdict("wrong", f"got {_short(answer)}, the reference is {_short(reference)}")
+
+
+# The functions an exercise may ask you to do without, by name: every spelling torch offers of each.
+BANNABLE = {
+    "softmax": ((torch, "softmax"), (torch.Tensor, "softmax"), (torch.nn.functional, "softmax"),
+                (torch.special, "softmax")),
+    "cross_entropy": ((torch.nn.functional, "cross_entropy"), (torch.nn.functional, "nll_loss")),
+    "scaled_dot_product_attention": ((torch.nn.functional, "scaled_dot_product_attention"),),
+}
+
+
+@dataclass(frozen=True)
+class Banned:
+    """What `without` returns when the answer called a function the exercise asks you not to use."""
+
+    name: str
+
+
+class _BannedCall(Exception):
+    pass
+
+
+def without(fn, *names: str):
+    """fn() with the functions named (keys of BANNABLE) made to refuse; their refusal makes the answer
+    a `Banned`, which `compare` reports as wrong. Example: without(lambda: f(x), "softmax")"""
+    unknown = [n for n in names if n not in BANNABLE]
+    if unknown:
+        raise ValueError(f"without(): no such function to ban: {unknown} (known: {sorted(BANNABLE)})")
+    saved = [(owner, attr, getattr(owner, attr)) for n in names for owner, attr in BANNABLE[n]]
+
+    def refuse(name):
+        def call(*args, **kwargs):
+            raise _BannedCall(name)
+        return call
+
+    try:
+        for n in names:
+            for owner, attr in BANNABLE[n]:
+                setattr(owner, attr, refuse(f"{owner.__name__}.{attr}"))
+        return fn()
+    except _BannedCall as e:
+        return Banned(str(e))
+    finally:
+        for owner, attr, original in saved:
+            setattr(owner, attr, original)
 
 
 def check(exercise: str, answer, reference, atol: float = 1e-6, rtol: float = 1e-5,
@@ -108,8 +160,9 @@ def _compare_arrays(answer, reference, atol: float, rtol: float) -> Verdict:
     if r.size == 0 or np.array_equal(a, r, equal_nan=True):
         return Verdict("exact", f"exact, {what}" if r.ndim else f"exact: {r.item():.6g}")
     with np.errstate(invalid="ignore"):  # inf - inf
-        diff = np.where(np.isnan(a) & np.isnan(r), 0.0, np.abs(a - r))
-    diff = np.where(np.isnan(diff), np.inf, diff)  # NaN on one side only: as far off as can be
+        diff = np.abs(a - r)
+    same = (a == r) | (np.isnan(a) & np.isnan(r))  # equal infinities (a masked score) and NaN with NaN differ by 0
+    diff = np.where(same, 0.0, np.where(np.isnan(diff), np.inf, diff))  # NaN on one side only: as far off as can be
     worst = np.unravel_index(int(np.argmax(diff)), diff.shape) if r.ndim else ()
     gap = float(diff[worst])
     if np.allclose(a, r, atol=atol, rtol=rtol, equal_nan=True):

@@ -185,12 +185,17 @@ def rows_per_chunk(model, device, dtype: torch.dtype, budget_bytes: int | None =
     logits. Default budget: half the free GPU memory on CUDA, a quarter of the free RAM elsewhere.
     Example: toy on a laptop -> 1024 (the limit); paper 12B in bf16 with 40 GiB to spare -> 32 (1.24 GiB a row)
     """
-    lay, cfg = model.layout, model.cfg
-    d, size = cfg.n_head * cfg.head_dim, _itemsize(dtype)
-    per_row = KVCache.bytes_per_row(model, dtype) + 16 * lay.text_len * d * size + 8 * lay.image_vocab
     if budget_bytes is None:
         budget_bytes = _free_memory(torch.device(device)) // (2 if torch.device(device).type == "cuda" else 4)
-    return max(1, min(limit, budget_bytes // per_row))
+    return max(1, min(limit, budget_bytes // row_bytes(model, dtype)))  # at least 1: a row over budget still runs
+
+
+def row_bytes(model, dtype: torch.dtype) -> int:
+    """The memory one sampled row needs (rows_per_chunk's unit): its cache, the prefill's activations, the logits.
+    Example: paper 12B in bf16 -> about 1.24 GiB"""
+    lay, cfg = model.layout, model.cfg
+    d, size = cfg.n_head * cfg.head_dim, _itemsize(dtype)
+    return KVCache.bytes_per_row(model, dtype) + 16 * lay.text_len * d * size + 8 * lay.image_vocab
 
 
 def _free_memory(device: torch.device) -> int:

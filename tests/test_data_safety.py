@@ -37,14 +37,10 @@ def snapshot(root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A smoke run folder with every stage (dvae/, bpe/, transformer/, clip/), trained once for this file."""
-    root = tmp_path_factory.mktemp("safety") / "run"
-    flags = [f"--dvae_train.out_dir={root}/dvae", f"--text.out_dir={root}/bpe", f"--train.out_dir={root}/transformer",
-             f"--clip_train.out_dir={root}/clip"]
-    assert main(["train", "transformer", "--preset", "smoke", *flags]) == 0
-    assert main(["train", "clip", "--preset", "smoke", *flags]) == 0
-    return root
+def run(smoke_demo):
+    """A smoke run folder with every stage (dvae/, bpe/, transformer/, clip/): the session's smoke demo
+    (tests/conftest.py), which the tests here read, or copy before they change anything."""
+    return smoke_demo
 
 
 def generate(run: Path, out: Path, *extra: str) -> int:
@@ -332,10 +328,8 @@ def test_eval_writes_its_grids_beside_the_checkpoint_named_never_where_its_confi
 
 # --- the demo ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "run"
-    assert main(["demo", "--preset", "smoke", "--out", str(out), "--n-prompts", "2", "--n", "2", "--json"]) == 0
-    return out
+def demo(smoke_demo):
+    return smoke_demo  # the session's smoke demo (tests/conftest.py): the tests below copy it before changing it
 
 
 def test_demo_reports_the_seeds_its_checkpoints_hold(demo):

@@ -43,6 +43,19 @@ def test_compare_names_the_largest_difference_and_where_it_is():
     assert not verdict.ok and "max abs diff 0.5 at index (2, 3)" in verdict.detail and "2 of 20" in verdict.detail
 
 
+def test_equal_infinities_differ_by_nothing():
+    # A masked score is -inf on both sides: the worst difference named is the finite one.
+    reference = torch.tensor([[float("-inf"), 1.0], [float("inf"), 2.0]])
+    answer = reference.clone()
+    answer[1, 1] = 2.5
+    verdict = compare(answer, reference)
+    assert verdict.status == "wrong" and "max abs diff 0.5 at index (1, 1)" in verdict.detail, verdict.detail
+    assert "1 of 4" in verdict.detail
+    answer[1, 1], answer[0, 0] = 2.0, float("inf")                # +inf where the reference has -inf
+    verdict = compare(answer, reference)
+    assert verdict.status == "wrong" and "at index (0, 0)" in verdict.detail, verdict.detail
+
+
 def test_tolerances_decide_close():
     assert compare(1.001, 1.0).status == "wrong"
     assert compare(1.001, 1.0, atol=1e-2).status == "close"
@@ -63,3 +76,17 @@ def test_check_prints_and_only_raises_when_strict(capsys, monkeypatch):
             check("9.4", answer, [1, 3])
     with pytest.raises(AssertionError):
         check("9.5", None, 1.0, strict=True)
+
+
+def test_without_turns_a_banned_call_into_a_wrong_answer_and_restores_it():
+    from minidalle.exercises import without
+
+    x = torch.randn(3, 5)
+    banned = without(lambda: torch.softmax(x, -1), "softmax")
+    assert compare(banned, torch.softmax(x, -1)).status == "wrong"
+    assert "torch.softmax" in compare(banned, torch.softmax(x, -1)).detail
+    assert compare(without(lambda: x.softmax(-1), "softmax"), x.softmax(-1)).status == "wrong"    # the method too
+    by_hand = without(lambda: x.exp() / x.exp().sum(-1, keepdim=True), "softmax")
+    assert compare(by_hand, torch.softmax(x, -1)).ok                                         # restored after
+    with pytest.raises(ValueError, match="no such function"):
+        without(lambda: 0, "exp")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nbtools import (NOTEBOOKS, ROOT, exercise_cells, load, markdown_lines, solution_path, solutions, source,
+from nbtools import (NOTEBOOKS, ROOT, exercise_cells, load, markdown_lines, solution_path, solutions, source, wrong_answers,
                      tags)
 
 NAMES = [p.name for p in NOTEBOOKS]
@@ -92,11 +92,15 @@ def test_exercises_have_a_check_and_a_solution(notebook):
         assert re.search(r"^\s+\.\.\.  # your code here$", body, re.M), f"{path.name} {name}: the body to fill is '...'"
         following = next(c for c in nb["cells"][i + 1:] if c["cell_type"] == "code")
         assert f'check("{name}"' in source(following), f"{path.name} {name}: the next code cell should check it"
-    blocks = solutions(path)
+    blocks, wrong = solutions(path), wrong_answers(path)
     assert sorted(blocks) == sorted(found), f"{solution_path(path).name} vs the notebook's exercises"
+    assert sorted(wrong) == sorted(found), f"{solution_path(path).name}: a '# %% Wrong N.M: why' block for each exercise"
     for name, code in blocks.items():
         compile(code, f"{solution_path(path).name}:{name}", "exec")
         assert "..." not in code.split("\n")[-1], f"{name}: the solution is not written yet"
+        why, bad = wrong[name]
+        compile(bad, f"{solution_path(path).name}:wrong {name}", "exec")
+        assert why and bad.strip() != code.strip(), f"{name}: the wrong answer says what is wrong and differs"
 
 
 def test_no_issue_numbers_or_outside_paths_in_the_project():

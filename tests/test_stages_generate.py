@@ -61,14 +61,10 @@ def test_a_missing_run_says_what_to_train(tmp_path):
 
 # --- on a trained smoke run ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A smoke run folder with every stage: dvae/, bpe/, transformer/ and clip/."""
-    root = tmp_path_factory.mktemp("gen")
-    flags = [f"--dvae_train.out_dir={root}/dvae", f"--text.out_dir={root}/bpe", f"--train.out_dir={root}/transformer",
-             f"--clip_train.out_dir={root}/clip"]
-    assert main(["train", "transformer", "--preset", "smoke", *flags]) == 0
-    assert main(["train", "clip", "--preset", "smoke", *flags]) == 0
-    return root
+def run(smoke_demo):
+    """A smoke run folder with every stage, dvae/, bpe/, transformer/ and clip/: the session's smoke demo
+    (tests/conftest.py), which the tests here read or copy, never change."""
+    return smoke_demo
 
 
 @pytest.fixture(scope="module")

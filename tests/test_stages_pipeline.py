@@ -15,11 +15,9 @@ from minidalle.judge import to_spec
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """One smoke demo through the command line, shared by the tests that only read what it wrote."""
-    out = tmp_path_factory.mktemp("demo") / "run"
-    assert main(["demo", "--preset", "smoke", "--out", str(out), "--json"]) == 0
-    return out
+def demo_run(smoke_demo):
+    """The session's smoke demo (tests/conftest.py), for the tests that only read what it wrote."""
+    return smoke_demo
 
 
 def test_demo_writes_samples_and_a_report(demo_run):

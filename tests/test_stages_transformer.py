@@ -203,3 +203,19 @@ def test_a_stopped_and_resumed_run_equals_the_uninterrupted_one(smoke_run, tmp_p
     _, second, _ = t2i.train_transformer(cfg(tmp_path / "b", 12), resume=True, **quiet)
     losses = [r["loss"] for r in first.history["train"] + second.history["train"]]
     assert losses == [r["loss"] for r in straight.history["train"]]
+
+
+def test_train_guided_trains_on_with_caption_dropout_once(smoke_run, tmp_path):
+    root, flags = smoke_run
+    cfg = get_config("smoke", overrides=parse_overrides(flags))
+    quiet = dict(progress=False, log=lambda line: None)
+    model, path = t2i.train_guided(cfg, caption_dropout=0.25, steps=3, out_dir=tmp_path / "guided", **quiet)
+    assert model.cfg.caption_dropout == 0.25 and not model.training and path.name == "step_0000003"
+    base, _, _ = t2i.load_transformer(t2i.finished_transformer(cfg))
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
+    reloaded, again = t2i.train_guided(cfg, caption_dropout=0.25, steps=3, out_dir=tmp_path / "guided", **quiet)
+    assert again == path and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                                   reloaded.state_dict().values()))
+    empty = get_config("smoke", overrides=parse_overrides([f"--train.out_dir={tmp_path}/none"]))
+    with pytest.raises(CheckpointError, match="no finished transformer"):
+        t2i.train_guided(empty, steps=3, out_dir=tmp_path / "g2", **quiet)

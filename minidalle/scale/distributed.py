@@ -8,8 +8,10 @@ Launch any `train` command with torchrun; each process trains one share of every
   gradients during backward. For models that fit one GPU: the toy and `small` presets.
 - **fsdp** (FSDP2, `fully_shard`) cuts every parameter, its gradient and its AdamW moments into
   one slice per process; a block's full weights exist only while that block runs (all-gathered,
-  then freed). Memory per GPU falls ~1/N: the only way the `paper` preset's 12B parameters (about
-  200 GB of weights, gradients and moments in mixed precision) can train on 16-80 GB cards.
+  then freed). Memory per GPU falls ~1/N: the only way the `paper` preset's 12B parameters can
+  train on 16-80 GB cards. Unsharded, under bf16 autocast over fp32 weights, each GPU would hold
+  252 GiB of weights, gradients, AdamW moments and EMA (22 bytes a parameter), 268 GiB with one
+  sample's activations: `scale/plan.py`'s DDP row.
   Under bf16 the policy is the paper's: 16-bit parameters for compute, gradients reduced in fp32.
 
 Everything here is PyTorch's own engine (torch.distributed, DDP, FSDP2, DCP); the Trainer stays

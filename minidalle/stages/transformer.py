@@ -4,6 +4,7 @@
     train, val = build_pairs(cfg, dvae, bpe, ids)         # Pairs: batch_at(i) -> (text (B, T), codes (B, N))
     model, trainer, info = train_transformer(cfg)         # `python -m minidalle train transformer`
     model, cfg, ids = load_transformer(checkpoint)         # weights (the EMA when there is one) + config
+    guided = train_guided(cfg, caption_dropout=0.2)        # a trained run, taught p(image) too, for guidance
 
 The transformer never sees pixels. Each training image is encoded once by the dVAE (argmax codes,
 cached on disk by `image_tokenizer.encode_dataset`, keyed by the tokenizer's weight checksum), and
@@ -31,7 +32,7 @@ from ..infra import checkpoint as ckpt
 from ..scale import distributed
 from ..attention import choose_impl
 from ..bpe import Tokenizer
-from ..config import Config
+from ..config import Config, validate
 from ..data import ShapesWorld, build_dataset, eval_split
 from ..errors import CheckpointError, ConfigError, DataError
 from .image_tokenizer import encode_dataset, load_dvae, tokenizer_id, train_dvae
@@ -307,6 +308,54 @@ def load_transformer(path: str | Path, ema: bool = True, trust_sharded: bool = F
         tensors = {**tensors, **loaded.state["ema"]}
     ckpt.apply_weights(model, tensors, Path(path) / ckpt.MODEL_FILE)
     return model.eval(), cfg, ids
+
+
+def train_guided(cfg: Config, caption_dropout: float = 0.2, steps: int = 600, lr: float = 1e-3,
+                 out_dir: str | Path | None = None, progress: bool = True,
+                 log: Callable[[str], None] = print) -> tuple[DALLE, Path]:
+    """A trained transformer, trained on for `steps` updates with caption dropout: guidance needs it.
+
+    Classifier-free guidance pushes the logits away from the model's answer for the all-padding
+    caption, which a run with model.caption_dropout = 0 (the toy's) never learned. This starts from
+    the finished run in cfg.train.out_dir (its tokenizers, checked by checksum) and replaces each
+    training caption by the all-padding one with probability `caption_dropout`, at a constant
+    learning rate `lr` after 20 warm-up updates. The run goes to out_dir (default: a `guided`
+    folder beside train.out_dir); a finished one there is loaded, not trained again.
+    Measured (toy, seed 1337, 600 updates at p = 0.2, about a minute on 2 CPU cores): the judge's
+    share of all-right samples over guidance scales 1, 1.5, 2, 3 was 0.81, 0.89, 0.85, 0.77 on 128
+    `val` captions and 0.65, 0.75, 0.76, 0.68 on 128 `heldout` ones.
+
+    Returns (the model in eval mode, with model.cfg.caption_dropout = caption_dropout; its checkpoint).
+    Example: model, path = train_guided(get_config("toy"))   # runs/toy/guided/checkpoints/step_0000600
+    """
+    base = finished_transformer(cfg)
+    if base is None:
+        raise CheckpointError(f"no finished transformer in {cfg.train.out_dir} to train on with caption dropout: "
+                              "train one first (python -m minidalle train transformer), or point "
+                              "--train.out_dir at one")
+    model, mcfg, ids = load_transformer(base)
+    mcfg = copy.deepcopy(mcfg)
+    mcfg.model.caption_dropout = caption_dropout
+    mcfg.train.max_steps, mcfg.train.lr, mcfg.train.min_lr, mcfg.train.warmup_steps = steps, lr, lr, min(20, steps)
+    mcfg.train.eval_every, mcfg.train.ckpt_every, mcfg.train.ema_decay = 0, 0, 0.0
+    mcfg.train.out_dir = str(out_dir if out_dir is not None else Path(cfg.train.out_dir).parent / "guided")
+    mcfg.data, mcfg.text.out_dir, mcfg.dvae_train.out_dir = cfg.data, cfg.text.out_dir, cfg.dvae_train.out_dir
+    validate(mcfg)
+    done = finished_transformer(mcfg)
+    if done is not None and ckpt.read_config(done)["train"]["max_steps"] == steps:
+        guided, _, _ = load_transformer(done)
+        return guided, done
+    model.cfg = mcfg.model
+    dvae, tok, tok_ids = prepare_tokenizers(mcfg, progress=False, log=lambda line: None)
+    if (ids["dvae"], ids["bpe"]) != (tok_ids.dvae, tok_ids.bpe):
+        raise CheckpointError(f"{base} was trained with other tokenizers than the ones in {cfg.dvae_train.out_dir} "
+                              f"and {cfg.text.out_dir}")
+    train, _ = build_pairs(mcfg, dvae, tok, tok_ids, progress=progress)
+    trainer = Trainer(model.train(), mcfg.train, train, dalle_loss, config={**mcfg.to_dict(), "tokenizers": ids},
+                      progress=progress, log=log, section="train")
+    log(f"[train guided] {steps} updates from {base} with caption dropout {caption_dropout}, into {mcfg.train.out_dir}")
+    trainer.fit(resume=True)
+    return model.eval(), finished_transformer(mcfg)
 
 
 def finished_transformer(cfg: Config) -> Path | None:

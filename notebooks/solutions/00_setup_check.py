@@ -15,3 +15,16 @@ def lr_schedule(step, lr, min_lr, warmup, max_steps):
         return min_lr
     progress = (step - warmup) / (max_steps - warmup)  # 0 at the end of warm-up, 1 at max_steps
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+# %% Wrong 0.1: the cosine decays to 0, not to min_lr
+import math
+
+
+def lr_schedule(step, lr, min_lr, warmup, max_steps):
+    if step <= warmup:
+        return lr * step / warmup
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup) / (max_steps - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress)) * lr  # mistake: forgets the min_lr floor

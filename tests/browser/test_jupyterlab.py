@@ -10,7 +10,13 @@ there the test types a prompt into the interact's text box (when it has one), pr
 ("Run Interact"), and checks that a plot appears under the controls; then types a second prompt and
 presses again, and checks that a new, different plot replaces it (so the typed text reached the kernel).
 
-It works on copies of the notebooks in a temporary folder, so the repository's files are never
+What it runs is each notebook's course run (tests/nbtools.py): every cell as committed, and after
+each exercise's check the check again with a plausible wrong answer (it must print ✗) and with the
+solution under MINIDALLE_EXERCISES=strict (it must print ✓). The saved notebook's verdicts are read
+as tests/test_notebook_exercises.py reads them, which stands aside where this test runs: each notebook
+is executed once under the smoke switch.
+
+It works on those runs written to a temporary folder, so the repository's files are never
 touched. It needs ``/usr/bin/chromium`` (Debian: ``apt-get install chromium``; another path can be
 given in MINIDALLE_CHROMIUM) and the ``playwright`` Python package; it never downloads a browser.
 Set MINIDALLE_BROWSER_SHOTS=<folder> to keep one screenshot of each whole notebook after its run.
@@ -42,6 +48,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+from nbtools import course_run, verdict_problems  # noqa: E402  (tests/ holds the shared notebook helpers)
+
 NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb"))
 EXTRA_DIRS = ("solutions", "figures")  # copied beside the notebooks when present
@@ -230,8 +239,8 @@ def _kill_tagged(tag: bytes) -> None:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     root = tmp_path_factory.mktemp("notebooks")
-    for name in NOTEBOOKS:
-        shutil.copy2(NOTEBOOK_DIR / name, root / name)
+    for name in NOTEBOOKS:   # each notebook's course run: its exercises tried unanswered, wrong, then solved
+        (root / name).write_text(json.dumps(course_run(NOTEBOOK_DIR / name), indent=1), encoding="utf-8")
     for sub in EXTRA_DIRS:
         if (NOTEBOOK_DIR / sub).is_dir():
             shutil.copytree(NOTEBOOK_DIR / sub, root / sub)
@@ -248,6 +257,7 @@ def lab(tmp_path_factory):
     env = dict(os.environ)
     env.update({
         "MINIDALLE_SMOKE": "1",  # the repo-root conftest.py sets it for pytest; be explicit for the kernels
+        "MINIDALLE_EXERCISES": "lenient",  # the course run's solution cells make the checks strict in turn
         # conftest.py also sets MPLBACKEND=Agg for nbval, which would keep every plot off the page:
         # the kernels must draw with the inline backend, as in a student's JupyterLab.
         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
@@ -406,6 +416,8 @@ def _saved_errors(page, lab: LabServer, notebook: str) -> list[str]:
     never_ran = [n for n, c in enumerate(cells, 1) if c.get("execution_count") is None]
     if never_ran and not errors:
         errors.append(f"code cells {never_ran} never ran")
+    if not errors:  # the exercises' verdicts, as the headless course run reads them
+        errors += verdict_problems({"cells": cells})
     return errors
 
 
