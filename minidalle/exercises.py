@@ -10,7 +10,7 @@ largest difference and where it is, or why the two cannot be compared (shapes, t
 An exercise that asks you not to call a function (write softmax with exp and a sum, cross-entropy
 with gather) is checked through `without`, which runs your code with those functions made to refuse:
 
-    check("6.4", without(lambda: next_code_probs(logits, 2.0), "softmax"), torch.softmax(logits / 2.0, -1))
+    check("6.5", without(lambda: next_code_probs(logits, 2.0), "softmax"), torch.softmax(logits / 2.0, -1))
 
 An exercise you have not attempted yet (your function still returns None, or `...`) prints a
 reminder and fails nothing, so a notebook runs clean before you fill it in, and a wrong answer

@@ -157,17 +157,25 @@ def markdown_lines(nb: dict):
                 yield i, line
 
 
+def chromium_path() -> str | None:
+    """The browser the browser test drives: MINIDALLE_CHROMIUM, else Debian's /usr/bin/chromium, else
+    `chromium` on the PATH (None when there is none)."""
+    import os
+    import shutil
+
+    return os.environ.get("MINIDALLE_CHROMIUM") or (
+        "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else shutil.which("chromium"))
+
+
 def browser_available() -> str | None:
     """Why the browser test cannot run here (no playwright, no chromium), or None when it can.
     Where it can, it executes the course run of every notebook; the headless run then stands aside."""
     import importlib.util
     import os
-    import shutil
 
     if importlib.util.find_spec("playwright") is None:
         return "the playwright Python package is not importable"
-    chromium = os.environ.get("MINIDALLE_CHROMIUM") or (
-        "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else shutil.which("chromium"))
+    chromium = chromium_path()
     if not chromium or not os.path.exists(chromium):
         return f"no chromium at {chromium or '/usr/bin/chromium'}"
     return None

@@ -4,7 +4,7 @@
 copy the project quotes is docs/results/bench/summary.json. A quote is a markdown link to that
 summary whose title names the figure:
 
-    [3.7×](docs/results/bench/summary.md "bench sampling: toy_kv_speedup")
+    [5.14×](docs/results/bench/summary.md "bench sampling: kv_speedup_toy_b1")
 
 and this test fails when the number shown is not the summary's value rounded to the digits shown,
 when the figure named is not in the summary, or when a sentence quotes a figure's number without

@@ -14,7 +14,7 @@ from minidalle.stages.text_tokenizer import train_text_tokenizer
 from minidalle.bpe import RegexTokenizer
 from minidalle.cli.main import main
 from minidalle.config import get_config, parse_overrides
-from minidalle.errors import CheckpointError, DataError
+from minidalle.errors import CheckpointError, ConfigError, DataError
 from minidalle.model import Layout
 
 CAPTIONS = ["a red circle.", "a small blue square at the top left.", "two shapes: a green triangle above a red circle."]
@@ -216,6 +216,10 @@ def test_train_guided_trains_on_with_caption_dropout_once(smoke_run, tmp_path):
     reloaded, again = t2i.train_guided(cfg, caption_dropout=0.25, steps=3, out_dir=tmp_path / "guided", **quiet)
     assert again == path and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                                    reloaded.state_dict().values()))
+    with pytest.raises(ConfigError, match="caption dropout 0.25, not 0.1"):    # another recipe in the same folder
+        t2i.train_guided(cfg, caption_dropout=0.1, steps=3, out_dir=tmp_path / "guided", **quiet)
+    _, more = t2i.train_guided(cfg, caption_dropout=0.25, steps=5, out_dir=tmp_path / "guided", **quiet)
+    assert more.name == "step_0000005"                                        # a longer run trains on from step 3
     empty = get_config("smoke", overrides=parse_overrides([f"--train.out_dir={tmp_path}/none"]))
     with pytest.raises(CheckpointError, match="no finished transformer"):
         t2i.train_guided(empty, steps=3, out_dir=tmp_path / "g2", **quiet)

@@ -49,14 +49,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
-from nbtools import course_run, verdict_problems  # noqa: E402  (tests/ holds the shared notebook helpers)
+from nbtools import chromium_path, course_run, verdict_problems  # noqa: E402  (tests/ holds the shared notebook helpers)
 
 NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb"))
 EXTRA_DIRS = ("solutions", "figures")  # copied beside the notebooks when present
 
-CHROMIUM = os.environ.get("MINIDALLE_CHROMIUM") or (
-    "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else shutil.which("chromium"))
+CHROMIUM = chromium_path()
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     # Without these Chromium keeps calling Google services, which floods a closed network.
