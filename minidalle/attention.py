@@ -219,19 +219,44 @@ def choose_impl(pref: str, device: torch.device, training: bool, seq_len: int) -
     return "sdpa", f"auto on {device.type}: {seq_len} tokens is too short for block sparsity to pay"
 
 
-@functools.lru_cache(maxsize=None)
-def _flex_fn(compiled: bool):
-    """FlexAttention, compiled (fast; needs a C++ compiler on CPU) or eager (the notebooks and tests:
-    it materialises the scores, which is fine at their sizes, and needs no compiler)."""
+# One function, and so one code object, per mask kind. torch.compile keeps at most 8 graphs per code
+# object (dynamo's recompile limit) and then runs it eagerly, without a word and many times slower.
+# Every mask kind, grad mode and dtype needs a graph of its own: one compiled flex_attention serving them
+# all used 6 of the 8 in the toy demo, and one more call (an fp32 likelihood pass) would have dropped it.
+# Per kind, with the batch size left to dynamo's automatic dynamic shapes (one graph for every batch
+# size after the second), a kind needs at most 2 grad modes x 2 dtypes x 2 = 8, and the demo uses 3.
+def _flex_row(q, k, v, block_mask):
+    return _flex_attention()(q, k, v, block_mask=block_mask)
+
+
+def _flex_column(q, k, v, block_mask):
+    return _flex_attention()(q, k, v, block_mask=block_mask)
+
+
+def _flex_conv(q, k, v, block_mask):
+    return _flex_attention()(q, k, v, block_mask=block_mask)
+
+
+_FLEX_BY_KIND = {"row": _flex_row, "column": _flex_column, "conv": _flex_conv}
+
+
+def _flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
+    return flex_attention
+
+
+@functools.lru_cache(maxsize=None)
+def _flex_fn(compiled: bool, kind: str = "row"):
+    """FlexAttention for one mask kind, compiled (fast; needs a C++ compiler on CPU) or eager (the
+    notebooks and tests: it materialises the scores, which is fine at their sizes, and needs no compiler)."""
     if compiled:
-        return torch.compile(flex_attention, dynamic=False)
+        return torch.compile(_FLEX_BY_KIND[kind], dynamic=None)  # None: the batch turns dynamic when it changes
 
     def eager(*args, **kwargs):
         with warnings.catch_warnings():  # eager is chosen on purpose here: no "use torch.compile" warning
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-            return flex_attention(*args, **kwargs)
+            return _flex_attention()(*args, **kwargs)
 
     return eager
 
@@ -248,6 +273,7 @@ class MaskBank:
         self.length = text_len + grid * grid
         self._cache: dict = {}
         self.flex_failed: str | None = None  # why flex was given up on, once it failed here
+        self.flex_backward_ok: set = set()  # the (kind, dtype, device) whose backward ran once (_check_flex_backward)
 
     def dense(self, kind: str, L: int, device) -> torch.Tensor:
         """The raster-order mask for the first L positions: a view of the whole mask, which is built
@@ -300,7 +326,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, bank: M
     # would be rebuilt for every code while sampling. Prefixes take the boolean mask instead.
     if impl == "flex" and bank.flex_failed is None and L == bank.length:
         try:
-            return _attend_flex(q, k, v, kind, bank)
+            out = _attend_flex(q, k, v, kind, bank)
+            if out.requires_grad:
+                _check_flex_backward(out, q, k, v, kind, bank)
+            return out
         except Exception as e:  # noqa: BLE001 -- no compiler, an unsupported shape: fall back, say so once
             bank.flex_failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             warnings.warn(f"FlexAttention failed here ({bank.flex_failed}); using scaled_dot_product_attention "
@@ -310,9 +339,24 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, bank: M
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bank.dense(kind, L, q.device))
 
 
+def _check_flex_backward(out, q, k, v, kind: str, bank: MaskBank) -> None:
+    """Run FlexAttention's backward once, right away, for each (kind, dtype, device) a model trains with.
+
+    Its backward kernel is compiled at the first `loss.backward()`, long after `attend` returned, where a
+    failure (no kernel config fits this GPU's shared memory, say) would crash the training step instead
+    of falling back. Running it here, on the real shapes, turns that failure into the forward's fallback.
+    It costs one extra backward per kind, once; the gradients are thrown away (nothing accumulates).
+    """
+    key = (kind, q.dtype, str(q.device))
+    if key in bank.flex_backward_ok:
+        return
+    torch.autograd.grad(out, [t for t in (q, k, v) if t.requires_grad], torch.zeros_like(out), retain_graph=True)
+    bank.flex_backward_ok.add(key)
+
+
 def _attend_flex(q, k, v, kind: str, bank: MaskBank) -> torch.Tensor:
     L = q.shape[-2]
-    flex = _flex_fn(bank.compile_flex)
+    flex = _flex_fn(bank.compile_flex, kind)
     block_mask = bank.block(kind, L, q.device)
     if not bank.transposed(kind, L):
         return flex(q, k, v, block_mask=block_mask)

@@ -103,11 +103,15 @@ class TextEncoder(nn.Module):
         self.ln = nn.LayerNorm(cfg.text_width)
         self.proj = nn.Linear(cfg.text_width, cfg.embed_dim)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, trim: bool | None = None) -> torch.Tensor:
+        """ids (B, T) -> (B, E). trim: drop the trailing columns that are padding in every caption (they
+        change nothing); default on the CPU only, since finding them on a GPU makes the host wait for it."""
         real = ids < self.text_vocab  # (B, T) BPE tokens; the rest are pads
         real[:, 0] |= ~real.any(dim=1)  # an empty caption reads its first pad, so attention has a key
-        L = int(real.any(dim=0).nonzero().max()) + 1  # trailing all-pad columns change nothing: drop them
-        ids, real = ids[:, :L], real[:, :L]
+        if ids.device.type == "cpu" if trim is None else trim:
+            L = int(real.any(dim=0).nonzero().max()) + 1
+            ids, real = ids[:, :L], real[:, :L]
+        L = ids.shape[1]
         x = self.tok(ids) + self.pos[:L]  # (B, L, C)
         for block in self.blocks:
             x = block(x, real)
@@ -180,7 +184,8 @@ def clip_loss(model: CLIP, batch) -> tuple[torch.Tensor, dict]:
     t2i = F.cross_entropy(logits.T, target)  # each caption picks its image among all of them
     with torch.no_grad():
         acc = ((logits[:P].argmax(1) == target).float().mean() + (logits.argmax(0) == target).float().mean()) / 2
-    parts = {"i2t": i2t.item(), "t2i": t2i.item(), "acc": acc.item(), "scale": model.logit_scale().item()}
+        # detached 0-d tensors: the Trainer reads them with the loss in one host sync
+        parts = {"i2t": i2t.detach(), "t2i": t2i.detach(), "acc": acc, "scale": model.logit_scale().detach()}
     return (i2t + t2i) / 2, parts
 
 

@@ -28,7 +28,7 @@ import torch.nn as nn
 from . import losses
 from .config import LIKELIHOODS, QUANTIZERS, DVAEConfig, get_config
 from .errors import ConfigError
-from .quantize import make_quantizer, nearest_code, stats_to_floats
+from .quantize import make_quantizer, nearest_code, scalar_stats
 
 # QUANTIZERS ("gumbel", "vq") and LIKELIHOODS ("logit_laplace", "logit_laplace_binned", "mse") are
 # the config's choices (config.py says what each is); imported here so dvae.QUANTIZERS still reads.
@@ -281,15 +281,16 @@ class DVAE(nn.Module):
 
 
 # --- training glue ------------------------------------------------------------------------------------
-def dvae_loss_fn(model: DVAE, batch) -> tuple[torch.Tensor, dict[str, float]]:
+def dvae_loss_fn(model: DVAE, batch) -> tuple[torch.Tensor, dict]:
     """The Trainer's loss_fn: batch = images, or (images, captions) as ShapesWorld.batch gives.
 
-    Example: dvae_loss_fn(model, (uint8 (8, 16, 16, 3), captions)) -> (loss, {"recon": -0.6, "kl": 3.1, "perplexity": 40.2, "dead": 0.0, ...})
+    Example: dvae_loss_fn(model, (uint8 (8, 16, 16, 3), captions)) -> (loss, {"recon": tensor(-0.6), "kl": tensor(3.1), ...})
     """
     images = batch[0] if isinstance(batch, (tuple, list)) else batch
     out = model(images)
-    # stats_to_floats drops what does not apply: Gumbel logs kl, temperature, kl_weight; VQ commitment.
-    return out["loss"], {"recon": out["recon"].item(), **stats_to_floats(out["stats"])}
+    # scalar_stats drops what does not apply: Gumbel logs kl, temperature, kl_weight; VQ commitment.
+    # The numbers stay 0-d tensors: the Trainer reads them with the loss in one host sync.
+    return out["loss"], {"recon": out["recon"].detach(), **scalar_stats(out["stats"])}
 
 
 def schedule_callback(cfg: DVAEConfig) -> Callable:

@@ -217,8 +217,15 @@ class DALLE(nn.Module):
         return cls(cfg.model, Layout.from_config(cfg), **kwargs)
 
     # --- the forward pass ----------------------------------------------------------------------------
-    def check_inputs(self, text: torch.Tensor, image: torch.Tensor) -> None:
-        """Refuse ids outside each vocabulary or sequences of the wrong length, naming what is wrong."""
+    def check_inputs(self, text: torch.Tensor, image: torch.Tensor, values: bool | None = None) -> None:
+        """Refuse ids outside each vocabulary or sequences of the wrong length, naming what is wrong.
+
+        Shapes are checked everywhere. The ids' range is checked where they live on the CPU (values=None;
+        True: on any device): there it costs nothing, while on a GPU reading min/max makes the host wait
+        for the device on every forward. GPU batches come from data checked on the CPU (the code cache, `caption_ids`), and
+        `sample` checks a caption before moving it; an id out of range on the GPU still fails in the
+        embedding, with CUDA's device-side assert.
+        """
         lay = self.layout
         if text.ndim != 2 or text.shape[1] != lay.text_len:
             raise DataError(f"text must be ids of shape (batch, {lay.text_len}); got {tuple(text.shape)}")
@@ -226,7 +233,7 @@ class DALLE(nn.Module):
             raise DataError(f"image must be codes of shape ({text.shape[0]}, n) with n <= {lay.image_len}; "
                             f"got {tuple(image.shape)}")
         for name, ids, top in (("text", text, lay.text_classes), ("image", image, lay.image_vocab)):
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= top):
+            if (values or (values is None and ids.device.type == "cpu")) and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= top):
                 raise DataError(f"{name} ids must lie in [0, {top}); got {int(ids.min())}..{int(ids.max())}")
 
     def embed(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
@@ -281,19 +288,21 @@ class DALLE(nn.Module):
 
 
 def weighted_loss(text_logits, text_targets, image_logits, image_targets,
-                  text_weight: float = 0.125, image_weight: float = 0.875) -> tuple[torch.Tensor, dict[str, float]]:
-    """text_weight * mean text cross-entropy + image_weight * mean image cross-entropy.
+                  text_weight: float = 0.125, image_weight: float = 0.875) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """text_weight * mean text cross-entropy + image_weight * mean image cross-entropy, and the two parts.
 
     Each mean is over its own tokens, so the 1/8 : 7/8 split holds however many of each there are.
+    The parts are detached 0-d tensors, not floats: reading a float waits for the GPU, and the Trainer
+    reads every logged number of an update in one go (`float(parts["text_loss"])` where you need one).
     Example: text CE 2.0 over 31 tokens, image CE 1.0 over 64 -> 0.125 * 2.0 + 0.875 * 1.0 = 1.125
     """
     text_ce = F.cross_entropy(text_logits.flatten(0, 1).float(), text_targets.flatten())
     image_ce = F.cross_entropy(image_logits.flatten(0, 1).float(), image_targets.flatten())
     loss = text_weight * text_ce + image_weight * image_ce
-    return loss, {"text_loss": text_ce.item(), "image_loss": image_ce.item()}
+    return loss, {"text_loss": text_ce.detach(), "image_loss": image_ce.detach()}
 
 
-def dalle_loss(model: DALLE, batch) -> tuple[torch.Tensor, dict[str, float]]:
+def dalle_loss(model: DALLE, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The Trainer's loss_fn: batch = (text ids (B, T), image codes (B, N)); caption dropout in training.
 
     All N codes go in, though the last one's output predicts nothing: the whole sequence is what

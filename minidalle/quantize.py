@@ -145,16 +145,17 @@ def _stats(counts: torch.Tensor, dead: torch.Tensor, **extra) -> dict:
     return out
 
 
-def stats_to_floats(stats: dict) -> dict[str, float]:
-    """The scalar entries of a quantizer's stats as Python floats, for a metrics line.
+def scalar_stats(stats: dict) -> dict:
+    """The scalar entries of a quantizer's stats, for a metrics line: 0-d tensors stay tensors (detached),
+    so the Trainer reads them with the loss in one host sync; Python numbers stay numbers.
 
-    Drops None values and the (K,) "usage" tensor. Example: {"kl": tensor(2.), "usage": ...} -> {"kl": 2.0}
+    Drops None values and the (K,) "usage" tensor. Example: {"kl": tensor(2.), "usage": ...} -> {"kl": tensor(2.)}
     """
     out = {}
     for k, v in stats.items():
         if v is None or (torch.is_tensor(v) and v.numel() != 1):
             continue
-        out[k] = float(v)
+        out[k] = v.detach().reshape(()) if torch.is_tensor(v) else float(v)
     return out
 
 

@@ -4,9 +4,16 @@ Each update does, in order:
 
     batch = the next batch         a `batch_at(i)` callable, or any re-iterable (list, DataLoader)
     lr    = lr_at(step, cfg)       linear warm-up, then cosine down to cfg.min_lr (a pure function)
-    loss  = loss_fn(model, batch)  a scalar tensor, or (loss, {"name": float, ...}) to log extras
+    loss  = loss_fn(model, batch)  a scalar tensor, or (loss, {"name": number, ...}) to log extras
+                                   (floats or 0-d tensors, read with the loss in one host sync)
     loss.backward(); clip the global grad norm to cfg.grad_clip; AdamW step
-    ema   = decay * ema + (1 - decay) * weights   only when cfg.ema_decay > 0 (saved with the state)
+    ema   = decay * ema + (1 - decay) * weights   only when cfg.ema_decay > 0 (saved with the state;
+                                                   one _foreach_lerp_ over every tensor)
+
+The update reads numbers back from the device once: the loss, its extras (0-d tensors) and the grad
+norm come back together (`_read`), since on a GPU every read makes the host wait for all queued
+work. On CUDA the next `batch_at` batch is built in a thread while this one trains, in pinned memory
+for a non-blocking copy (`prefetch`), and fp32 matmuls use TF32 (`fast_fp32_matmuls`).
 
 The loss runs under bf16 autocast when cfg.precision resolves to bf16 (auto: CUDA only), or under
 fp16 autocast with a gradient scaler (precision=fp16: an update whose gradients overflow is
@@ -65,8 +72,8 @@ from .infra import checkpoint as ckpt
 from .scale import distributed
 from .config import TrainConfig, check_section, smoke_mode
 from .errors import ConfigError, DataError, MinidalleError
-from .infra.devices import (capture_rng_state, pick_device, resolve_precision, restore_rng_state, rng_isolated,
-                            seed_everything, use_fused)
+from .infra.devices import (capture_rng_state, fast_fp32_matmuls, pick_device, resolve_precision, restore_rng_state,
+                            rng_isolated, seed_everything, use_fused)
 from .infra.resume import _RANK_SEED, Resuming, _BatchStream, _config_dict, _open_metrics, _splits_itself, _write_line
 
 EVENTS = ("on_fit_start", "on_before_optimizer_step", "on_step_end", "on_eval", "on_checkpoint", "on_fit_end")
@@ -126,13 +133,16 @@ class Trainer(Resuming):
         section: which section of the run's config cfg is, so messages name the key the user types
             (`--dvae_train.out_dir`, not `train.out_dir`); default "train".
         log: where the line saying how many CPU threads a fit runs on goes (`_pick_threads`).
+        prefetch: build the next `batch_at` batch in a thread while this one trains (default: on CUDA,
+            where the device computes while the host renders; on a CPU the thread would take the
+            cores the update uses). On CUDA each batch is also pinned there and copied non-blocking.
     Example: Trainer(model, TrainConfig(max_steps=100), batch_at, loss_fn).fit()
              -> {"train": [100 dicts like {"step": 1, "loss": 5.4, "lr": ...}], "eval": [...]}
     """
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, train_data, loss_fn: Callable,
                  eval_data=None, config=None, progress: bool = True, out_flag: str | None = None,
-                 section: str = "train", log: Callable[[str], None] = print):
+                 section: str = "train", log: Callable[[str], None] = print, prefetch: bool | None = None):
         if not isinstance(cfg, TrainConfig):
             raise ConfigError(f"Trainer takes the TrainConfig of one stage (a run's cfg.train, cfg.dvae_train or "
                               f"cfg.clip_train, with section= naming it), not a {type(cfg).__name__}; pass the whole "
@@ -143,6 +153,7 @@ class Trainer(Resuming):
         self.cfg, self.config = cfg, _config_dict(cfg, section, config)
         device = pick_device(cfg.device, f"{self.section}.device")
         self.precision = resolve_precision(cfg.precision, device)
+        fast_fp32_matmuls(device)
         # The process group (if any) and this rank's device; then the model is wrapped or sharded, and
         # only then is the optimizer built, so under FSDP it holds the sharded parameters.
         self.dist = distributed.setup(cfg.parallel, device, cfg.dist_timeout, self.section)
@@ -169,6 +180,8 @@ class Trainer(Resuming):
         self.seconds_before, self._fit_t0, self._fit_seconds = 0.0, None, 0.0
         self._trust_sharded = False
         self.log, self.threads = log, None  # threads: what _pick_threads chose at the start of the last fit
+        self.prefetch = self.device.type == "cuda" if prefetch is None else bool(prefetch)
+        self._pin = self.device.type == "cuda"  # pinned host memory: the copy to the GPU overlaps compute
         if cfg.eval_every and eval_data is None:
             warnings.warn(f"{self.section}.eval_every={cfg.eval_every} but no eval_data was given; evaluation is skipped",
                           stacklevel=2)
@@ -252,7 +265,8 @@ class Trainer(Resuming):
                           f"{per_update * cfg.batch_size} samples ({cfg.grad_accum} micro-batches x {ctx.world} "
                           f"processes x {cfg.batch_size}); the data continues from micro-batch {done}", stacklevel=3)
         stream = _BatchStream(self.train_data, cfg.seed, start=self.step * cfg.grad_accum, rank=ctx.rank,
-                              world=ctx.world, split_by_rank=split, offset=self._data_offset)
+                              world=ctx.world, split_by_rank=split, offset=self._data_offset, prefetch=self.prefetch,
+                              prepare=_pinned if self._pin else None)
         if rng is not None:
             restore_rng_state(rng)  # after the fast-forward, which must not disturb it
         self.history, self._stop = {"train": [], "eval": []}, False
@@ -272,6 +286,7 @@ class Trainer(Resuming):
                 self._after_update(record, metrics)
         finally:
             bar.close()
+            stream.close()
             if metrics is not None:
                 metrics.close()
         self._fire("on_fit_end")
@@ -285,35 +300,40 @@ class Trainer(Resuming):
         for group in self.optimizer.param_groups:  # the schedule is a pure function: no scheduler state
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)  # None, not 0: saves memory, and skips unused params
-        values, sums = [], {}
+        losses, sums = [], {}
         for m in range(accum):
-            batch = _to_device(stream.next(), self.device)
+            batch = _to_device(stream.next(), self.device, non_blocking=self._pin)
             with self._grad_sync(m == accum - 1):  # gradients cross processes once per update, not per micro-batch
                 with self.autocast():
                     out = self.loss_fn(self.model, batch)
-                loss, value, extras = _unpack_loss(out, f"step {step}", self.section, need_grad=True)
+                loss, extras = _unpack_loss(out, f"step {step}", self.section, need_grad=True)
                 # Backward even when the loss is not finite: under ddp every process must join the
                 # gradient all-reduce, and the agreement below throws the result away.
                 loss = loss / accum
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            values.append(value)
+            losses.append(loss.detach())
             for k, v in extras.items():
                 sums[k] = sums.get(k, 0.0) + v / accum
-        # The whole global batch's loss and extras, the same on every process; a NaN anywhere is
-        # a NaN everywhere, so every process takes the decision below together.
         names = sorted(sums)
-        value, *rest = distributed.mean_all([sum(values) / accum] + [sums[k] for k in names], self.dist)
-        sums = dict(zip(names, rest))
-        if not math.isfinite(value):
-            return self._nonfinite(step, lr, value, t0, f"loss is {value} (not finite)", "loss_fn")
-        if self.scaler is not None:
+        if self.scaler is not None:  # fp16: the loss is read before unscaling (one more host sync per update)
+            value = self._read([sum(losses)])[0]
+            if not math.isfinite(value):
+                return self._nonfinite(step, lr, value, t0, f"loss is {value} (not finite)", "loss_fn")
             self.scaler.unscale_(self.optimizer)  # true gradients, so clipping and the logged norm mean what they say
         # clip_grad_norm_ returns the norm *before* clipping, the number worth logging: a spike there
         # warns of divergence before the loss shows it. With clipping off we pass inf, which only measures.
         # The norm is global (ddp: gradients already averaged; fsdp: a collective), so every process agrees.
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = _to_float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        # The one host sync of an update: the loss, the norm and the extras read together (on a GPU each
+        # read waits for every queued kernel; eight separate reads left the GPU idle between them). The
+        # whole global batch's numbers, the same on every process: a NaN anywhere is a NaN everywhere,
+        # so every process takes the decisions below together.
+        value, grad_norm, *rest = self._read([sum(losses), norm, *[sums[k] for k in names]])
+        sums = dict(zip(names, rest))
+        if not math.isfinite(value):
+            return self._nonfinite(step, lr, value, t0, f"loss is {value} (not finite)", "loss_fn")
         if not math.isfinite(grad_norm):
             if self.scaler is not None:  # an fp16 overflow: the scaler skips the step and halves its scale
                 self.scaler.step(self.optimizer)
@@ -331,6 +351,12 @@ class Trainer(Resuming):
         if self.ema is not None:
             self._update_ema()
         return self._record(step, lr, value, grad_norm, sums, t0)
+
+    def _read(self, values: list) -> list[float]:
+        """Numbers (0-d tensors or floats) as floats in one host sync, each the mean over the processes."""
+        tensors = [_local(v).detach().double().reshape(()) if torch.is_tensor(v)
+                   else torch.tensor(float(v), dtype=torch.float64) for v in values]
+        return distributed.mean_all(torch.stack([t.to(self.device) for t in tensors]), self.dist).tolist()
 
     def _record(self, step: int, lr: float, value: float, grad_norm: float, extras: dict, t0: float) -> dict:
         rec = {"step": step, "split": "train", "loss": value, "lr": lr, "grad_norm": grad_norm, **extras}
@@ -365,10 +391,12 @@ class Trainer(Resuming):
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        d = self.cfg.ema_decay
-        for name, value in self.module.state_dict().items():
-            if name in self.ema:
-                self.ema[name].mul_(d).add_(value.detach().float(), alpha=1 - d)
+        """ema = d * ema + (1 - d) * weights, for every tensor in one foreach call (lerp towards the weights)."""
+        state = self.module.state_dict()
+        names = [k for k in self.ema if k in state]
+        values = [state[k].detach() for k in names]
+        torch._foreach_lerp_([self.ema[k] for k in names], [v if v.dtype == torch.float32 else v.float()
+                                                             for v in values], 1 - self.cfg.ema_decay)
 
     def _after_update(self, record: dict, metrics) -> None:
         """Logging, evaluation and checkpointing, each on its own schedule."""
@@ -402,8 +430,14 @@ class Trainer(Resuming):
                 for batch in batches:
                     with self.autocast():
                         out = self.loss_fn(self.model, _to_device(batch, self.device))
-                    _, value, extras = _unpack_loss(out, f"eval at step {self.step}", self.section, need_grad=False)
-                    for k, v in {"loss": value, **extras}.items():
+                    loss, extras = _unpack_loss(out, f"eval at step {self.step}", self.section, need_grad=False)
+                    names = sorted(extras)
+                    value, *rest = self._read([loss, *[extras[k] for k in names]])  # one sync per eval batch
+                    if not math.isfinite(value):
+                        raise MinidalleError(f"eval at step {self.step}: loss is {value} (not finite); nothing was "
+                                             f"updated. Lower {self.section}.lr, check the batch for NaNs, or look "
+                                             "for log(0) in loss_fn")
+                    for k, v in {"loss": value, **dict(zip(names, rest))}.items():
                         sums[k] = sums.get(k, 0.0) + v
                     n += 1
         finally:
@@ -478,44 +512,52 @@ class Trainer(Resuming):
             fn(self)
 
 
-def _to_float(t) -> float:
-    """A 0-d tensor's value; an FSDP norm arrives as a replicated DTensor."""
-    return float(t.full_tensor()) if hasattr(t, "full_tensor") else float(t)
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor: an FSDP norm arrives as a replicated DTensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _unpack_loss(out, where: str, section: str, need_grad: bool) -> tuple[torch.Tensor, float, dict[str, float]]:
-    """Check what loss_fn returned; give (loss tensor, its float, extras as floats) or a clear error.
+def _unpack_loss(out, where: str, section: str, need_grad: bool) -> tuple[torch.Tensor, dict]:
+    """Check what loss_fn returned; give (loss tensor, extras) or a clear error. Reads no number from
+    the device: the extras stay 0-d tensors (or floats), read with the loss in the update's one sync.
 
-    Example: (tensor(0.5, grad_fn=...), {"acc": 0.9}) -> (tensor(0.5, ...), 0.5, {"acc": 0.9})
+    Example: (tensor(0.5, grad_fn=...), {"acc": tensor(0.9)}) -> (tensor(0.5, ...), {"acc": tensor(0.9)})
     """
     loss, extras = out if isinstance(out, tuple) and len(out) == 2 else (out, {})
     if not isinstance(loss, torch.Tensor):
         raise MinidalleError(f"{where}: loss_fn returned {type(loss).__name__}; return a scalar tensor, "
-                             "or (loss, {name: float})")
+                             "or (loss, {name: number})")
     if loss.ndim != 0:
         raise MinidalleError(f"{where}: loss_fn returned a tensor of shape {tuple(loss.shape)}; the loss must be "
                              "a scalar (0-d) tensor -- reduce it, e.g. with .mean()")
     if need_grad and not loss.requires_grad:
         raise MinidalleError(f"{where}: the loss does not require grad; was it computed under torch.no_grad() "
                              "or detached?")
-    value = loss.item()
-    if not need_grad and not math.isfinite(value):  # training decides in Trainer._update, agreed by every process
-        raise MinidalleError(f"{where}: loss is {value} (not finite); nothing was updated. Lower {section}.lr, "
-                             "check the batch for NaNs, or look for log(0) in loss_fn")
-    if not isinstance(extras, dict) or _RESERVED & set(extras):
-        raise MinidalleError(f"{where}: loss_fn's extras must be a dict of name -> number whose names avoid "
-                             f"{sorted(_RESERVED)}; got {extras!r}")
-    return loss, value, {str(k): float(v) for k, v in extras.items()}
+    if not isinstance(extras, dict) or _RESERVED & set(extras) or not all(
+            isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1) for v in extras.values()):
+        raise MinidalleError(f"{where}: loss_fn's extras must be a dict of name -> number (a float or a 0-d tensor) "
+                             f"whose names avoid {sorted(_RESERVED)}; got {extras!r}")
+    return loss, {str(k): (v.detach() if torch.is_tensor(v) else float(v)) for k, v in extras.items()}
 
 
-def _to_device(batch, device: torch.device):
-    """Move every tensor inside a batch (tensor, tuple, list or dict, nested) to `device`."""
+def _to_device(batch, device: torch.device, non_blocking: bool = False):
+    """Move every tensor inside a batch (tensor, tuple, list or dict, nested) to `device`. non_blocking:
+    the copy from pinned host memory overlaps the GPU's work (the host does not wait for it)."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device)
+        return batch.to(device, non_blocking=non_blocking)
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
+        return type(batch)(_to_device(b, device, non_blocking) for b in batch)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: _to_device(v, device, non_blocking) for k, v in batch.items()}
     return batch
 
 
+def _pinned(batch):
+    """The batch's CPU tensors in pinned (page-locked) memory, which a GPU copies from asynchronously."""
+    if isinstance(batch, torch.Tensor):
+        return batch.pin_memory() if batch.device.type == "cpu" else batch
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_pinned(b) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _pinned(v) for k, v in batch.items()}
+    return batch

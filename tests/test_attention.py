@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from minidalle import attention as A
 from minidalle.config import get_config
@@ -220,7 +221,7 @@ def test_attend_refuses_queries_and_keys_of_different_lengths():
 
 
 def test_flex_failure_falls_back_to_sdpa_with_one_warning(monkeypatch):
-    def broken(compiled):
+    def broken(compiled, kind):
         raise RuntimeError("no C++ compiler here")
 
     monkeypatch.setattr(A, "_flex_fn", broken)
@@ -232,6 +233,94 @@ def test_flex_failure_falls_back_to_sdpa_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once, not at every layer
         A.attend(q, k, v, "row", bank, "flex")
+
+
+class _ForwardOnly(torch.autograd.Function):
+    """Stands in for a FlexAttention whose forward runs and whose backward kernel cannot be built (on a
+    GPU: no Triton config fits its shared memory), which shows only at loss.backward()."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("No valid triton configs for the backward")
+
+
+def test_a_flex_backward_that_fails_falls_back_at_the_forward_with_one_warning(monkeypatch):
+    bank = A.MaskBank(6, 4, 3)
+
+    def forward_only(compiled, kind):
+        return lambda q, k, v, block_mask: _ForwardOnly.apply(q, k, v, bank.dense(kind, q.shape[-2], q.device))
+
+    monkeypatch.setattr(A, "_flex_fn", forward_only)
+    q, k, v = (t.requires_grad_() for t in _qkv(22))
+    with pytest.warns(UserWarning, match="FlexAttention failed here.*No valid triton configs"):
+        out = A.attend(q, k, v, "row", bank, "flex")
+    out.square().sum().backward()  # the training step goes on, on sdpa: no crash at backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    A.attend(q2, k2, v2, "row", bank, "sdpa").square().sum().backward()
+    for g, t in zip(grads, (q2, k2, v2)):
+        assert torch.allclose(g, t.grad, atol=1e-6)  # the probe's backward added nothing to the gradients
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        A.attend(q, k, v, "row", bank, "flex")
+
+
+def test_a_working_flex_backward_is_checked_once_per_kind_and_adds_no_gradient(monkeypatch):
+    bank = A.MaskBank(6, 4, 3)
+    calls = []
+
+    def counted(compiled, kind):
+        def run(q, k, v, block_mask):
+            calls.append(kind)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bank.dense(kind, q.shape[-2], q.device))
+        return run
+
+    monkeypatch.setattr(A, "_flex_fn", counted)
+    q, k, v = (t.requires_grad_() for t in _qkv(22))
+    for _ in range(2):
+        A.attend(q, k, v, "row", bank, "flex").sum().backward()
+    assert bank.flex_failed is None and bank.flex_backward_ok == {("row", torch.float32, "cpu")}
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    for _ in range(2):
+        A.attend(q2, k2, v2, "row", bank, "sdpa").sum().backward()
+    assert torch.allclose(q.grad, q2.grad, atol=1e-6)
+
+
+def test_compiled_flex_keeps_every_kind_dtype_and_batch_size_inside_dynamos_recompile_limit(monkeypatch):
+    """Each mask kind has its own compiled function, whose batch size turns dynamic on its second size:
+    3 kinds x 2 dtypes x 4 batch sizes (24 calls) take 12 graphs, none past dynamo's limit of 8 per code
+    object. (One compiled flex_attention for everything hit the limit at its 9th graph and fell back.)
+    Dynamo traces with its eager backend here: the graphs and guards are the real ones, without inductor."""
+    from torch._dynamo.utils import counters
+
+    real_compile = torch.compile
+    monkeypatch.setattr(A.torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "eager"}))
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)  # a hit raises: the fallback says it
+    A._flex_fn.cache_clear()
+    torch._dynamo.reset()
+    counters.clear()
+    bank = A.MaskBank(8, 4, 3, compile_flex=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # a fallback warning fails the test
+            warnings.filterwarnings("ignore", message=".*jit.*")
+            for dtype in (torch.float32, torch.bfloat16):
+                for B in (1, 2, 4, 8):
+                    for kind in A.KINDS:
+                        q = torch.randn(B, 2, bank.length, 8, dtype=dtype)
+                        with torch.no_grad():
+                            out = A.attend(q, q, q, kind, bank, "flex")
+                        ref = F.scaled_dot_product_attention(q, q, q, attn_mask=bank.dense(kind, bank.length, "cpu"))
+                        assert torch.allclose(out.float(), ref.float(), atol=2e-2)
+        assert bank.flex_failed is None
+        assert counters["stats"]["unique_graphs"] <= 3 * 8 and counters["frames"]["ok"] >= 3
+    finally:
+        A._flex_fn.cache_clear()
+        torch._dynamo.reset()
 
 
 def test_choose_impl_says_what_runs_and_why(monkeypatch):

@@ -9,7 +9,7 @@ from safetensors.torch import load_model, save_model
 
 from minidalle.config import DVAEConfig
 from minidalle.errors import ConfigError
-from minidalle.quantize import CodebookHealth, GumbelQuantizer, VectorQuantizer, cos_anneal, kl_weight_at, make_quantizer, nearest_code, nearest_code_naive, perplexity, stats_to_floats, temperature_at
+from minidalle.quantize import CodebookHealth, GumbelQuantizer, VectorQuantizer, cos_anneal, kl_weight_at, make_quantizer, nearest_code, nearest_code_naive, perplexity, scalar_stats, temperature_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in tests/conftest.py
 
@@ -285,15 +285,17 @@ def test_state_dict_round_trip_through_safetensors(tmp_path):
     assert torch.equal(reloaded.eval()(z)[0], vq.eval()(z)[0])
 
 
-def test_stats_to_floats_and_matching_keys():
+def test_scalar_stats_and_matching_keys():
     torch.manual_seed(0)
     _, _, _, gs = GumbelQuantizer(8, temperature=0.5)(torch.randn(2, 8, 2, 2))
     _, _, _, vs = _vq(8, 3)(torch.randn(2, 3, 2, 2))
     assert set(gs) == set(vs) == STATS_KEYS
-    f = stats_to_floats(gs)
+    f = scalar_stats(gs)
     assert set(f) == {"kl", "perplexity", "dead", "temperature", "kl_weight"}
-    assert all(type(v) is float for v in f.values())
-    assert set(stats_to_floats(vs)) == {"commitment", "perplexity", "dead"}
+    # numbers stay 0-d tensors (read in the Trainer's one sync), detached from the graph, or Python floats
+    assert all((torch.is_tensor(v) and v.ndim == 0 and not v.requires_grad) or type(v) is float for v in f.values())
+    assert float(f["kl"]) == pytest.approx(float(gs["kl"]))
+    assert set(scalar_stats(vs)) == {"commitment", "perplexity", "dead"}
     vq = make_quantizer(DVAEConfig(quantizer="vq", vocab_size=8, code_dim=3, dead_after=7))
     assert isinstance(vq, VectorQuantizer) and vq.health.dead_after == 7 and vq.in_channels == vq.out_channels == 3
 

@@ -22,19 +22,23 @@ from ..errors import ConfigError
 
 
 def pick_device(pref: str = "auto", key: str = "train.device") -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; anything else must name an available device.
+    """`auto` picks cuda, then mps, then cpu; anything else must name an available device. A CUDA
+    device gets TF32 for its fp32 matmuls (`fast_fp32_matmuls`).
 
     Example: pick_device() -> device(type='cpu') on a laptop without a GPU
     """
     mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if pref == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu")
+        dev = torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu")
+        fast_fp32_matmuls(dev)
+        return dev
     try:
         dev = torch.device(pref)
     except RuntimeError:
         raise ConfigError(f"{key}={pref!r} is not a device; use auto, cpu, cuda, cuda:1 or mps") from None
     if (dev.type == "cuda" and not torch.cuda.is_available()) or (dev.type == "mps" and not mps_ok):
         raise ConfigError(f"{key}={pref!r} is not available on this machine; use {key}=auto")
+    fast_fp32_matmuls(dev)
     return dev
 
 
@@ -45,6 +49,19 @@ def resolve_precision(pref: str, device: torch.device) -> str:
     if pref == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return pref
+
+
+def fast_fp32_matmuls(device: torch.device) -> bool:
+    """On CUDA, let fp32 matmuls and convolutions use TF32 tensor cores (torch's "high" precision: 10
+    mantissa bits in the products, fp32 sums), as nanoGPT does; bf16 autocast work is unaffected. The
+    fp32 paths on a GPU (the dVAE's fp32 parts, the likelihood, an fp32 run) get several times the
+    throughput on Ampere and later. Left alone elsewhere. Returns whether it was set.
+    Example: fast_fp32_matmuls(torch.device("cpu")) -> False"""
+    if torch.device(device).type != "cuda":
+        return False
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    return True
 
 
 def seed_everything(seed: int) -> None:

@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError, DataError
@@ -217,26 +218,49 @@ class _BatchStream:
     """
 
     def __init__(self, data, seed: int, start: int = 0, rank: int = 0, world: int = 1, split_by_rank: bool = False,
-                 offset: int = 0):
+                 offset: int = 0, prefetch: bool = False, prepare=None):
         self.data, self.seed, self.epoch, self._it, self.offset = data, seed, -1, None, offset
         self.rank, self.world = (0, 1) if split_by_rank else (rank, world)
         self.k = start if callable(data) else 0  # this process's micro-batches handed out
         self._drawn = 0  # iterables: batches drawn from the shared stream
+        self.prepare = prepare or (lambda batch: batch)  # e.g. pin the batch's memory, for a non-blocking copy
+        # prefetch: a `batch_at` callable (a pure function of the index) builds the next batch in a
+        # thread while the device computes this one; an iterable is read in order on this thread (its
+        # epochs start under pinned RNG states, and a DataLoader has workers of its own)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="minidalle-batches") if prefetch and callable(data) \
+            else None
+        self._ahead: tuple[int, Future] | None = None
         while self.k < start:  # an iterable cannot jump: draw the consumed batches and drop them
             self.next()
 
     def next(self):
         j = self.offset + self.k * self.world + self.rank
-        if callable(self.data):
-            batch = self.data(j)
+        if self._pool is not None:
+            ahead, self._ahead = self._ahead, None
+            batch = ahead[1].result() if ahead is not None and ahead[0] == j else self._build(j)
+            self._ahead = (j + self.world, self._pool.submit(self._build, j + self.world))
+        elif callable(self.data):
+            batch = self._build(j)
         else:
             while True:
                 batch = self._draw()
                 self._drawn += 1
                 if self._drawn - 1 == j:
                     break
+            batch = self.prepare(batch)
         self.k += 1
         return batch
+
+    def _build(self, j: int):
+        return self.prepare(self.data(j))
+
+    def close(self) -> None:
+        """Stop the prefetch thread (the batch it was building is dropped)."""
+        if self._pool is not None:
+            if self._ahead is not None:
+                self._ahead[1].cancel()
+            self._pool.shutdown(wait=True)
+            self._pool, self._ahead = None, None
 
     def _draw(self):
         batch = _END if self._it is None else next(self._it, _END)

@@ -318,14 +318,14 @@ def _patient_group(wait_s: float):
     return _PATIENT[wait_s]
 
 
-def mean_all(values: list[float], ctx: Context) -> list[float]:
-    """The mean of each number over all processes (a NaN anywhere gives NaN everywhere): the loss
-    the whole global batch had, logged the same on every rank. Example: mean_all([loss], ctx)"""
+def mean_all(values: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """The mean of each number of a 1-d tensor over all processes (a NaN anywhere gives NaN everywhere):
+    the loss the whole global batch had, logged the same on every rank. Example: mean_all(torch.stack([loss]), ctx)"""
     if not ctx.active or ctx.world == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+        return values
+    t = values.to(ctx.device, torch.float64)
     dist.all_reduce(t)
-    return (t / ctx.world).tolist()
+    return t / ctx.world
 
 
 def gather(obj, ctx: Context) -> list:

@@ -208,8 +208,8 @@ def pairs_loss(model: DALLE, pairs: Pairs, batch_size: int = 64) -> dict:
         for s in range(0, n, batch_size):
             text, codes = pairs.plain[s:s + batch_size].to(device), pairs.codes[s:s + batch_size].to(device)
             loss, parts = dalle_loss(model, (text, codes))
-            for k, v in {"loss": loss.item(), **parts}.items():
-                sums[k] = sums.get(k, 0.0) + v * len(text)
+            for k, v in {"loss": loss, **parts}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(text)
     finally:
         model.train(was)
     return {**{k: v / n for k, v in sums.items()}, "n": n}
@@ -248,7 +248,10 @@ def train_transformer(cfg: Config, resume: bool | str = False, start_over: bool 
     with distributed.main_first(ctx, "preparing the tokenizers"):
         dvae, tok, ids = _prepare_all(cfg, progress and ctx.main, log if ctx.main else _quiet, out_flag, resume,
                                       start_over, trust_sharded)
-        train, val = build_pairs(cfg, dvae.to(torch.device("cpu")), tok, ids, progress and ctx.main)
+        # the code cache is encoded where training runs (on a GPU: seconds, not the minutes a CPU takes
+        # for 50k images); the dVAE then goes back to the host, leaving the GPU to the transformer
+        train, val = build_pairs(cfg, dvae.to(ctx.device), tok, ids, progress and ctx.main)
+        dvae.to(torch.device("cpu"))
     if train.cut and ctx.main:
         log(f"[train transformer] {train.cut} of {len(train)} training captions were longer than "
             f"text.text_len={cfg.text.text_len} tokens and were cut")
