@@ -156,7 +156,9 @@ class CLIP(nn.Module):
         if ids.ndim != 2 or ids.shape[1] != self.text_len or ids.dtype != torch.long:
             raise DataError(f"the reranker reads caption ids as long (B, {self.text_len}); got {ids.dtype} "
                             f"{tuple(ids.shape)}")
-        if len(ids) and (ids.min() < 0 or ids.max() >= self.text_vocab + self.text_len):
+        # the range is read where it is free, on the CPU (on a GPU the read waits for the device; training
+        # batches come from caption_ids, and an id out of range still fails in the embedding there)
+        if ids.device.type == "cpu" and len(ids) and (ids.min() < 0 or ids.max() >= self.text_vocab + self.text_len):
             raise DataError(f"caption ids must lie in [0, {self.text_vocab + self.text_len}): the BPE's "
                             f"{self.text_vocab} tokens, then one pad id per position")
         return F.normalize(self.text(ids), dim=-1)
