@@ -314,8 +314,10 @@ def _cache(model, rows: int, device, dtype: torch.dtype, slot: int, keep: bool) 
 
 
 def release_caches(model) -> None:
-    """Free the key/value caches the compiled sampler keeps on `model` (and, on CUDA, their memory)."""
+    """Free what the compiled sampler keeps on `model`: its key/value caches and its compiled step (with
+    its CUDA graphs' memory). The next sample(compile=True) compiles again."""
     model.__dict__.pop("_kv_caches", None)
+    model.__dict__.pop("_compiled_step", None)
 
 
 def sample(model, text: torch.Tensor, temperature: float = 1.0, *, top_k: int = 0, top_p: float = 1.0,

@@ -151,7 +151,7 @@ def test_the_compiled_path_copies_each_replays_output_and_reuses_one_static_cach
         sampling.sample(model, text, 1.0, compile=True, chunk_size=2, **settings)
     assert {k: c.kv.data_ptr() for k, c in model.__dict__["_kv_caches"].items()} == before  # reused across calls
     sampling.release_caches(model)
-    assert "_kv_caches" not in model.__dict__
+    assert "_kv_caches" not in model.__dict__ and "_compiled_step" not in model.__dict__
 
 
 def test_compile_auto_compiles_on_cuda_only_and_refuses_other_values():

@@ -8,4 +8,5 @@
     judge.py      how well the judge reads renders, blurred and degraded
     dvae.py       the trained dVAE's reconstructions, read by the judge
     suite.py      `bench all`: every benchmark in one summary, with its date and machine
+    gpu_check.py  `check-gpu`: what a GPU changes (throughput, MFU, exact resume, CUDA graphs, host syncs)
 """

@@ -102,6 +102,18 @@ def cmd_bench(args, cfg: cfglib.Config) -> dict:
     return res
 
 
+def cmd_check_gpu(args, cfg: cfglib.Config) -> dict:
+    """Every GPU figure in one report (minidalle/bench/gpu_check.py); --dry-run runs its phases on the CPU."""
+    from ..bench.gpu_check import check_gpu
+
+    if cfg.to_dict() != cfglib.get_config(cfg.preset).to_dict():
+        raise ConfigError("check-gpu takes no --section.key=value overrides: its phases run fixed sizes, which "
+                          "its report records")
+    report = check_gpu(args.out, dry_run=args.dry_run, budget_s=args.budget_s)
+    return {"out": str(args.out), "dry_run": report["dry_run"], "complete": report["complete"],
+            "phases": {name: e["status"] for name, e in report["phases"].items()}}
+
+
 def _dvae_reconstructions(model, cfg: cfglib.Config, out: Path, tag: str) -> dict:
     """Judge and PSNR on `val` reconstructions, and a grid of 8 val images over their reconstructions."""
     from ..data import ShapesWorld

@@ -17,6 +17,8 @@
     python -m minidalle bench attention [--json]                  the masks' two paths against dense causal
     python -m minidalle bench sampling [--no-compile] [--json]    the cached sampler against the reference
     python -m minidalle bench all [--skip dvae,sampling] [--out runs/bench]   every benchmark, one summary
+    python -m minidalle check-gpu [--out runs/check-gpu] [--budget-s 480] [--dry-run]
+                                   what a GPU changes, measured in one report (--dry-run: on the CPU, smoke sizes)
     python -m minidalle info --preset paper [--json]              parameters, lengths, FLOPs (meta device)
     python -m minidalle export CHECKPOINT --trust-sharded [--out DIR]   a sharded (FSDP) checkpoint as one safetensors folder
     torchrun --standalone --nproc_per_node=N -m minidalle train transformer --train.parallel=ddp|fsdp
@@ -41,7 +43,7 @@ import sys
 from .. import config as cfglib
 from ..data import SPLITS
 from ..errors import MinidalleError
-from .commands import cmd_bench, cmd_data, cmd_demo, cmd_eval, cmd_export, cmd_generate, cmd_info, cmd_judge, cmd_plan, cmd_train
+from .commands import cmd_bench, cmd_check_gpu, cmd_data, cmd_demo, cmd_eval, cmd_export, cmd_generate, cmd_info, cmd_judge, cmd_plan, cmd_train
 from ..infra.files import strict_json
 
 
@@ -178,6 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--run", default=None, metavar="DIR",
                    help="all: the finished run whose quality is measured (default runs/demo-<preset>, what `demo` writes)")
     d.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("check-gpu", help="measure what a GPU changes, in one report of under 8 minutes: versions, "
+                                         "train-step MFU, exact resume, sampler, attention, host syncs, the toy demo")
+    d.add_argument("--out", default="runs/check-gpu",
+                   help="folder for report.md, report.json and each phase's log (default runs/check-gpu): new, empty, "
+                        "or one check-gpu wrote (its files are then replaced, only those, and only if unchanged)")
+    d.add_argument("--budget-s", type=_positive_float, default=480.0, dest="budget_s",
+                   help="seconds for all the phases together, shared out among them (default 480)")
+    d.add_argument("--dry-run", action="store_true", dest="dry_run",
+                   help="run every phase on the CPU at smoke sizes, in under a minute (CI); no GPU needed")
+    d.set_defaults(func=cmd_check_gpu, preset="smoke")
 
     d = sub.add_parser("train", help="train a stage of the pipeline")
     common(d)
